@@ -1,0 +1,37 @@
+"""Task lookup: an explicit table from a stage's ``task`` name to its class (no global registry)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from mmfactory.config import ConfigError, StageConfig, from_dict
+from mmfactory.tasks.base import StageContext, TrainingTask
+
+# task name -> "module:Class", imported on use so a recipe only pays for the tasks it runs.
+TASKS: dict[str, str] = {
+    "causal_lm_sft": "mmfactory.tasks.causal_lm:CausalLMSFTTask",
+}
+
+
+def task_class(name: str, where: str = "task") -> type[TrainingTask]:
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known tasks: {', '.join(sorted(TASKS))})"
+        raise ConfigError(f"{where}: unknown task {name!r}{hint}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def validate_stage(stage: StageConfig, index: int) -> tuple[type[TrainingTask], object, object, object]:
+    """Check the stage's task-specific sections against the task's schemas (before anything runs)."""
+    cls = task_class(stage.task, f"stages[{index}].task")
+    model_cfg = from_dict(cls.model_config, stage.model, f"stages[{index}].model")
+    data_cfg = from_dict(cls.data_config, stage.data, f"stages[{index}].data")
+    options = from_dict(cls.options_config, stage.options, f"stages[{index}].options")
+    return cls, model_cfg, data_cfg, options
+
+
+def build_task(stage: StageConfig, index: int, ctx: StageContext) -> TrainingTask:
+    cls, model_cfg, data_cfg, options = validate_stage(stage, index)
+    return cls(stage, ctx, model_cfg, data_cfg, options)

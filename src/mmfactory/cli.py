@@ -1,0 +1,130 @@
+"""The ``mmfactory`` command line.
+
+    mmfactory recipes                                  list the shipped recipes
+    mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
+    mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
+    mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
+
+Several processes: ``torchrun --nproc_per_node N -m mmfactory.cli run ...`` or ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmfactory.config import ConfigError
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from mmfactory.config import load_recipe
+    from mmfactory.recipes import list_recipes, resolve_recipe
+
+    for name in list_recipes():
+        recipe = load_recipe(resolve_recipe(name))
+        print(f"{name:<24} {recipe.description}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mmfactory.config import load_recipe
+    from mmfactory.recipes import resolve_recipe
+    from mmfactory.runner import run_recipe
+
+    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    output = Path(args.output) if args.output else Path("runs") / recipe.name.replace("/", "-")
+    run_recipe(recipe, output)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmfactory.data.chat import TEMPLATES
+    from mmfactory.models.generation import GenerationConfig, generate_replies
+    from mmfactory.tasks.causal_lm import CHAT_META
+
+    model_dir = Path(args.model)
+    meta = model_dir / CHAT_META
+    template = args.template or (json.loads(meta.read_text())["template"] if meta.is_file() else "chatml")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(args.seed)
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+    )
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    for prompt, reply in zip(
+        args.prompt, generate_replies(model, tokenizer, TEMPLATES[template], conversations, cfg), strict=True
+    ):
+        print(f">>> {prompt}\n{reply}\n")
+    return 0
+
+
+def _cmd_world_export(args: argparse.Namespace) -> int:
+    from mmfactory.world.export import export_world
+
+    counts = export_world(Path(args.out), size=args.size, seed=args.seed)
+    for name, count in counts.items():
+        print(f"{name:<32} {count}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfactory", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("run", help="run a recipe (a shipped name like lm/tiny or a YAML path)")
+    p.add_argument("recipe")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<recipe>)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("generate", help="generate replies with a trained chat model folder")
+    p.add_argument("--model", required=True, help="a model folder, e.g. runs/lm-tiny/sft/final")
+    p.add_argument("--prompt", required=True, action="append", help="a user message (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument(
+        "--template", choices=["chatml", "llama3"], help="default: the one the model was trained with"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    world = sub.add_parser("world", help="the built-in procedural multimodal world")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    p = world_sub.add_parser("export", help="write the world in real file formats (docs/formats.md)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", choices=["small", "medium"], default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_world_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after options (`run lm/tiny --output D a=1`): collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mmfactory: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

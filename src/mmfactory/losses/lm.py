@@ -1,0 +1,26 @@
+"""Next-token cross-entropy over labelled positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy: position ``t`` predicts ``labels[t + 1]``.
+
+    Args:
+        logits: ``[B, T, V]``.
+        labels: ``[B, T]`` token ids, ``IGNORE_INDEX`` where no loss is taken (prompt, padding).
+    Returns:
+        ``(loss, count)``: the mean over the ``count`` labelled target tokens (0 with a zero gradient
+        when there are none, never NaN), and ``count`` as a long scalar.
+    """
+    targets = labels[:, 1:]
+    count = (targets != IGNORE_INDEX).sum()
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / count.clamp(min=1), count

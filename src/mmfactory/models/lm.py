@@ -1,0 +1,109 @@
+"""Causal language models and tokenizers: tiny from a config, or real from a local folder / GGUF file.
+
+Both paths end in Hugging Face Auto classes, so a tiny test model and a real checkpoint take the same
+road. Nothing is ever downloaded: paths must be local.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from mmfactory.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CausalLMConfig:
+    """Where a causal LM comes from.
+
+    Exactly one of ``path`` (a local Hugging Face folder; with ``gguf_file``, a GGUF file inside it or an
+    absolute path to one) and ``tiny`` (keyword arguments of an HF config, including ``model_type``;
+    ``vocab_size`` and special-token ids are taken from the tokenizer) — or neither when the stage has
+    ``init_from``. ``tokenizer`` is a local folder; by default the model's own, or for ``tiny`` models
+    the built-in world tokenizer.
+    """
+
+    path: str | None = None
+    gguf_file: str | None = None
+    tiny: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def validate(self) -> None:
+        if self.path is not None and self.tiny is not None:
+            raise ConfigError("path: set either path or tiny, not both")
+        if self.tiny is not None and "model_type" not in self.tiny:
+            raise ConfigError("tiny.model_type: required (e.g. qwen2, llama)")
+
+
+def _local(path: str | Path, what: str) -> Path:
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
+    return local
+
+
+def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
+    """(folder, file name) for transformers' ``gguf_file`` argument; accepts a path to a .gguf file."""
+    if gguf_file is None and path.suffix == ".gguf":
+        return path.parent, path.name
+    if gguf_file is not None and Path(gguf_file).is_absolute():
+        return Path(gguf_file).parent, Path(gguf_file).name
+    return path, gguf_file
+
+
+def load_tokenizer(cfg: CausalLMConfig, model_path: Path | None) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(_local(cfg.tokenizer, "tokenizer"))
+    elif model_path is not None:
+        folder, gguf = _split_gguf(model_path, cfg.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    else:
+        from mmfactory.world.tokenizer import world_tokenizer
+
+        tokenizer = world_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    cfg: CausalLMConfig, init_dir: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build or load ``(model, tokenizer)``; ``init_dir`` (an earlier stage's output) wins over ``path``."""
+    source = init_dir if init_dir is not None else cfg.path
+    model_path = _local(source, "model path") if source is not None else None
+    if model_path is None and cfg.tiny is None:
+        raise ConfigError("model: set model.path, model.tiny or the stage's init_from")
+    tokenizer = load_tokenizer(cfg, model_path)
+    dtype = DTYPES[cfg.dtype]
+    if model_path is not None:
+        folder, gguf = _split_gguf(model_path, None if init_dir is not None else cfg.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    else:
+        kwargs = dict(cfg.tiny)
+        model_type = kwargs.pop("model_type")
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **kwargs,
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""Run a recipe's stages in order into ``OUTPUT/<stage>/``; skip finished stages, resume interrupted ones.
+
+Each stage folder holds ``config.yaml`` (the resolved stage), ``metrics.jsonl``, ``tensorboard/``,
+checkpoints ``step-N/``, the stage's model in ``final/`` and, last, the ``DONE`` marker with its summary.
+``OUTPUT/results.json`` collects ``{"recipe", "stages", "metrics"}`` and a table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from mmfactory.config import Recipe, StageConfig, to_dict
+from mmfactory.tasks import build_task, validate_stage
+from mmfactory.tasks.base import StageContext
+from mmfactory.train import checkpoint as ckpt
+from mmfactory.train.loop import train_stage
+
+
+class StageConfigChanged(RuntimeError):
+    """A stage folder holds work done under a different configuration."""
+
+
+def _stage_yaml(stage: StageConfig) -> str:
+    return yaml.safe_dump(to_dict(stage), sort_keys=False, allow_unicode=True)
+
+
+def _check_same_config(stage_dir: Path, text: str) -> None:
+    path = stage_dir / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        raise StageConfigChanged(
+            f"{stage_dir} was produced by a different configuration of this stage (see {path}); "
+            "use another --output, or delete that folder to start the stage again"
+        )
+
+
+def _make_accelerator(stage: StageConfig) -> Accelerator:
+    # Each stage may pick its own precision; accelerate keeps one global state, so reset it per stage.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=stage.train.find_unused_parameters)]
+    return Accelerator(mixed_precision=stage.train.precision, kwargs_handlers=handlers)
+
+
+def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path]) -> dict:
+    """Train one stage (resuming if it has checkpoints), save ``final/`` and write ``DONE``."""
+    stage_dir = run_dir / stage.name
+    accelerator = _make_accelerator(stage)
+    text = _stage_yaml(stage)
+    if accelerator.is_main_process:
+        _check_same_config(stage_dir, text)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(text)
+    accelerator.wait_for_everyone()
+    set_seed(stage.train.seed)  # model init depends only on the seed: frozen parts rebuild identically
+    ctx = StageContext(run_dir, stage_dir, dict(stage_outputs), accelerator.is_main_process)
+    task = build_task(stage, index, ctx).to(accelerator.device)
+    summary = train_stage(task, stage, stage_dir, accelerator)
+    data_report = task.data_report()
+    if data_report:
+        summary["data"] = data_report
+    if accelerator.is_main_process:
+        final = stage_dir / "final"
+        tmp = ckpt.atomic_dir(final)
+        task.save_pretrained(tmp)
+        ckpt.commit_dir(tmp, final)
+        for _, path in ckpt.list_checkpoints(stage_dir):  # the stage is complete: final/ supersedes them
+            shutil.rmtree(path)
+        (stage_dir / "DONE").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
+    """Run every stage not yet done; returns (and writes, on the main process) the results dict."""
+    for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
+        validate_stage(stage, i)
+    run_dir = Path(run_dir)
+    stage_outputs: dict[str, Path] = {}
+    results: dict = {"recipe": recipe.name, "stages": {}, "metrics": {}}
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    for i, stage in enumerate(recipe.stages):
+        stage_dir = run_dir / stage.name
+        done = stage_dir / "DONE"
+        if done.is_file():
+            _check_same_config(stage_dir, _stage_yaml(stage))
+            summary = json.loads(done.read_text())
+            summary["skipped"] = True
+            if is_main:
+                print(f"[{stage.name}] already done: skipped ({done})")
+        else:
+            summary = run_stage(stage, i, run_dir, stage_outputs)
+        stage_outputs[stage.name] = stage_dir / "final"
+        results["stages"][stage.name] = summary
+        for key, value in summary.get("metrics", {}).items():
+            results["metrics"][f"{stage.name}/{key}"] = value
+    if is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        print(format_results(results))
+    return results
+
+
+def format_results(results: dict) -> str:
+    """A plain-text table of every stage's metrics."""
+    rows = [
+        (stage, key, value) for stage, s in results["stages"].items() for key, value in s["metrics"].items()
+    ]
+    width = max([len(f"{s}/{k}") for s, k, _ in rows] + [6])
+    lines = [f"Results of {results['recipe']}", f"{'metric':<{width}}  value", "-" * (width + 14)]
+    for stage, key, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{f'{stage}/{key}':<{width}}  {shown}")
+    for stage, s in results["stages"].items():
+        note = " (skipped: done earlier)" if s.get("skipped") else ""
+        lines.append(f"{stage}: {s['steps']} steps in {s['time_s']:.1f}s{note}")
+    return "\n".join(lines)

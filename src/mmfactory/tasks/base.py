@@ -1,0 +1,101 @@
+"""The contract between a stage's task (the math) and the one training loop (the machinery).
+
+A task is an ``nn.Module`` that owns its model(s) — student, frozen teacher, reference, reward model — and
+returns ``{"loss": scalar, **metrics}`` from ``forward(batch)``. The loop wraps the whole task with
+accelerate (so DDP / FSDP / DeepSpeed see one module; frozen parts have ``requires_grad=False``) and never
+names a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmfactory.config import StageConfig
+
+
+@dataclass
+class StageContext:
+    """What a task may know about the run: where it writes and what earlier stages produced."""
+
+    run_dir: Path
+    stage_dir: Path
+    stage_outputs: dict[str, Path] = field(default_factory=dict)  # earlier stage name -> its final/ dir
+    is_main_process: bool = True
+
+    def resolve_init(self, init_from: str | None) -> Path | None:
+        """``init_from`` as a folder: an earlier stage's ``final/`` or a local path."""
+        if init_from is None:
+            return None
+        if init_from in self.stage_outputs:
+            return self.stage_outputs[init_from]
+        path = Path(init_from).expanduser()
+        if not path.exists():
+            known = ", ".join(self.stage_outputs) or "none"
+            raise FileNotFoundError(
+                f"init_from {init_from!r} is neither an earlier stage (done: {known}) nor an existing path"
+            )
+        return path
+
+
+class TrainingTask(nn.Module):
+    """Base class of every task. Subclasses declare their config schemas and implement the hooks.
+
+    Schemas (dataclasses) validate the stage's ``model``, ``data`` and ``options`` sections.
+    ``loss_unit`` names what :meth:`loss_weight` counts (shown as throughput, e.g. ``tokens/s``).
+    """
+
+    model_config: ClassVar[type]
+    data_config: ClassVar[type]
+    options_config: ClassVar[type]
+    loss_unit: ClassVar[str] = "samples"
+
+    def __init__(self, stage: StageConfig, ctx: StageContext, model_cfg: Any, data_cfg: Any, options: Any):
+        super().__init__()
+        self.stage = stage
+        self.ctx = ctx
+        self.model_cfg = model_cfg
+        self.data_cfg = data_cfg
+        self.options = options
+
+    # -- data -------------------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def eval_dataset(self) -> Dataset | None:
+        return None
+
+    def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def data_report(self) -> dict[str, int]:
+        """Counts the data layer wants recorded (skipped samples by reason, truncations, ...)."""
+        return {}
+
+    # -- math -------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss": mean loss over this micro-batch's loss items, **metrics}``."""
+        raise NotImplementedError
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many items the micro-batch loss averages over (default: samples).
+
+        The loop weights micro-batches by it, so the optimizer step minimises the mean over all items
+        of the global batch: gradient accumulation and process count do not change the result.
+        """
+        return len(next(iter(batch.values())))
+
+    # -- evaluation and output ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task-level evaluation after training (generation metrics, accuracy...). Main process only."""
+        return {}
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        """Write Hugging Face-native artifacts that a later stage's ``init_from`` can load."""
+        raise NotImplementedError

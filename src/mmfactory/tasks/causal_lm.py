@@ -1,0 +1,144 @@
+"""Causal-LM supervised fine-tuning on chat conversations, loss on assistant tokens only.
+
+Used by ``lm/tiny`` and reused by SAG (the stylist) and the MLLM recipes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mmfactory.data.chat import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    TemplateName,
+    TokenizedChat,
+    collate_chats,
+    tokenize_chat,
+)
+from mmfactory.losses.lm import causal_lm_loss
+from mmfactory.models.generation import GenerationConfig, generate_replies
+from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.tasks.base import TrainingTask
+
+CHAT_META = "mmfactory_chat.json"  # written next to the model: which template it was trained with
+
+
+@dataclass
+class ChatDataConfig:
+    """Conversations from the built-in world or chat JSONL files (``{"messages": [...]}`` per line)."""
+
+    source: Literal["world", "jsonl"] = "world"
+    train: str | None = None  # JSONL path when source = jsonl
+    eval: str | None = None
+    world_train_size: int = 2000
+    world_eval_size: int = 200
+    world_seed: int = 0
+    max_length: int = 256  # tokens; longer conversations are right-truncated and counted
+    template: TemplateName = "chatml"
+    pad_to_multiple_of: int | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class SFTOptions:
+    eval_generate: int = 64  # eval conversations whose last reply is generated greedily (exact match)
+    max_new_tokens: int = 48
+
+
+class CausalLMSFTTask(TrainingTask):
+    model_config = CausalLMConfig
+    data_config = ChatDataConfig
+    options_config = SFTOptions
+    loss_unit = "tokens"
+
+    def __init__(self, stage, ctx, model_cfg: CausalLMConfig, data_cfg: ChatDataConfig, options: SFTOptions):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
+        self.template = TEMPLATES[data_cfg.template]
+        self.counts: Counter[str] = Counter()
+        self._datasets: dict[str, list[TokenizedChat]] = {}
+        self._conversations: dict[str, list[list[dict[str, str]]]] = {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def conversations(self, split: str) -> list[list[dict[str, str]]]:
+        if split not in self._conversations:
+            cfg = self.data_cfg
+            if cfg.source == "world":
+                from mmfactory.world.text import chat_samples
+
+                size = cfg.world_train_size if split == "train" else cfg.world_eval_size
+                records = chat_samples("train" if split == "train" else "val", size, seed=cfg.world_seed)
+            else:
+                from mmfactory.data.readers.chat import read_chat_jsonl
+
+                path = cfg.train if split == "train" else cfg.eval
+                if path is None:
+                    return []
+                records = read_chat_jsonl(path, on_bad_sample=cfg.on_bad_sample, counter=self.counts)
+            self._conversations[split] = [r["messages"] for r in records]
+        return self._conversations[split]
+
+    def _tokenized(self, split: str) -> list[TokenizedChat]:
+        if split not in self._datasets:
+            kept = []
+            for messages in self.conversations(split):
+                sample = tokenize_chat(messages, self.tokenizer, self.template, self.data_cfg.max_length)
+                self.counts[f"{split}/truncated"] += sample.truncated
+                if all(label == IGNORE_INDEX for label in sample.labels[1:]):
+                    # Truncation removed every reply token: nothing to learn, counted not hidden.
+                    self.counts[f"{split}/skipped_no_reply_tokens"] += 1
+                    continue
+                kept.append(sample)
+            self.counts[f"{split}/samples"] = len(kept)
+            self._datasets[split] = kept
+        return self._datasets[split]
+
+    def train_dataset(self) -> list[TokenizedChat]:
+        return self._tokenized("train")
+
+    def eval_dataset(self) -> list[TokenizedChat] | None:
+        return self._tokenized("eval") or None
+
+    def collate(self, samples: list[TokenizedChat]) -> dict[str, torch.Tensor]:
+        return collate_chats(samples, self.tokenizer.pad_token_id, self.data_cfg.pad_to_multiple_of)
+
+    def data_report(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    # -- math ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = causal_lm_loss(logits, batch["labels"])
+        return {"loss": loss}
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy replies to held-out conversations: exact-match rate of the last assistant turn."""
+        convs = [c for c in self.conversations("eval") if c and c[-1]["role"] == "assistant"]
+        convs = convs[: self.options.eval_generate]
+        if not convs:
+            return {}
+        replies = generate_replies(
+            self.model,
+            self.tokenizer,
+            self.template,
+            [c[:-1] for c in convs],
+            GenerationConfig(max_new_tokens=self.options.max_new_tokens),
+        )
+        hits = sum(reply == c[-1]["content"].strip() for reply, c in zip(replies, convs, strict=True))
+        return {"eval_exact_match": hits / len(convs)}
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / CHAT_META).write_text(json.dumps({"template": self.data_cfg.template}))

@@ -1,0 +1,196 @@
+"""Atomic, pickle-free training checkpoints for exact resume.
+
+A checkpoint folder ``step-N/`` holds:
+
+- ``trainable.safetensors``   the trainable parameters (frozen ones are rebuilt from their source);
+- ``optimizer.safetensors`` + ``optimizer.json``   optimizer tensors and the rest of its state;
+- ``rng-{rank}.safetensors`` + ``rng-{rank}.json`` torch / numpy / python RNG states of each process;
+- ``state.json``   the global step, the scheduler state and anything else small.
+
+It is written under a temporary name and renamed into place, so a crash never leaves a half checkpoint;
+nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling of ``final``; pass it to :func:`commit_dir` when complete."""
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Flush ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def remove_partial(directory: Path) -> None:
+    """Delete leftovers of interrupted writes (``*.tmp-*`` / ``*.old-*`` folders)."""
+    for path in directory.glob("*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in directory.glob("*.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` folders, oldest first."""
+    found = []
+    for path in directory.iterdir() if directory.is_dir() else []:
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / "state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+# -- optimizer ---------------------------------------------------------------------------------------
+
+
+def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer ``state_dict`` into a flat tensor dict and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for index, state in state_dict["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turns tuples into lists; torch expects betas as a tuple
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# -- RNG ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, gauss_next = random.getstate()
+    meta = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(py_state), gauss_next],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss_next = meta["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+
+
+# -- whole checkpoint --------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rng_per_rank: list[tuple[dict[str, torch.Tensor], dict]],
+    extra: dict | None = None,
+) -> Path:
+    """Write ``directory/step-{step}`` atomically and return it."""
+    final = directory / f"step-{step}"
+    tmp = atomic_dir(final)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", opt_meta)
+    for rank, (tensors, meta) in enumerate(rng_per_rank):
+        save_file(tensors, tmp / f"rng-{rank}.safetensors")
+        _write_json(tmp / f"rng-{rank}.json", meta)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    _write_json(tmp / "state.json", {"step": step, "scheduler": sched, **(extra or {})})
+    commit_dir(tmp, final)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+) -> dict:
+    """Restore trainable parameters, optimizer, scheduler and this rank's RNG; returns ``state.json``."""
+    saved = load_file(path / "trainable.safetensors")
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the trainable set (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); was the stage config changed since it was written?"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta))
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    rng_file = path / f"rng-{rank}.safetensors"
+    if not rng_file.is_file():
+        raise RuntimeError(
+            f"{path}: no RNG state for process {rank}: resume with the same number of processes"
+        )
+    set_rng_state(load_file(rng_file), json.loads((path / f"rng-{rank}.json").read_text()))
+    return state

@@ -1,0 +1,266 @@
+"""The one training loop: accelerate for processes and precision, everything else explicit.
+
+It never names a method. A :class:`~mmfactory.tasks.base.TrainingTask` supplies data, the loss and its
+evaluation; the loop does sampling, gradient accumulation (weighted so 1x8 == 8x1), clipping, schedules,
+mixed precision, NaN/inf guarding, periodic evaluation, atomic checkpoints with exact resume, metrics
+(JSONL + tensorboard) and a progress bar. DDP / FSDP / DeepSpeed come from accelerate's own launch
+configuration, never from task code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mmfactory.config import StageConfig
+from mmfactory.tasks.base import TrainingTask
+from mmfactory.train import checkpoint as ckpt
+from mmfactory.train.optim import build_optimizer, build_scheduler, select_trainable
+from mmfactory.train.sampler import StepSampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the stage and step."""
+
+
+class _StepBatches:
+    """``batch_sampler`` for a DataLoader: the sampler's micro-batches from a global step on."""
+
+    def __init__(self, sampler: StepSampler, start_step: int):
+        self.sampler, self.start_step = sampler, start_step
+
+    def __iter__(self):
+        return self.sampler.micro_batches(self.start_step)
+
+
+@dataclass
+class MetricsLog:
+    """Main-process metrics: ``metrics.jsonl`` (one record per log step) and tensorboard."""
+
+    stage_dir: Path
+    enabled: bool
+    writer: Any = field(default=None, init=False)
+
+    def open(self, resume_step: int) -> None:
+        if not self.enabled:
+            return
+        path = self.stage_dir / "metrics.jsonl"
+        if path.exists():  # drop records a resumed run is about to redo
+            kept = [
+                r for r in path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.stage_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        with open(self.stage_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _gather_rng(accelerator: Accelerator) -> list[tuple[dict, dict]]:
+    """Every process's RNG state (on every process), for a checkpoint written by the main one."""
+    local = ckpt.rng_state()
+    if accelerator.num_processes == 1:
+        return [local]
+    out: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(out, local)
+    return out
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module, task: TrainingTask, accelerator: Accelerator, batch_size: int
+) -> dict:
+    """Item-weighted mean of the task's loss and metrics over its eval set, sharded across processes."""
+    dataset = task.eval_dataset()
+    if dataset is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    sums: dict[str, torch.Tensor] = {}
+    weight = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for lo in range(0, len(indices), batch_size):
+        batch = task.collate([dataset[i] for i in indices[lo : lo + batch_size]])
+        w = task.loss_weight(batch)
+        out = model(_to_device(batch, accelerator.device))
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().double() * w
+        weight += w
+    model.train(was_training)
+    total = accelerator.reduce(weight, "sum")
+    return {f"eval_{k}": (accelerator.reduce(v, "sum") / total).item() for k, v in sorted(sums.items())}
+
+
+def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, accelerator: Accelerator) -> dict:
+    """Train ``task`` as ``stage`` says, writing checkpoints and metrics into ``stage_dir``.
+
+    Resumes from the newest complete ``step-N/`` checkpoint in ``stage_dir`` if there is one. Returns
+    the stage summary ``{"steps", "time_s", "metrics"}``.
+    """
+    cfg = stage.train
+    is_main = accelerator.is_main_process
+    dataset = task.train_dataset()
+    sampler = StepSampler(
+        len(dataset),
+        cfg.batch_size,
+        cfg.grad_accum,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.seed,
+        cfg.shuffle,
+    )
+    total_steps = (
+        cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * sampler.steps_per_epoch)
+    )
+    select_trainable(task, stage.trainable, stage.frozen)
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    optimizer = build_optimizer(task, stage.optimizer)
+    scheduler = build_scheduler(optimizer, total_steps, stage.schedule)
+    model, optimizer = accelerator.prepare(task, optimizer)
+
+    if is_main:
+        ckpt.remove_partial(stage_dir)
+    accelerator.wait_for_everyone()
+    start_step = 0
+    checkpoints = ckpt.list_checkpoints(stage_dir)
+    if checkpoints:
+        step, path = checkpoints[-1]
+        ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index)
+        start_step = step
+        accelerator.print(f"[{stage.name}] resumed from {path} (step {step}/{total_steps})")
+
+    log = MetricsLog(stage_dir, enabled=is_main)
+    log.open(start_step)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_StepBatches(sampler, start_step),
+        collate_fn=task.collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator(),  # keep the global RNG untouched so resumed runs stay bit-identical
+    )
+    batches = iter(loader)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=stage.name,
+        disable=not is_main,
+        dynamic_ncols=True,
+        mininterval=1,
+    )
+    unit = task.loss_unit
+    world = accelerator.num_processes
+    model.train()
+    window_items, window_start = 0.0, time.perf_counter()
+    stage_start = time.perf_counter()
+    last: dict[str, float] = {}
+    first_loss: float | None = None
+    for step in range(start_step, total_steps):
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        weights = [float(task.loss_weight(b)) for b in micro]
+        total_weight = accelerator.reduce(torch.tensor(sum(weights), device=accelerator.device), "sum").item()
+        if total_weight <= 0:
+            raise NonFiniteLossError(f"[{stage.name}] step {step + 1}: the global batch has no loss items")
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
+            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync:
+                out = model(_to_device(batch, accelerator.device))
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"[{stage.name}] loss is {loss.item()} at step {step + 1} (micro-batch {i + 1}); "
+                        "lower the learning rate or check the data"
+                    )
+                # DDP averages gradients over processes, hence the factor `world`.
+                accelerator.backward(loss * (weights[i] * world / total_weight))
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().double() * weights[i]
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm) and stage.train.precision != "fp16":
+                raise NonFiniteLossError(
+                    f"[{stage.name}] gradient norm is {grad_norm.item()} at step {step + 1}"
+                )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        window_items += total_weight
+        should_log = done == 1 or done % cfg.log_every == 0 or done == total_steps
+        if should_log:
+            last = {k: (accelerator.reduce(v, "sum") / total_weight).item() for k, v in sums.items()}
+            elapsed = time.perf_counter() - window_start
+            last["lr"] = scheduler.get_last_lr()[0]
+            last[f"{unit}_per_s"] = window_items / max(elapsed, 1e-9)
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            log.log(done, last)
+            if first_loss is None:
+                first_loss = last["loss"]
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                lr=f"{last['lr']:.2e}",
+                **{f"{unit}/s": f"{last[f'{unit}_per_s']:.0f}"},
+            )
+            window_items, window_start = 0.0, time.perf_counter()
+        bar.update(1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+            log.log(done, evaluate_loss(model, task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+        if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
+            rng = _gather_rng(accelerator)
+            if is_main:
+                named = {n: p for n, p in task.named_parameters() if p.requires_grad}
+                ckpt.save_checkpoint(stage_dir, done, named, optimizer, scheduler, rng)
+                for _, old in ckpt.list_checkpoints(stage_dir)[: -cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+            accelerator.wait_for_everyone()
+    bar.close()
+    train_time = time.perf_counter() - stage_start
+
+    metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
+    if first_loss is not None:  # None when resumed after the last log step
+        metrics["train_first_loss"] = first_loss
+    metrics.update(evaluate_loss(model, task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+    if is_main:
+        task.eval()
+        metrics.update(task.evaluate())
+        task.train()
+    log.log(total_steps, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    log.close()
+    return {"steps": total_steps, "time_s": round(train_time, 2), "metrics": metrics}

@@ -1,0 +1,157 @@
+"""Scene questions with short canonical answers, POPE-style yes/no probes and LLaVA-style conversations."""
+
+import numpy as np
+
+from mmfactory.world.captions import (
+    COLOR_ZH,
+    POSITION_ZH,
+    SHAPE_ZH,
+    at_position,
+    plural,
+    with_article,
+)
+from mmfactory.world.captions import caption
+from mmfactory.world.scenes import COLORS, HELD_OUT, POSITIONS, SHAPES, Scene, SceneObject, object_frequency
+
+QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
+POPE_KINDS = ("random", "popular", "adversarial")
+YES_NO = {"en": ("yes", "no"), "zh": ("有", "没有")}
+POPULAR_TOP_K = 6  # popular negatives come from the K most frequent absent objects
+
+
+def _unique(scene: Scene, obj: SceneObject, attribute: str) -> bool:
+    return sum(getattr(o, attribute) == getattr(obj, attribute) for o in scene.objects) == 1
+
+
+def referring_expression(scene: Scene, obj: SceneObject, lang: str) -> str:
+    """Shortest unambiguous name: "the star", "the red object" or "the red star" (and Chinese)."""
+    if _unique(scene, obj, "shape"):
+        return f"the {obj.shape}" if lang == "en" else SHAPE_ZH[obj.shape]
+    if _unique(scene, obj, "color"):
+        return f"the {obj.color} object" if lang == "en" else f"{COLOR_ZH[obj.color]}的物体"
+    return f"the {obj.name}" if lang == "en" else COLOR_ZH[obj.color] + SHAPE_ZH[obj.shape]
+
+
+def near_misses(scene: Scene) -> list[str]:
+    """Absent ``"color shape"`` names one attribute away from a present object (sorted).
+
+    Like every invented object, never a held-out combination, so those appear only in test_compositional.
+    """
+    candidates = {(o.shape, c) for o in scene.objects for c in COLORS}
+    candidates |= {(s, o.color) for o in scene.objects for s in SHAPES}
+    return sorted(f"{c} {s}" for s, c in candidates - HELD_OUT if f"{c} {s}" not in scene.names())
+
+
+def _name_zh(name: str) -> str:
+    color, shape = name.split(" ")
+    return COLOR_ZH[color] + SHAPE_ZH[shape]
+
+
+def existence_question(name: str, lang: str) -> str:
+    return f"Is there {with_article(name)} in the image?" if lang == "en" else f"图中有{_name_zh(name)}吗？"
+
+
+def scene_question(scene: Scene, rng: np.random.Generator, lang: str = "en", qtype: str | None = None) -> dict:
+    """One question about ``scene``: ``{"question", "answer", "type"}``; ``qtype`` random if None."""
+    qtype = qtype or QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    en = lang == "en"
+    if qtype == "color":
+        if _unique(scene, obj, "shape"):
+            question = f"What color is the {obj.shape}?" if en else f"{SHAPE_ZH[obj.shape]}是什么颜色？"
+        else:
+            question = f"What color is the object {at_position(obj.position)}?" if en else (
+                f"{POSITION_ZH[obj.position]}的物体是什么颜色？"
+            )
+        answer = obj.color if en else COLOR_ZH[obj.color]
+    elif qtype == "shape":
+        if _unique(scene, obj, "color"):
+            question = f"What shape is the {obj.color} object?" if en else f"{COLOR_ZH[obj.color]}的物体是什么形状？"
+        else:
+            question = f"What shape is the object {at_position(obj.position)}?" if en else (
+                f"{POSITION_ZH[obj.position]}的物体是什么形状？"
+            )
+        answer = obj.shape if en else SHAPE_ZH[obj.shape]
+    elif qtype == "count":
+        if rng.random() < 0.3:
+            question = "How many objects are there?" if en else "图中一共有几个物体？"
+            answer = str(len(scene.objects))
+        else:
+            shape = obj.shape if rng.random() < 0.75 else SHAPES[rng.integers(len(SHAPES))]
+            question = f"How many {plural(shape)} are there?" if en else f"图中有几个{SHAPE_ZH[shape]}？"
+            answer = str(sum(o.shape == shape for o in scene.objects))
+    elif qtype == "position":
+        question = f"Where is {referring_expression(scene, obj, lang)}?" if en else (
+            f"{referring_expression(scene, obj, lang)}在哪里？"
+        )
+        answer = obj.position if en else POSITION_ZH[obj.position]
+    elif qtype == "existence":
+        present = rng.random() < 0.5
+        misses = near_misses(scene)
+        name = obj.name if present else misses[rng.integers(len(misses))]
+        question = existence_question(name, lang)
+        answer = YES_NO[lang][0 if present else 1]
+    else:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+    return {"question": question, "answer": answer, "type": qtype}
+
+
+def pope_probe(scene: Scene, rng: np.random.Generator, kind: str, positive: bool) -> dict:
+    """POPE yes/no probe ``{"question", "label", "object"}`` about a ``"color shape"`` object.
+
+    Negatives are absent, never held-out objects: ``random`` (uniform), ``popular`` (among the most frequent objects of
+    the world's prior) or ``adversarial`` (near misses: one attribute away from a present object).
+    """
+    present = scene.names()
+    if positive:
+        name = sorted(present)[rng.integers(len(present))]
+    elif kind == "random":
+        absent = sorted(name for name in object_frequency() if name not in present)
+        name = absent[rng.integers(len(absent))]
+    elif kind == "popular":
+        by_frequency = sorted(object_frequency().items(), key=lambda kv: (-kv[1], kv[0]))
+        top = [k for k, _ in by_frequency if k not in present][:POPULAR_TOP_K]
+        name = top[rng.integers(len(top))]
+    elif kind == "adversarial":
+        misses = near_misses(scene)
+        name = misses[rng.integers(len(misses))]
+    else:
+        raise ValueError(f"unknown POPE kind {kind!r}; expected one of {POPE_KINDS}")
+    return {"question": existence_question(name, "en"), "label": "yes" if positive else "no", "object": name}
+
+
+DESCRIBE = {
+    "en": {"detailed": "Describe the image in detail.", "brief": "Describe the image briefly."},
+    "zh": {"detailed": "详细描述这张图片。", "brief": "简要描述这张图片。"},
+}
+
+
+def llava_conversation(scene: Scene, rng: np.random.Generator, lang: str = "en") -> list[dict[str, str]]:
+    """LLaVA-style turns ``[{"role", "content"}, ...]``: an optional description request, then questions.
+
+    The first user turn starts with ``"<image>\\n"``; 1-3 exchanges in all.
+    """
+    turns: list[tuple[str, str]] = []
+    if rng.random() < 0.5:
+        detail = ("brief", "detailed")[rng.integers(2)]
+        turns.append((DESCRIBE[lang][detail], caption(scene, lang, detail)))
+    while not turns or (len(turns) < 3 and rng.random() < 0.5):
+        qa = scene_question(scene, rng, lang)
+        turns.append((qa["question"], qa["answer"]))
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": ("<image>\n" if k == 0 else "") + question})
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def wrong_answer(qa: dict, rng: np.random.Generator) -> str:
+    """A plausible but wrong English answer to ``qa`` (a rejected response for preference data)."""
+    options = {
+        "color": list(COLORS),
+        "shape": list(SHAPES),
+        "position": [p for row in POSITIONS for p in row],
+        "existence": ["yes", "no"],
+    }.get(qa["type"]) or [str(max(0, int(qa["answer"]) + d)) for d in (-1, 1)]
+    options = [o for o in options if o != qa["answer"]]
+    return options[rng.integers(len(options))]
