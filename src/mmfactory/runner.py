@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -45,7 +46,9 @@ def _make_accelerator(stage: StageConfig) -> Accelerator:
     # Each stage may pick its own precision; accelerate keeps one global state, so reset it per stage.
     AcceleratorState._reset_state(reset_partial_state=False)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=stage.train.find_unused_parameters)]
-    return Accelerator(mixed_precision=stage.train.precision, kwargs_handlers=handlers)
+    # accelerate only treats torchrun-launched processes as multi-process CPU (gloo) when told `cpu`.
+    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=stage.train.precision, kwargs_handlers=handlers)
 
 
 def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path]) -> dict:

@@ -155,12 +155,12 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     if is_main:
         ckpt.remove_partial(stage_dir)
     accelerator.wait_for_everyone()
-    start_step = 0
+    start_step, first_loss = 0, None
     checkpoints = ckpt.list_checkpoints(stage_dir)
     if checkpoints:
         step, path = checkpoints[-1]
-        ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index)
-        start_step = step
+        state = ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index)
+        start_step, first_loss = step, state.get("first_loss")
         accelerator.print(f"[{stage.name}] resumed from {path} (step {step}/{total_steps})")
 
     log = MetricsLog(stage_dir, enabled=is_main)
@@ -187,7 +187,6 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     window_items, window_start = 0.0, time.perf_counter()
     stage_start = time.perf_counter()
     last: dict[str, float] = {}
-    first_loss: float | None = None
     for step in range(start_step, total_steps):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         weights = [float(task.loss_weight(b)) for b in micro]
@@ -246,7 +245,9 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
             rng = _gather_rng(accelerator)
             if is_main:
                 named = {n: p for n, p in task.named_parameters() if p.requires_grad}
-                ckpt.save_checkpoint(stage_dir, done, named, optimizer, scheduler, rng)
+                ckpt.save_checkpoint(
+                    stage_dir, done, named, optimizer, scheduler, rng, extra={"first_loss": first_loss}
+                )
                 for _, old in ckpt.list_checkpoints(stage_dir)[: -cfg.keep_checkpoints]:
                     shutil.rmtree(old)
             accelerator.wait_for_everyone()
@@ -254,7 +255,7 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     train_time = time.perf_counter() - stage_start
 
     metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
-    if first_loss is not None:  # None when resumed after the last log step
+    if first_loss is not None:
         metrics["train_first_loss"] = first_loss
     metrics.update(evaluate_loss(model, task, accelerator, cfg.eval_batch_size or cfg.batch_size))
     if is_main:

@@ -1,0 +1,44 @@
+"""Shared test helpers: tiny recipes run through the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+# A 2-layer, 32-wide Qwen2 on a few dozen world chats: seconds per run on a CPU.
+TINY_LM = {
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 256,
+}
+
+
+def tiny_sft_recipe(**train) -> dict:
+    """A one-stage SFT recipe (plain data) small enough for unit tests."""
+    return {
+        "name": "test/sft",
+        "defaults": {
+            "optimizer": {"lr": 3.0e-3},
+            "schedule": {"kind": "constant", "warmup_steps": 0},
+            "train": {"batch_size": 8, "max_steps": 12, "log_every": 1, "seed": 0, **train},
+        },
+        "stages": [
+            {
+                "name": "sft",
+                "task": "causal_lm_sft",
+                "model": {"tiny": dict(TINY_LM)},
+                "data": {"source": "world", "world_train_size": 96, "world_eval_size": 8, "max_length": 64},
+                "options": {"eval_generate": 2, "max_new_tokens": 4},
+            }
+        ],
+    }
+
+
+def write_recipe(recipe: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

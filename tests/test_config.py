@@ -1,0 +1,90 @@
+import pytest
+
+from mmfactory.config import ConfigError, apply_overrides, parse_override, recipe_from_dict
+from mmfactory.tasks import validate_stage
+from tests.helpers import tiny_sft_recipe
+
+
+def _error(raw: dict, overrides=()) -> str:
+    with pytest.raises(ConfigError) as err:
+        recipe = recipe_from_dict(raw, overrides)
+        for i, stage in enumerate(recipe.stages):
+            validate_stage(stage, i)
+    return str(err.value)
+
+
+def test_unknown_key_names_path_and_suggests():
+    raw = tiny_sft_recipe()
+    raw["stages"][0]["train"] = {"max_step": 5}
+    assert _error(raw) == "stages[0].train.max_step: unknown key (did you mean 'max_steps'?)"
+
+
+def test_unknown_key_in_task_schema_names_path():
+    raw = tiny_sft_recipe()
+    raw["stages"][0]["data"]["max_lenght"] = 10
+    assert _error(raw) == "stages[0].data.max_lenght: unknown key (did you mean 'max_length'?)"
+
+
+def test_wrong_type_and_bad_literal():
+    raw = tiny_sft_recipe(batch_size="eight")
+    assert _error(raw) == "stages[0].train.batch_size: expected an integer, got 'eight'"
+    raw = tiny_sft_recipe(precision="bf61")
+    assert "stages[0].train.precision: 'bf61' is not one of ['no', 'bf16', 'fp16'] (did you mean 'bf16'?)" in _error(raw)
+    raw = tiny_sft_recipe()
+    raw["stages"][0]["task"] = "causal_lm_stf"
+    assert "stages[0].task: unknown task 'causal_lm_stf' (did you mean 'causal_lm_sft'?)" in _error(raw)
+
+
+def test_missing_and_inconsistent_fields():
+    raw = tiny_sft_recipe()
+    del raw["stages"][0]["task"]
+    assert _error(raw) == "stages[0].task: required key is missing"
+    raw = tiny_sft_recipe(epochs=1.0)  # max_steps is also set
+    assert "stages[0].train.max_steps: set exactly one of" in _error(raw)
+    raw = tiny_sft_recipe()
+    raw["stages"][0]["init_from"] = "sft"
+    assert "stages[0].init_from: stage 'sft' does not run before 'sft'" in _error(raw)
+
+
+def test_yaml_exponent_strings_are_accepted_for_floats():
+    raw = tiny_sft_recipe()
+    raw["defaults"]["optimizer"]["lr"] = "3e-4"  # PyYAML reads 3e-4 (no dot) as a string
+    assert recipe_from_dict(raw).stages[0].optimizer.lr == pytest.approx(3e-4)
+
+
+def test_parse_override_types():
+    assert parse_override("train.max_steps=5") == (["train", "max_steps"], 5)
+    assert parse_override("optimizer.lr=3.0e-4") == (["optimizer", "lr"], 3e-4)
+    assert parse_override("train.shuffle=false") == (["train", "shuffle"], False)
+    assert parse_override("frozen=[a.*, b]") == (["frozen"], ["a.*", "b"])
+    assert parse_override("init_from=null") == (["init_from"], None)
+    assert parse_override("name=a=b") == (["name"], "a=b")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_override("train.max_steps")
+
+
+def test_overrides_target_stage_defaults_or_all_stages():
+    raw = tiny_sft_recipe()
+    raw["stages"].append({**raw["stages"][0], "name": "second"})
+    out = apply_overrides(raw, ["stages.second.train.max_steps=3", "optimizer.lr=0.5", "defaults.train.seed=7"])
+    assert out["stages"][1]["train"] == {"max_steps": 3}
+    assert out["stages"][0]["optimizer"] == {"lr": 0.5} and out["stages"][1]["optimizer"] == {"lr": 0.5}
+    recipe = recipe_from_dict(raw, ["stages.second.train.max_steps=3", "defaults.train.seed=7"])
+    assert [s.train.max_steps for s in recipe.stages] == [12, 3]
+    assert [s.train.seed for s in recipe.stages] == [7, 7]  # defaults merge under each stage
+    assert recipe.stages[1].train.batch_size == 8
+    assert "no stage 'secnd' (did you mean 'second'?)" in _error(raw, ["stages.secnd.train.seed=1"])
+
+
+def test_shipped_recipes_validate():
+    from mmfactory.config import load_recipe
+    from mmfactory.recipes import list_recipes, resolve_recipe
+
+    names = list_recipes()
+    assert "lm/tiny" in names
+    for name in names:
+        recipe = load_recipe(resolve_recipe(name))
+        for i, stage in enumerate(recipe.stages):
+            validate_stage(stage, i)
+    with pytest.raises(ConfigError, match="did you mean 'lm/tiny'"):
+        resolve_recipe("lm/tiyn")

@@ -1,0 +1,65 @@
+"""lm/tiny-style SFT through the real CLI: learning happens, frozen parameters stay put."""
+
+import json
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from mmfactory.cli import main
+from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.runner import StageConfigChanged
+from tests.helpers import TINY_LM, tiny_sft_recipe, write_recipe
+
+
+def _initial_state():
+    set_seed(0)  # the runner seeds the stage before the task builds its model
+    model, _ = load_causal_lm(CausalLMConfig(tiny=dict(TINY_LM)))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_sft_through_cli_learns_and_respects_frozen(tmp_path, capsys):
+    recipe = tiny_sft_recipe(max_steps=30, log_every=5)
+    recipe["stages"][0]["frozen"] = ["model.model.layers.0.*"]
+    path = write_recipe(recipe, tmp_path / "r.yaml")
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Results of test/sft" in printed and "sft/eval_loss" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    assert metrics["sft/train_first_loss"] > metrics["sft/train_loss"] + 1.0  # the loss fell
+    assert metrics["sft/eval_loss"] < metrics["sft/train_first_loss"] - 1.0
+    losses = [json.loads(line)["loss"] for line in (out / "sft/metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+    final = load_file(out / "sft/final/model.safetensors")
+    initial = _initial_state()
+    for name, value in final.items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(value, initial[name]), f"frozen {name} changed"
+        else:
+            assert not torch.equal(value, initial[name]), f"trainable {name} did not change"
+    assert (out / "sft/DONE").is_file() and not list((out / "sft").glob("step-*"))
+
+    # Re-running skips the finished stage and prints the same results.
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    assert "already done: skipped" in capsys.readouterr().out
+
+
+def test_changed_config_is_refused_for_an_existing_stage(tmp_path, capsys):
+    path = write_recipe(tiny_sft_recipe(max_steps=2), tmp_path / "r.yaml")
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    with pytest.raises(StageConfigChanged, match="produced by a different configuration"):
+        main(["run", str(path), "--output", str(out), "optimizer.lr=0.5"])
+
+
+def test_config_errors_exit_2_with_the_key_path(tmp_path, capsys):
+    path = write_recipe(tiny_sft_recipe(), tmp_path / "r.yaml")
+    assert main(["run", str(path), "--output", str(tmp_path / "x"), "train.max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].train.max_step: unknown key (did you mean 'max_steps'?)" in err

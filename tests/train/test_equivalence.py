@@ -1,0 +1,53 @@
+"""The optimizer step does not depend on how the global batch is split: 1x8 == 8x1, 1 == 2 processes."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmfactory.cli import main
+from tests.helpers import tiny_sft_recipe, write_recipe
+
+
+def _final(run):
+    return load_file(run / "sft/final/model.safetensors")
+
+
+def _assert_close(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < atol, f"max parameter difference {worst}"
+
+
+def _train_in_process(tmp_path, name, **train):
+    path = write_recipe(tiny_sft_recipe(max_steps=4, **train), tmp_path / f"{name}.yaml")
+    assert main(["run", str(path), "--output", str(tmp_path / name)]) == 0
+    return _final(tmp_path / name)
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    # Samples differ in length, so only token-weighted accumulation makes these equal.
+    big = _train_in_process(tmp_path, "b8", batch_size=8, grad_accum=1)
+    small = _train_in_process(tmp_path, "b1", batch_size=1, grad_accum=8)
+    _assert_close(big, small, atol=2e-5)
+    different = _train_in_process(tmp_path, "b4", batch_size=4, grad_accum=1)  # a different global batch
+    with pytest.raises(AssertionError):
+        _assert_close(big, different, atol=2e-5)
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is installed with torch"
+    one = _train_in_process(tmp_path, "one", batch_size=8)
+    path = write_recipe(tiny_sft_recipe(max_steps=4, batch_size=4), tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "mmfactory.cli", "run", str(path)]
+    proc = subprocess.run([*cmd, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sft/train_loss" in proc.stdout and proc.stdout.count("Results of") == 1  # printed once
+    _assert_close(one, _final(tmp_path / "two"), atol=2e-5)
