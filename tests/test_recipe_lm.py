@@ -63,3 +63,33 @@ def test_config_errors_exit_2_with_the_key_path(tmp_path, capsys):
     assert main(["run", str(path), "--output", str(tmp_path / "x"), "train.max_step=3"]) == 2
     err = capsys.readouterr().err
     assert "stages[0].train.max_step: unknown key (did you mean 'max_steps'?)" in err
+
+
+def test_local_folder_model_and_init_from_chain(tmp_path, capsys):
+    """A tiny Qwen2 saved to a folder loads like a real checkpoint; stage b starts from stage a's output."""
+    set_seed(1)
+    model, tokenizer = load_causal_lm(CausalLMConfig(tiny=dict(TINY_LM)))
+    folder = tmp_path / "qwen2-tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    recipe = tiny_sft_recipe(max_steps=3)
+    stage_a = recipe["stages"][0]
+    stage_a.update(name="a", model={"path": str(folder)})
+    # lr 0 and no weight decay: stage b must end exactly where stage a ended
+    stage_b = {**stage_a, "name": "b", "model": {}, "init_from": "a", "optimizer": {"lr": 0.0}}
+    recipe["stages"] = [stage_a, stage_b]
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 0
+
+    a = load_file(out / "a/final/model.safetensors")
+    b = load_file(out / "b/final/model.safetensors")
+    saved = load_file(folder / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], saved[k]) for k in a)  # stage a trained the loaded weights
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out / "b/final"), "--prompt", "Hi", "--prompt", "Hello?",
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(">>> ") == 2 and ">>> Hello?" in printed

@@ -27,7 +27,10 @@ VOCAB: dict[str, dict[str, str]] = {  # attribute -> English value -> Chinese va
         "umbrella": "雨伞",
         "jacket": "夹克",
     },
-    "color": {c: COLOR_ZH[c] for c in ("red", "green", "blue", "yellow", "purple", "orange", "pink", "black", "white")},
+    "color": {
+        c: COLOR_ZH[c]
+        for c in ("red", "green", "blue", "yellow", "purple", "orange", "pink", "black", "white")
+    },
     "material": {
         "cotton": "纯棉",
         "leather": "真皮",
@@ -115,7 +118,9 @@ def _value(attribute: str, en_value: str, lang: str) -> str:
 
 def _random_value(rng: np.random.Generator, attribute: str, exclude: str | None = None) -> str:
     """An English value for ``attribute``, different from ``exclude``."""
-    options = {"product": PRODUCTS, "price": tuple(map(str, PRICES))}.get(attribute) or tuple(VOCAB[attribute])
+    options = {"product": PRODUCTS, "price": tuple(map(str, PRICES))}.get(attribute) or tuple(
+        VOCAB[attribute]
+    )
     options = tuple(v for v in options if v != exclude)
     return options[rng.integers(len(options))]
 
@@ -138,23 +143,23 @@ def draft(facts: dict[str, str], lang: str) -> str:
     return " ".join(sentences) if lang == "en" else "".join(sentences)
 
 
-def note_lines(facts: dict[str, str], lang: str, choice: np.ndarray) -> list[str]:
-    """Lines of the styled note; ``choice[k]`` picks the phrasing of slot k (title, attributes, closing)."""
+def styled_note(facts: dict[str, str], lang: str, phrasing: dict[str, int]) -> str:
+    """The note: title, one line per fact in OPTIONAL order, closing, hashtags; ``phrasing[slot]`` picks
+    each line's wording among NOTE's."""
     t = NOTE[lang]
     fields = dict(facts, **{k.capitalize(): capitalize(v) for k, v in facts.items()})
     fields["tag"] = facts["category"].replace(" ", "")
     slots = ["title", *(a for a in OPTIONAL if a in facts), "closing", "tags"]
-    return [t[s][choice[k] % len(t[s])].format(**fields) for k, s in enumerate(slots)]
-
-
-def styled_note(facts: dict[str, str], lang: str, choice: np.ndarray) -> str:
-    return "\n".join(note_lines(facts, lang, choice))
+    return "\n".join(t[s][phrasing.get(s, 0) % len(t[s])].format(**fields) for s in slots)
 
 
 def off_style(note: str, lang: str) -> str:
     """The note's content with its style broken: emoji and hashtags removed, lines run into one paragraph."""
     separator = ", " if lang == "en" else "，"
-    lines = [_EMOJI_OR_TAG.sub("", line).replace(" | ", separator).replace("｜", separator) for line in note.split("\n")]
+    lines = [
+        _EMOJI_OR_TAG.sub("", line).replace(" | ", separator).replace("｜", separator)
+        for line in note.split("\n")
+    ]
     lines = [line.strip(" !！,，") for line in lines if line.strip()]
     return ". ".join(lines) + "." if lang == "en" else "，".join(lines) + "。"
 
@@ -170,28 +175,26 @@ def article(seed: int, split: str, index: int, lang: str = "en") -> dict:
         raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
     rng = item_rng(seed, "article", split, index)
     facts_en = sample_facts(rng)
-    choice = rng.integers(0, 2, size=len(facts_en) + 3)
+    phrasing = {slot: int(rng.integers(2)) for slot in ("title", *OPTIONAL, "closing")}
     facts = translate_facts(facts_en, lang)
-    reference = styled_note(facts, lang, choice)
+    reference = styled_note(facts, lang, phrasing)
 
     absent = [a for a in OPTIONAL if a not in facts_en]
     added = absent[rng.integers(len(absent))]
     present = [a for a in OPTIONAL if a in facts_en]
     changed = present[rng.integers(len(present))]
     with_added = dict(facts_en, **{added: _random_value(rng, added)})
-    with_added = {a: with_added[a] for a in ATTRIBUTES if a in with_added}  # keep the note's slot order
-    choice_added = np.insert(choice, 1 + [a for a in OPTIONAL if a in with_added].index(added), 0)
     contradicted = dict(facts_en, **{changed: _random_value(rng, changed, exclude=facts_en[changed])})
     return {
-        "id": f"{split}-{index:06d}",
+        "id": f"{split}-{index:06d}-{lang}",
         "lang": lang,
         "facts": facts,
         "draft": draft(facts, lang),
         "reference": reference,
         "variants": {
             "off_style": off_style(reference, lang),
-            "unsupported": styled_note(translate_facts(with_added, lang), lang, choice_added),
-            "contradicted": styled_note(translate_facts(contradicted, lang), lang, choice),
+            "unsupported": styled_note(translate_facts(with_added, lang), lang, phrasing),
+            "contradicted": styled_note(translate_facts(contradicted, lang), lang, phrasing),
         },
         "variant_attributes": {"unsupported": added, "contradicted": changed},
     }
@@ -244,4 +247,3 @@ def article_preference(seed: int, split: str, index: int, lang: str = "en") -> d
         "chosen": a["reference"],
         "rejected": a["variants"][kind],
     }
-

@@ -39,7 +39,6 @@ POSITION_ZH = {
     "bottom": "下方",
     "bottom right": "右下方",
 }
-NUMBER_ZH = {1: "一", 2: "两", 3: "三", 4: "四", 5: "五"}
 
 
 def plural(shape: str) -> str:

@@ -26,10 +26,6 @@ def _cell_center(cell: int) -> tuple[float, float]:
     return ((cell % 3) + 0.5) / 3, ((cell // 3) + 0.5) / 3
 
 
-def _reading_order(scene: Scene) -> Scene:
-    return Scene(tuple(sorted(scene.objects, key=lambda o: (min(int(o.y * 3), 2), o.x))), scene.background)
-
-
 def _free_cells(scene: Scene) -> list[int]:
     cells = [r * 3 + c for r, row in enumerate(POSITIONS) for c, p in enumerate(row)]
     taken = {o.position for o in scene.objects}
@@ -61,7 +57,7 @@ def wrong_attribute_scene(scene: Scene, rng: np.random.Generator) -> Scene:
         change = {"x": x, "y": y}
     objects = list(scene.objects)
     objects[k] = replace(obj, **change)
-    return _reading_order(Scene(tuple(objects), scene.background))
+    return Scene(tuple(objects), scene.background).in_reading_order()
 
 
 def extra_object_scene(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -72,7 +68,7 @@ def extra_object_scene(scene: Scene, rng: np.random.Generator) -> Scene:
         if extra.name not in scene.names():
             break
     x, y = _cell_center(free[rng.integers(len(free))])
-    return _reading_order(Scene((*scene.objects, replace(extra, x=x, y=y)), scene.background))
+    return Scene((*scene.objects, replace(extra, x=x, y=y)), scene.background).in_reading_order()
 
 
 def unrelated_scene(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -133,7 +129,11 @@ def image_preference(scene: Scene, rng: np.random.Generator) -> dict:
     (wrong attribute or extra object), or a correct vs a wrong short answer."""
     if rng.random() < 0.5:
         hallucinated = wrong_attribute_scene if rng.random() < 0.5 else extra_object_scene
-        prompt, chosen, rejected = DESCRIBE["en"]["detailed"], caption(scene), caption(hallucinated(scene, rng))
+        prompt, chosen, rejected = (
+            DESCRIBE["en"]["detailed"],
+            caption(scene),
+            caption(hallucinated(scene, rng)),
+        )
     else:
         qa = scene_question(scene, rng)
         prompt, chosen, rejected = qa["question"], qa["answer"], wrong_answer(qa, rng)

@@ -1,6 +1,6 @@
-"""Scenes of coloured shapes: sampling (with a compositional hold-out) and rendering to ``uint8 [H, W, 3]``."""
+"""Scenes of coloured shapes: sampling (with a compositional hold-out), rendering to ``uint8 [H, W, 3]``."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -18,7 +18,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 200, 210),
     "pink": (245, 130, 190),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (235, 235, 235)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "white": (235, 235, 235),
+}
 SIZES = ("small", "large")
 # Object radius as a fraction of the image side; a large object just fills one cell of the 3x3 grid.
 RADIUS = {"small": 0.09, "large": 0.155}
@@ -71,6 +75,10 @@ class Scene:
     def names(self) -> set[str]:
         return {o.name for o in self.objects}
 
+    def in_reading_order(self) -> "Scene":
+        """Objects sorted top row first, then left to right (the order captions list them in)."""
+        return Scene(tuple(sorted(self.objects, key=lambda o: (min(int(o.y * 3), 2), o.x))), self.background)
+
 
 def object_frequency() -> dict[str, float]:
     """Prior probability of each allowed ``"color shape"`` name in train/val/test scenes (sums to 1)."""
@@ -89,7 +97,10 @@ def sample_object_kind(rng: np.random.Generator, held_out: bool = False) -> tupl
     if held_out:
         return sorted(HELD_OUT)[rng.integers(len(HELD_OUT))]
     while True:
-        kind = (SHAPES[rng.choice(len(SHAPES), p=SHAPE_PRIOR)], list(COLORS)[rng.choice(len(COLORS), p=COLOR_PRIOR)])
+        kind = (
+            SHAPES[rng.choice(len(SHAPES), p=SHAPE_PRIOR)],
+            list(COLORS)[rng.choice(len(COLORS), p=COLOR_PRIOR)],
+        )
         if kind not in HELD_OUT:
             return kind
 
@@ -113,8 +124,7 @@ def sample_scene(rng: np.random.Generator, compositional: bool = False, max_obje
         x, y = ((cell % 3) + 0.5) / 3, ((cell // 3) + 0.5) / 3
         dx, dy = rng.uniform(-slack, slack, size=2)
         objects.append(SceneObject(shape, color, size, float(x + dx), float(y + dy)))
-    objects.sort(key=lambda o: (min(int(o.y * 3), 2), o.x))
-    return Scene(tuple(objects), list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+    return Scene(tuple(objects), list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]).in_reading_order()
 
 
 def scene_at(seed: int, split: str, index: int, max_objects: int = 4) -> Scene:
@@ -129,7 +139,9 @@ def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> li
     return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
 
 
-def draw_object(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], cx: float, cy: float, r: float):
+def draw_object(
+    draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], cx: float, cy: float, r: float
+):
     """Draw one shape of circumradius ``r`` (pixels) centred at (cx, cy)."""
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
@@ -169,10 +181,3 @@ def render(objects: tuple[SceneObject, ...] | list[SceneObject], background: str
 def render_scene(scene: Scene, size: int = 32) -> np.ndarray:
     """``uint8 [size, size, 3]`` RGB image of ``scene``."""
     return render(scene.objects, scene.background, size)
-
-
-def with_object(scene: Scene, index: int, **changes) -> Scene:
-    """A copy of ``scene`` with object ``index`` changed (e.g. ``color="blue"``)."""
-    objects = list(scene.objects)
-    objects[index] = replace(objects[index], **changes)
-    return Scene(tuple(objects), scene.background)

@@ -14,11 +14,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from mmfactory.world.articles import article
+from mmfactory.world.audio import audio_caption, audio_question, sample_sounds
 from mmfactory.world.captions import LANGS, caption
+from mmfactory.world.rankings import image_preference, ranked_captions
 from mmfactory.world.rng import item_rng
 from mmfactory.world.scenes import sample_scene
 from mmfactory.world.text import chat_samples
-from mmfactory.world.vqa import POPE_KINDS, pope_probe, scene_question
+from mmfactory.world.video import av_question, clip_captions, sample_clip, video_question
+from mmfactory.world.vqa import DESCRIBE, POPE_KINDS, pope_probe, scene_question
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = (
@@ -45,18 +48,34 @@ CHAT_TEMPLATE = (
 
 
 def world_corpus(n: int = CORPUS_ITEMS) -> Iterator[str]:
-    """Every kind of text the world writes (captions, questions, answers, articles, chats), EN + ZH."""
+    """Every kind of text the world writes (captions, questions, answers, articles, chats), EN + ZH.
+
+    Built from the text generators directly (nothing is rendered), from world seed 0.
+    """
     for i in range(n):
         rng = item_rng(0, "corpus", i)
         scene = sample_scene(rng)
         for lang in LANGS:
             yield caption(scene, lang, "brief")
             yield caption(scene, lang, "detailed")
+            yield from DESCRIBE[lang].values()
             qa = scene_question(scene, rng, lang)
             yield f"{qa['question']} {qa['answer']}"
             a = article(0, "train", i, lang)
             yield from (a["draft"], a["reference"], *a["variants"].values())
         yield pope_probe(scene, rng, POPE_KINDS[i % 3], positive=False)["question"]
+        yield from ranked_captions(scene, rng)["captions"]
+        yield " ".join(image_preference(scene, rng).values())
+        clip = sample_clip(rng)
+        for lang in LANGS:
+            yield from clip_captions(clip, lang)
+        for qa in (video_question(clip, rng), av_question(clip, rng)):
+            yield f"{qa['question']} {qa['answer']}"
+        sounds = sample_sounds(rng, duration_s=1.0)
+        for lang in LANGS:
+            yield audio_caption(sounds, lang)
+        qa = audio_question(sounds, rng)
+        yield f"{qa['question']} {qa['answer']}"
     for sample in chat_samples("train", n):
         yield from (m["content"] for m in sample["messages"])
 
@@ -69,7 +88,10 @@ def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenize
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\p{Han}+"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(r"\p{Han}+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -1,5 +1,7 @@
 """Scene questions with short canonical answers, POPE-style yes/no probes and LLaVA-style conversations."""
 
+from dataclasses import replace
+
 import numpy as np
 
 from mmfactory.world.captions import (
@@ -7,10 +9,10 @@ from mmfactory.world.captions import (
     POSITION_ZH,
     SHAPE_ZH,
     at_position,
+    caption,
     plural,
     with_article,
 )
-from mmfactory.world.captions import caption
 from mmfactory.world.scenes import COLORS, HELD_OUT, POSITIONS, SHAPES, Scene, SceneObject, object_frequency
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
@@ -51,45 +53,73 @@ def existence_question(name: str, lang: str) -> str:
     return f"Is there {with_article(name)} in the image?" if lang == "en" else f"图中有{_name_zh(name)}吗？"
 
 
-def scene_question(scene: Scene, rng: np.random.Generator, lang: str = "en", qtype: str | None = None) -> dict:
-    """One question about ``scene``: ``{"question", "answer", "type"}``; ``qtype`` random if None."""
+QUESTIONS = {
+    "en": {
+        "color_of_shape": "What color is the {shape}?",
+        "color_at": "What color is the object {at}?",
+        "shape_of_color": "What shape is the {color} object?",
+        "shape_at": "What shape is the object {at}?",
+        "count_all": "How many objects are there?",
+        "count_shape": "How many {shapes} are there?",
+        "position": "Where is {ref}?",
+    },
+    "zh": {
+        "color_of_shape": "{shape}是什么颜色？",
+        "color_at": "{at}的物体是什么颜色？",
+        "shape_of_color": "{color}的物体是什么形状？",
+        "shape_at": "{at}的物体是什么形状？",
+        "count_all": "图中一共有几个物体？",
+        "count_shape": "图中有几个{shape}？",
+        "position": "{ref}在哪里？",
+    },
+}
+
+
+def _words(obj: SceneObject, lang: str) -> dict[str, str]:
+    """The object's attributes as words of ``lang``: shape, shapes, color, at (locative), position."""
+    if lang == "en":
+        return {
+            "shape": obj.shape,
+            "shapes": plural(obj.shape),
+            "color": obj.color,
+            "at": at_position(obj.position),
+            "position": obj.position,
+        }
+    position = POSITION_ZH[obj.position]
+    return {"shape": SHAPE_ZH[obj.shape], "color": COLOR_ZH[obj.color], "at": position, "position": position}
+
+
+def scene_question(
+    scene: Scene, rng: np.random.Generator, lang: str = "en", qtype: str | None = None
+) -> dict:
+    """One question about ``scene``: ``{"question", "answer", "type"}``; ``qtype`` random if None.
+
+    Objects are referred to by a unique attribute (shape or colour) or else by their grid cell.
+    """
     qtype = qtype or QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+    templates = QUESTIONS[lang]
     obj = scene.objects[rng.integers(len(scene.objects))]
-    en = lang == "en"
+    words = _words(obj, lang)
     if qtype == "color":
-        if _unique(scene, obj, "shape"):
-            question = f"What color is the {obj.shape}?" if en else f"{SHAPE_ZH[obj.shape]}是什么颜色？"
-        else:
-            question = f"What color is the object {at_position(obj.position)}?" if en else (
-                f"{POSITION_ZH[obj.position]}的物体是什么颜色？"
-            )
-        answer = obj.color if en else COLOR_ZH[obj.color]
+        template = templates["color_of_shape" if _unique(scene, obj, "shape") else "color_at"]
+        question, answer = template.format(**words), words["color"]
     elif qtype == "shape":
-        if _unique(scene, obj, "color"):
-            question = f"What shape is the {obj.color} object?" if en else f"{COLOR_ZH[obj.color]}的物体是什么形状？"
-        else:
-            question = f"What shape is the object {at_position(obj.position)}?" if en else (
-                f"{POSITION_ZH[obj.position]}的物体是什么形状？"
-            )
-        answer = obj.shape if en else SHAPE_ZH[obj.shape]
+        template = templates["shape_of_color" if _unique(scene, obj, "color") else "shape_at"]
+        question, answer = template.format(**words), words["shape"]
     elif qtype == "count":
         if rng.random() < 0.3:
-            question = "How many objects are there?" if en else "图中一共有几个物体？"
-            answer = str(len(scene.objects))
-        else:
+            question, answer = templates["count_all"], str(len(scene.objects))
+        else:  # mostly a present shape, sometimes any shape (answer may be 0)
             shape = obj.shape if rng.random() < 0.75 else SHAPES[rng.integers(len(SHAPES))]
-            question = f"How many {plural(shape)} are there?" if en else f"图中有几个{SHAPE_ZH[shape]}？"
+            question = templates["count_shape"].format(**_words(replace(obj, shape=shape), lang))
             answer = str(sum(o.shape == shape for o in scene.objects))
     elif qtype == "position":
-        question = f"Where is {referring_expression(scene, obj, lang)}?" if en else (
-            f"{referring_expression(scene, obj, lang)}在哪里？"
-        )
-        answer = obj.position if en else POSITION_ZH[obj.position]
+        question = templates["position"].format(ref=referring_expression(scene, obj, lang))
+        answer = words["position"]
     elif qtype == "existence":
         present = rng.random() < 0.5
         misses = near_misses(scene)
-        name = obj.name if present else misses[rng.integers(len(misses))]
-        question = existence_question(name, lang)
+        question = existence_question(obj.name if present else misses[rng.integers(len(misses))], lang)
         answer = YES_NO[lang][0 if present else 1]
     else:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
@@ -99,8 +129,9 @@ def scene_question(scene: Scene, rng: np.random.Generator, lang: str = "en", qty
 def pope_probe(scene: Scene, rng: np.random.Generator, kind: str, positive: bool) -> dict:
     """POPE yes/no probe ``{"question", "label", "object"}`` about a ``"color shape"`` object.
 
-    Negatives are absent, never held-out objects: ``random`` (uniform), ``popular`` (among the most frequent objects of
-    the world's prior) or ``adversarial`` (near misses: one attribute away from a present object).
+    Negatives are absent objects, never held-out ones: ``random`` (uniform), ``popular`` (among the most
+    frequent objects of the world's prior) or ``adversarial`` (near misses: one attribute away from a
+    present object).
     """
     present = scene.names()
     if positive:
@@ -135,9 +166,13 @@ def llava_conversation(scene: Scene, rng: np.random.Generator, lang: str = "en")
     if rng.random() < 0.5:
         detail = ("brief", "detailed")[rng.integers(2)]
         turns.append((DESCRIBE[lang][detail], caption(scene, lang, detail)))
-    while not turns or (len(turns) < 3 and rng.random() < 0.5):
+    n_turns = len(turns) + 1 + int(rng.integers(3 - len(turns)))
+    for _ in range(10 * n_turns):  # draw until enough distinct questions (or give up: tiny scenes)
         qa = scene_question(scene, rng, lang)
-        turns.append((qa["question"], qa["answer"]))
+        if qa["question"] not in {q for q, _ in turns}:
+            turns.append((qa["question"], qa["answer"]))
+        if len(turns) == n_turns:
+            break
     messages = []
     for k, (question, answer) in enumerate(turns):
         messages.append({"role": "user", "content": ("<image>\n" if k == 0 else "") + question})
