@@ -29,7 +29,10 @@ def test_wrong_type_and_bad_literal():
     raw = tiny_sft_recipe(batch_size="eight")
     assert _error(raw) == "stages[0].train.batch_size: expected an integer, got 'eight'"
     raw = tiny_sft_recipe(precision="bf61")
-    assert "stages[0].train.precision: 'bf61' is not one of ['no', 'bf16', 'fp16'] (did you mean 'bf16'?)" in _error(raw)
+    assert (
+        "stages[0].train.precision: 'bf61' is not one of ['no', 'bf16', 'fp16'] (did you mean 'bf16'?)"
+        in _error(raw)
+    )
     raw = tiny_sft_recipe()
     raw["stages"][0]["task"] = "causal_lm_stf"
     assert "stages[0].task: unknown task 'causal_lm_stf' (did you mean 'causal_lm_sft'?)" in _error(raw)
@@ -66,7 +69,9 @@ def test_parse_override_types():
 def test_overrides_target_stage_defaults_or_all_stages():
     raw = tiny_sft_recipe()
     raw["stages"].append({**raw["stages"][0], "name": "second"})
-    out = apply_overrides(raw, ["stages.second.train.max_steps=3", "optimizer.lr=0.5", "defaults.train.seed=7"])
+    out = apply_overrides(
+        raw, ["stages.second.train.max_steps=3", "optimizer.lr=0.5", "defaults.train.seed=7"]
+    )
     assert out["stages"][1]["train"] == {"max_steps": 3}
     assert out["stages"][0]["optimizer"] == {"lr": 0.5} and out["stages"][1]["optimizer"] == {"lr": 0.5}
     recipe = recipe_from_dict(raw, ["stages.second.train.max_steps=3", "defaults.train.seed=7"])

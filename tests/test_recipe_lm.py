@@ -32,8 +32,11 @@ def test_sft_through_cli_learns_and_respects_frozen(tmp_path, capsys):
     metrics = results["metrics"]
     assert metrics["sft/train_first_loss"] > metrics["sft/train_loss"] + 1.0  # the loss fell
     assert metrics["sft/eval_loss"] < metrics["sft/train_first_loss"] - 1.0
-    losses = [json.loads(line)["loss"] for line in (out / "sft/metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "sft/metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert all(torch.isfinite(torch.tensor(losses)))
 
     final = load_file(out / "sft/final/model.safetensors")
@@ -89,7 +92,21 @@ def test_local_folder_model_and_init_from_chain(tmp_path, capsys):
     assert any(not torch.equal(a[k], saved[k]) for k in a)  # stage a trained the loaded weights
 
     capsys.readouterr()
-    assert main(["generate", "--model", str(out / "b/final"), "--prompt", "Hi", "--prompt", "Hello?",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out / "b/final"),
+                "--prompt",
+                "Hi",
+                "--prompt",
+                "Hello?",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count(">>> ") == 2 and ">>> Hello?" in printed

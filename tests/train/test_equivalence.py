@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mmfactory.cli import main
@@ -46,7 +45,17 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     one = _train_in_process(tmp_path, "one", batch_size=8)
     path = write_recipe(tiny_sft_recipe(max_steps=4, batch_size=4), tmp_path / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "mmfactory.cli", "run", str(path)]
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "mmfactory.cli",
+        "run",
+        str(path),
+    ]
     proc = subprocess.run([*cmd, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sft/train_loss" in proc.stdout and proc.stdout.count("Results of") == 1  # printed once

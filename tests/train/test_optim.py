@@ -2,9 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmfactory.config import ScheduleConfig
+from mmfactory.config import OptimizerConfig, ScheduleConfig
 from mmfactory.train.optim import build_optimizer, lr_factor, select_trainable
-from mmfactory.config import OptimizerConfig
 
 
 def _model():

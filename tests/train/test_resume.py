@@ -28,7 +28,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     subprocess.run(_cli(path, reference), check=True, env=env, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_cli(path, resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(path, resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (resumed / "sft" / "step-8").is_dir():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -48,6 +50,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
     # metrics.jsonl holds each step once with the same losses, as if never interrupted
     def losses(run):
         records = [json.loads(line) for line in (run / "sft/metrics.jsonl").read_text().splitlines()]

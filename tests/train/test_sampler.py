@@ -8,7 +8,8 @@ from mmfactory.train.sampler import StepSampler
 def _step_sets(batch_size, grad_accum, world, steps, num_samples=50):
     """The set of indices each optimizer step sees, over all processes and micro-batches."""
     streams = [
-        StepSampler(num_samples, batch_size, grad_accum, world, rank, seed=3).micro_batches() for rank in range(world)
+        StepSampler(num_samples, batch_size, grad_accum, world, rank, seed=3).micro_batches()
+        for rank in range(world)
     ]
     out = []
     for _ in range(steps):
