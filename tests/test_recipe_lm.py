@@ -110,3 +110,28 @@ def test_local_folder_model_and_init_from_chain(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert printed.count(">>> ") == 2 and ">>> Hello?" in printed
+
+
+def test_chat_jsonl_bad_lines_error_or_are_skipped_and_counted(tmp_path, capsys):
+    good = [
+        {"id": i, "messages": [{"role": "user", "content": f"Count to {i}"}, {"role": "assistant", "content": "ok"}]}
+        for i in range(16)
+    ]
+    lines = [json.dumps(r) for r in good]
+    lines.insert(3, '{"id": "broken", "messages": [')  # malformed JSON on line 4
+    lines.insert(6, json.dumps({"id": "empty", "messages": [{"role": "user", "content": ""}]}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    recipe = tiny_sft_recipe(max_steps=2)
+    recipe["stages"][0]["data"] = {"source": "jsonl", "train": str(data), "max_length": 32}
+    path = write_recipe(recipe, tmp_path / "r.yaml")
+
+    with pytest.raises(ValueError, match=r"chat.jsonl, line 4"):
+        main(["run", str(path), "--output", str(tmp_path / "strict")])
+
+    out = tmp_path / "lenient"
+    assert main(["run", str(path), "--output", str(out), "data.on_bad_sample=skip"]) == 0
+    data_report = json.loads((out / "results.json").read_text())["stages"]["sft"]["data"]
+    assert data_report["train/samples"] == 16
+    assert sum(v for k, v in data_report.items() if k.startswith("skipped/")) == 2
+    assert "sft data:" in capsys.readouterr().out

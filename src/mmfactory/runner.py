@@ -122,4 +122,7 @@ def format_results(results: dict) -> str:
     for stage, s in results["stages"].items():
         note = " (skipped: done earlier)" if s.get("skipped") else ""
         lines.append(f"{stage}: {s['steps']} steps in {s['time_s']:.1f}s{note}")
+        data = ", ".join(f"{k}={v}" for k, v in s.get("data", {}).items())
+        if data:
+            lines.append(f"{stage} data: {data}")
     return "\n".join(lines)

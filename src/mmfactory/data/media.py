@@ -54,11 +54,13 @@ def load_image(source: str | Path | bytes, resize_to: tuple[int, int] | None = N
         with open_image() as image:
             rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise BadSampleError(f"cannot decode image: {error}", reason=BadReason.CORRUPT_IMAGE, file=file) from error
+        raise BadSampleError(
+            f"cannot decode image: {error}", reason=BadReason.CORRUPT_IMAGE, file=file
+        ) from error
     if resize_to is not None:
         height, width = resize_to
         rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
 
 
 def resample_audio(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -94,7 +96,9 @@ def load_audio(
             data = file.read(dtype="float32", always_2d=True)
             sample_rate, num_frames = file.samplerate, file.frames
     except soundfile.SoundFileError as error:
-        raise BadSampleError(f"cannot decode audio: {error}", reason=BadReason.CORRUPT_AUDIO, file=path) from error
+        raise BadSampleError(
+            f"cannot decode audio: {error}", reason=BadReason.CORRUPT_AUDIO, file=path
+        ) from error
     declared_bytes, held_bytes = (int(declared[1]), int(declared[2])) if declared else (0, 0)
     if declared_bytes != _UNKNOWN_DATA_SIZE and held_bytes < declared_bytes:
         problem = f"truncated: data chunk declares {declared_bytes} bytes, the file holds {held_bytes}"
@@ -136,7 +140,8 @@ def frame_indices(
     if sampling == "uniform":
         return (2 * np.arange(num_frames) + 1) * num_available // (2 * num_frames)
     if sampling == "random":
-        bounds = np.arange(num_frames + 1) * num_available // num_frames  # segment i: [bounds[i], bounds[i+1])
+        # segment i holds frames [bounds[i], bounds[i + 1])
+        bounds = np.arange(num_frames + 1) * num_available // num_frames
         return (rng or np.random.default_rng()).integers(bounds[:-1], bounds[1:])
     raise ValueError(f"sampling must be 'uniform' or 'random', got {sampling!r}")
 
@@ -183,7 +188,9 @@ def load_video(
             rgb = {int(i): decoded[i].to_ndarray(format="rgb24") for i in np.unique(indices)}
             frames = np.stack([rgb[int(i)] for i in indices])
     except av.FFmpegError as error:
-        raise BadSampleError(f"cannot decode video: {error}", reason=BadReason.CORRUPT_VIDEO, file=path) from error
+        raise BadSampleError(
+            f"cannot decode video: {error}", reason=BadReason.CORRUPT_VIDEO, file=path
+        ) from error
     audio, sample_rate = None, None
     if audio_stream is not None:
         audio, sample_rate = np.concatenate(audio_chunks).astype(np.float32), audio_stream.rate

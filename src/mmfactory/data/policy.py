@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -45,6 +46,10 @@ class BadSampleError(ValueError):
         self.problem, self.reason, self.file, self.record = problem, BadReason(reason), file, record
         where = ", ".join(str(part) for part in (file, record) if part is not None)
         super().__init__(f"{where}: {problem}" if where else problem)
+
+    def __reduce__(self):  # picklable although ``reason`` is keyword-only
+        rebuild = partial(BadSampleError, reason=self.reason, file=self.file, record=self.record)
+        return rebuild, (self.problem,)
 
     def located(self, file: str | Path, record: str) -> BadSampleError:
         """The same error placed at ``record`` of ``file``; a media path it named moves into the problem."""
@@ -88,7 +93,9 @@ class BadSampleCounter:
         """One line, e.g. ``skipped 2 bad samples: missing_file 2 (e.g. a.jsonl, line 3)``."""
         if not self.counts:
             return "skipped 0 bad samples"
-        parts = [f"{reason} {count} (e.g. {self.examples[reason][0]})" for reason, count in self.summary().items()]
+        parts = [
+            f"{reason} {count} (e.g. {self.examples[reason][0]})" for reason, count in self.summary().items()
+        ]
         return f"skipped {self.total} bad sample{'s' * (self.total != 1)}: " + "; ".join(parts)
 
 
@@ -99,7 +106,9 @@ def check_policy(on_bad_sample: str) -> BadSamplePolicy:
     return on_bad_sample  # type: ignore[return-value]
 
 
-def handle_bad_sample(error: BadSampleError, on_bad_sample: BadSamplePolicy, counter: BadSampleCounter) -> None:
+def handle_bad_sample(
+    error: BadSampleError, on_bad_sample: BadSamplePolicy, counter: BadSampleCounter
+) -> None:
     """Raise ``error`` under ``"error"``; count it in ``counter`` under ``"skip"``."""
     if check_policy(on_bad_sample) == "error":
         raise error

@@ -21,6 +21,8 @@ from mmfactory.data.chat import (
     collate_chats,
     tokenize_chat,
 )
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.readers.chat import read_chat
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
@@ -62,6 +64,7 @@ class CausalLMSFTTask(TrainingTask):
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
         self.template = TEMPLATES[data_cfg.template]
         self.counts: Counter[str] = Counter()
+        self.bad_samples = BadSampleCounter()
         self._datasets: dict[str, list[TokenizedChat]] = {}
         self._conversations: dict[str, list[list[dict[str, str]]]] = {}
 
@@ -75,12 +78,10 @@ class CausalLMSFTTask(TrainingTask):
                 size = cfg.world_train_size if split == "train" else cfg.world_eval_size
                 records = chat_samples("train" if split == "train" else "val", size, seed=cfg.world_seed)
             else:
-                from mmfactory.data.readers.chat import read_chat_jsonl
-
                 path = cfg.train if split == "train" else cfg.eval
                 if path is None:
                     return []
-                records = read_chat_jsonl(path, on_bad_sample=cfg.on_bad_sample, counter=self.counts)
+                records = read_chat(path, on_bad_sample=cfg.on_bad_sample, counter=self.bad_samples)
             self._conversations[split] = [r["messages"] for r in records]
         return self._conversations[split]
 
@@ -109,7 +110,8 @@ class CausalLMSFTTask(TrainingTask):
         return collate_chats(samples, self.tokenizer.pad_token_id, self.data_cfg.pad_to_multiple_of)
 
     def data_report(self) -> dict[str, int]:
-        return dict(self.counts)
+        skipped = {f"skipped/{reason}": n for reason, n in self.bad_samples.summary().items()}
+        return {**self.counts, **skipped}
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

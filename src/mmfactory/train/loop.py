@@ -101,26 +101,28 @@ def _gather_rng(accelerator: Accelerator) -> list[tuple[dict, dict]]:
 
 
 @torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module, task: TrainingTask, accelerator: Accelerator, batch_size: int
-) -> dict:
-    """Item-weighted mean of the task's loss and metrics over its eval set, sharded across processes."""
+def evaluate_loss(task: TrainingTask, accelerator: Accelerator, batch_size: int) -> dict:
+    """Item-weighted mean of the task's loss and metrics over its eval set, sharded across processes.
+
+    Calls the unwrapped task (accelerate patches its autocast onto it), so processes with unequal shares
+    of the eval set never wait on each other inside a DDP forward.
+    """
     dataset = task.eval_dataset()
     if dataset is None:
         return {}
-    was_training = model.training
-    model.eval()
+    was_training = task.training
+    task.eval()
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     sums: dict[str, torch.Tensor] = {}
     weight = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for lo in range(0, len(indices), batch_size):
         batch = task.collate([dataset[i] for i in indices[lo : lo + batch_size]])
         w = task.loss_weight(batch)
-        out = model(_to_device(batch, accelerator.device))
+        out = task(_to_device(batch, accelerator.device))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value.detach().double() * w
         weight += w
-    model.train(was_training)
+    task.train(was_training)
     total = accelerator.reduce(weight, "sum")
     return {f"eval_{k}": (accelerator.reduce(v, "sum") / total).item() for k, v in sorted(sums.items())}
 
@@ -240,7 +242,7 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
             window_items, window_start = 0.0, time.perf_counter()
         bar.update(1)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            log.log(done, evaluate_loss(model, task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+            log.log(done, evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
             rng = _gather_rng(accelerator)
             if is_main:
@@ -257,7 +259,7 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
     if first_loss is not None:
         metrics["train_first_loss"] = first_loss
-    metrics.update(evaluate_loss(model, task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+    metrics.update(evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
     if is_main:
         task.eval()
         metrics.update(task.evaluate())

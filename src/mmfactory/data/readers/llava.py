@@ -1,0 +1,65 @@
+"""LLaVA conversations: a JSON list of ``{"id", "image", "conversations": [{"from", "value"}, ...]}``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmfactory.data.media import load_image
+from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, BadSamplePolicy
+from mmfactory.data.readers.records import (
+    Fields,
+    RecordDataset,
+    media_file,
+    parse_messages,
+    read_annotation_file,
+    require,
+)
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _parse_llava(raw: dict[str, Any], base_dir: Path) -> Fields:
+    images = raw.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list):
+        raise BadSampleError("'image' must be a path or a list of paths", reason=BadReason.INVALID_RECORD)
+    conversations = parse_messages(raw.get("conversations"), "from", "value", LLAVA_ROLES, "conversations")
+    num_placeholders = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in conversations)
+    if num_placeholders != len(images):
+        problem = f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images"
+        raise BadSampleError(problem, reason=BadReason.PLACEHOLDER_MISMATCH)
+    return {
+        "id": require(raw, "id", (str, int)),
+        "images": [media_file(base_dir, image, "image") for image in images],
+        "conversations": conversations,
+    }
+
+
+def _decode_llava(fields: Fields) -> Fields:
+    return {**fields, "images": [load_image(image) for image in fields["images"]]}
+
+
+def read_llava(
+    path: str | Path,
+    *,
+    on_bad_sample: BadSamplePolicy = "error",
+    counter: BadSampleCounter | None = None,
+    check_media: bool = True,
+) -> RecordDataset:
+    """Samples ``{"id", "images": [uint8 [H, W, 3], ...], "conversations": [{"role", "content"}, ...]}``.
+
+    ``image`` may be one path, a list of paths, or absent (a text-only conversation). Roles map
+    ``human -> user``, ``gpt -> assistant``; the ``<image>`` placeholders stay in the content (the
+    collator expands them) and their count over all turns must equal the number of images.
+    """
+    return read_annotation_file(
+        path,
+        _parse_llava,
+        _decode_llava,
+        json_list=True,
+        on_bad_sample=on_bad_sample,
+        counter=counter,
+        check_media=check_media,
+    )
