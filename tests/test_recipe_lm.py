@@ -113,10 +113,8 @@ def test_local_folder_model_and_init_from_chain(tmp_path, capsys):
 
 
 def test_chat_jsonl_bad_lines_error_or_are_skipped_and_counted(tmp_path, capsys):
-    good = [
-        {"id": i, "messages": [{"role": "user", "content": f"Count to {i}"}, {"role": "assistant", "content": "ok"}]}
-        for i in range(16)
-    ]
+    turns = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "ok"}]
+    good = [{"id": i, "messages": turns} for i in range(16)]
     lines = [json.dumps(r) for r in good]
     lines.insert(3, '{"id": "broken", "messages": [')  # malformed JSON on line 4
     lines.insert(6, json.dumps({"id": "empty", "messages": [{"role": "user", "content": ""}]}))

@@ -1,4 +1,5 @@
-"""Evaluation metrics, pure Python/numpy, each equal to its reference implementation.
+"""Evaluation metrics in pure Python/numpy. ROUGE-L, BLEU-4 and CIDEr-D equal their reference
+implementations (rouge-score, sacrebleu, pycocoevalcap), which are needed only by the tests.
 
 Scales follow the references: ROUGE-L in [0, 1] (rouge-score), BLEU in [0, 100] (sacrebleu),
 CIDEr-D as pycocoevalcap (x10); retrieval recalls, accuracies and hallucination rates in percent.
@@ -12,8 +13,8 @@ from mmfactory.eval.metrics.retrieval import retrieval_metrics, retrieval_ranks,
 from mmfactory.eval.metrics.rouge import lcs_length, rouge_l, tokenize_rouge
 
 __all__ = [
-    "corpus_bleu",
     "cider_d",
+    "corpus_bleu",
     "hallucination_rates",
     "lcs_length",
     "normalize_answer",

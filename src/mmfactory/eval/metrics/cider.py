@@ -10,21 +10,17 @@ reference r: ``sum_g min(h_g, r_g) * r_g / (|h| |r|)`` (clipped cosine), times t
 penalty ``exp(-(l_h - l_r)^2 / (2 sigma^2))``; the sample score is the mean over orders, averaged
 over references, times 10. As in pycocoevalcap, the "length" in the penalty is the number of
 bigrams (``max(num_words - 1, 0)``), and a corpus of one sample scores 0 (every idf is 0).
+
+The computation is vectorised over the corpus (see :mod:`mmfactory.eval.metrics.ngrams`).
 """
 
-import math
-from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
+from mmfactory.eval.metrics.ngrams import count_ngrams, index_within_group, lookup_sorted
+
 MAX_ORDER = 4
-
-
-def _ngram_counts(tokens: list[str]) -> Counter:
-    """Counts of all n-grams (tuples) of orders 1..MAX_ORDER."""
-    counts = Counter(zip(tokens))
-    for order in range(2, MAX_ORDER + 1):
-        counts.update(zip(*(tokens[i:] for i in range(order))))
-    return counts
 
 
 def cider_d(
@@ -46,31 +42,43 @@ def cider_d(
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if any(isinstance(refs, str) or not refs for refs in references):
         raise ValueError("every prediction needs a non-empty list of references")
-    ref_counts = [[_ngram_counts(ref.split()) for ref in refs] for refs in references]
-    doc_freq: Counter = Counter()
-    for counts in ref_counts:
-        doc_freq.update(set().union(*counts))
-    log_num_samples = math.log(len(references)) if references else 0.0
-    idf = {ngram: log_num_samples - math.log(df) for ngram, df in doc_freq.items()}
+    num_samples = len(predictions)
+    if num_samples == 0:
+        return {"cider_d": 0.0, "per_sample": []}
 
-    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
-        """Per-order weight dicts, their L2 norms, and the bigram count used as length."""
-        vectors: list[dict] = [{} for _ in range(MAX_ORDER)]
-        for ngram, count in counts.items():
-            vectors[len(ngram) - 1][ngram] = count * idf.get(ngram, log_num_samples)
-        norms = [math.sqrt(sum(w * w for w in vector.values())) for vector in vectors]
-        return vectors, norms, sum(counts[g] for g in vectors[1])
+    # Sentences 0..N-1 are the hypotheses, N..N+R-1 the references, sample by sample.
+    token_lists = [text.split() for text in predictions] + [
+        ref.split() for refs in references for ref in refs
+    ]
+    num_refs = np.array([len(refs) for refs in references])  # [N]
+    sample_of_ref = np.repeat(np.arange(num_samples), num_refs)  # [R]
+    first_ref = np.cumsum(num_refs) - num_refs  # [N] index of each sample's first reference
 
-    scores = []
-    for prediction, refs in zip(predictions, ref_counts, strict=True):
-        hyp, hyp_norms, hyp_len = tfidf(_ngram_counts(prediction.split()))
-        total = 0.0
-        for ref_ngrams in refs:
-            ref, ref_norms, ref_len = tfidf(ref_ngrams)
-            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * sigma**2))
-            for h, r, h_norm, r_norm in zip(hyp, ref, hyp_norms, ref_norms, strict=True):
-                if h_norm and r_norm:
-                    overlap = sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)
-                    total += overlap / (h_norm * r_norm) * penalty
-        scores.append(10.0 * total / (MAX_ORDER * len(refs)))
-    return {"cider_d": sum(scores) / len(scores) if scores else 0.0, "per_sample": scores}
+    log_num_samples = np.log(float(num_samples))
+    similarity = np.zeros(len(sample_of_ref))  # [R] sum over orders of the clipped cosine
+    for ngrams in count_ngrams(token_lists, MAX_ORDER):
+        is_ref = ngrams.sentence >= num_samples
+        ref_sample = sample_of_ref[ngrams.sentence[is_ref] - num_samples]
+        sample_codes = np.unique(ref_sample * ngrams.num_codes + ngrams.code[is_ref]) % ngrams.num_codes
+        doc_freq = np.bincount(sample_codes, minlength=ngrams.num_codes)
+        weight = ngrams.count * (log_num_samples - np.log(np.maximum(doc_freq[ngrams.code], 1)))
+        norm = np.sqrt(np.bincount(ngrams.sentence, weight**2, minlength=len(token_lists)))  # [S]
+
+        # pair every hypothesis entry with each reference of its sample and look the n-gram up there
+        hyp_entries = np.flatnonzero(~is_ref)
+        copies = num_refs[ngrams.sentence[hyp_entries]]
+        hyp_entries = np.repeat(hyp_entries, copies)
+        ref_index = first_ref[ngrams.sentence[hyp_entries]] + index_within_group(copies)
+        ref_keys = (num_samples + ref_index) * ngrams.num_codes + ngrams.code[hyp_entries]
+        ref_weight = lookup_sorted(ngrams.key, weight, ref_keys)
+        clipped = np.minimum(weight[hyp_entries], ref_weight) * ref_weight
+        clipped_dot = np.bincount(ref_index, clipped, minlength=len(sample_of_ref))  # [R]
+        norms = norm[sample_of_ref] * norm[num_samples:]  # [R]
+        similarity += np.divide(clipped_dot, norms, out=np.zeros(len(norms)), where=norms > 0)
+
+    lengths = np.array([len(tokens) for tokens in token_lists])
+    num_bigrams = np.maximum(lengths - 1, 0)
+    length_gap = num_bigrams[sample_of_ref] - num_bigrams[num_samples:]  # [R]
+    penalized = similarity * np.exp(-(length_gap**2) / (2 * sigma**2))
+    scores = 10.0 * np.bincount(sample_of_ref, penalized, minlength=num_samples) / (MAX_ORDER * num_refs)
+    return {"cider_d": float(scores.mean()), "per_sample": scores.tolist()}

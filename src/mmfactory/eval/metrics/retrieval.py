@@ -8,15 +8,22 @@ many captions), the rank is the best rank among them, as in CLIP4Clip / MSR-VTT 
 evaluation.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
-def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().float().cpu().numpy()
+def _as_numpy(array: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:
+    """NumPy view of an array-like; torch tensors (any device or dtype) without importing torch."""
+    if hasattr(array, "detach"):
+        tensor = array.detach().cpu()
+        return (tensor.double() if tensor.is_floating_point() else tensor).numpy()
     return np.asarray(array)
 
 
@@ -39,7 +46,7 @@ def retrieval_ranks(
         raise ValueError(f"similarity must be [num_queries, num_items], got shape {scores.shape}")
     if np.isnan(scores).any():
         raise ValueError("similarity contains NaN")
-    if isinstance(positives, np.ndarray | torch.Tensor):
+    if hasattr(positives, "shape"):
         is_correct = _as_numpy(positives).astype(bool)
     else:
         if len(positives) != scores.shape[0]:
