@@ -53,7 +53,8 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     for position, token in enumerate(a):
         match_bits[token] = match_bits.get(token, 0) | (1 << position)
     all_ones = (1 << len(a)) - 1
-    # Bit i of `v` is 0 where row i of the DP table steps up; the LCS is the number of steps.
+    # After each token of b, the 0 bits of `v` mark the rows where the DP column of that prefix of b
+    # grows by one (L[i + 1][j] = L[i][j] + 1), so their count is the LCS of a and that prefix.
     v = all_ones
     for token in b:
         u = v & match_bits.get(token, 0)
