@@ -82,6 +82,10 @@ class TrainingTask(nn.Module):
         """Returns ``{"loss": mean loss over this micro-batch's loss items, **metrics}``."""
         raise NotImplementedError
 
+    def lr_scale(self, name: str) -> float:
+        """Multiplier of the stage's learning rate for parameter ``name`` (e.g. layer-wise decay); 1 here."""
+        return 1.0
+
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """How many items the micro-batch loss averages over (default: samples).
 

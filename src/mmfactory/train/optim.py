@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmfactory.config import OptimizerConfig, ScheduleConfig
+from mmfactory.tasks.base import TrainingTask
 
 
 def select_trainable(module: nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
@@ -41,19 +42,24 @@ def select_trainable(module: nn.Module, trainable: list[str], frozen: list[str])
 
 
 def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW/SGD over trainable parameters; no weight decay on 1-D parameters (biases, norms)."""
-    decay, no_decay = [], []
-    for _, param in module.named_parameters():
+    """AdamW/SGD over trainable parameters; no weight decay on 1-D parameters (biases, norms).
+
+    A :class:`TrainingTask` may scale the learning rate per parameter (:meth:`TrainingTask.lr_scale`, e.g.
+    layer-wise decay): parameters are grouped by (scale, decay), largest scale first, so the first
+    group's rate (the one logged) is the stage's whenever some parameter trains at full rate.
+    """
+    lr_scale = module.lr_scale if isinstance(module, TrainingTask) else (lambda name: 1.0)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            groups.setdefault((lr_scale(name), param.ndim >= 2), []).append(param)
+    param_groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+        for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]
-    groups = [g for g in groups if g["params"]]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:

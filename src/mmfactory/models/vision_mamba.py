@@ -1,0 +1,669 @@
+"""ARM (Ren et al., "Autoregressive Pretraining with Mamba in Vision", 2024): a vision Mamba encoder, its
+cluster-autoregressive and masked (MAE-style) pretraining models, and the classifier it is fine-tuned as.
+
+Encoder (:class:`VisionMamba`). A stride-``P`` convolution embeds ``P x P`` patches, fixed 2-D sin-cos
+positions are added (no class token), and ``num_layers`` "MambaMLP" blocks follow::
+
+    x = x + Mamba(LN(x))        # unidirectional selective-SSM mixer, expand 1, d_state 16, d_conv 4
+    x = x + SwiGLU(LN(x))       # hidden 4 * d * 2 / 3
+
+Cluster-autoregressive pretraining (:class:`ARMPretrainingModel`). The ``G x G`` patch grid is cut into
+clusters of ``c x c`` patches; tokens are ordered cluster by cluster (raster order over clusters, raster
+inside each). The encoder reads clusters ``1..K-1``; the features of several of its layers are
+layer-normalised, concatenated and projected to one key/value stream per decoder block; a learned query
+token plus the target's sin-cos position asks, through cross-attention-only blocks under a block-causal
+mask, for the pixels of clusters ``2..K`` (query of cluster ``k+1`` sees clusters ``1..k``). Targets are
+per-patch normalised pixels, the loss their MSE. The official code (OliverRensu/ARM) is followed for
+everything the paper leaves open: the decoder block ``q + CrossAttn(LN q, LN kv)``, ``q + MLP(LN q)`` (GELU,
+ratio 4, ``hidden / 64`` heads), ``LN -> Linear`` prediction head, the init (PyTorch-default linears with
+zero biases, Mamba ``out_proj`` scaled by ``1/sqrt(depth)``, LeCun-normal patch embedding, Xavier decoder).
+
+Masked pretraining (:class:`MaskedPretrainingModel`), for the paper's comparison with masked modelling:
+the *same* unidirectional encoder reads a random ``1 - mask_ratio`` of the patches (in raster order), and
+the *same* decoder class predicts the masked patches' normalised pixels, queries attending to the visible
+features without a mask (a cross-attention decoder as in CrossMAE, Fu et al. 2024, instead of MAE's
+self-attention one). Both pretext tasks thus share every module and differ only in what is predicted from
+what.
+
+Fine-tuning (:class:`VisionMambaClassifier`): the encoder on the full raster sequence, a final LayerNorm,
+mean pooling and a linear head. ``scans`` adds scan directions initialised from the unidirectional
+weights; see :class:`MambaMLPBlock` for how this relates to the official 4-scan ("v3") mixer.
+
+Checkpoints: ``save_pretrained`` writes ``config.json`` and ``model.safetensors``; fine-tuning transfers the
+``encoder.*`` weights of any of the three (:func:`load_encoder`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mmfactory.config import ConfigError, from_dict
+from mmfactory.models.components.ssm import MambaMixer
+
+ScanOrder = Literal["forward", "backward", "column", "column_backward"]
+SizeName = Literal["tiny", "small", "base", "large", "huge"]
+# (hidden_size, num_layers). base/large/huge are the paper's ARM-B/L/H; tiny/small take DeiT's widths.
+VISION_MAMBA_SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (192, 12),
+    "small": (384, 12),
+    "base": (768, 12),
+    "large": (1024, 24),
+    "huge": (1536, 24),
+}
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class VisionMambaConfig:
+    """Sizes of a :class:`VisionMamba`. ``size`` fills ``hidden_size``/``num_layers`` from
+    :data:`VISION_MAMBA_SIZES` (explicit values must then agree); without it both are required.
+    ``pixel_mean``/``pixel_std`` normalise ``[0, 1]`` pixels, one value per channel."""
+
+    size: SizeName | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    image_size: int = 192
+    patch_size: int = 16
+    in_channels: int = 3
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 1
+    dt_rank: int | None = None  # None: ceil(hidden_size / 16)
+    layer_norm_eps: float = 1e-5
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    scan_chunk_size: int | None = None  # time steps per chunk of the selective scan (None: automatic)
+
+    def validate(self) -> None:
+        if self.size is not None:
+            preset = dict(zip(("hidden_size", "num_layers"), VISION_MAMBA_SIZES[self.size], strict=True))
+            for name, value in preset.items():
+                if getattr(self, name) not in (None, value):
+                    raise ConfigError(f"{name}: size {self.size!r} means {value}, got {getattr(self, name)}")
+                setattr(self, name, value)
+        if self.hidden_size is None or self.num_layers is None:
+            raise ConfigError("hidden_size: set size, or both hidden_size and num_layers")
+        if self.hidden_size % 4:
+            raise ConfigError(
+                f"hidden_size: 2-D sin-cos positions need a multiple of 4, got {self.hidden_size}"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        for name in ("pixel_mean", "pixel_std"):
+            if len(getattr(self, name)) != self.in_channels:
+                raise ConfigError(f"{name}: needs one value per channel ({self.in_channels})")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_channels
+
+
+@dataclass
+class PixelDecoderConfig:
+    """The pretraining decoder (paper: 4 blocks, width 512, 8 heads, features of encoder layers 6, 8, 10,
+    12 of 12). ``encoder_layers`` are 1-based; ``None`` takes up to 4 evenly spaced over the second half.
+    Encoder blocks after the last listed layer are not run during pretraining."""
+
+    hidden_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    encoder_layers: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size: {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        if self.hidden_size % 4:
+            raise ConfigError(
+                f"hidden_size: 2-D sin-cos positions need a multiple of 4, got {self.hidden_size}"
+            )
+
+    def feature_layers(self, depth: int) -> list[int]:
+        layers = self.encoder_layers or sorted({round(depth / 2 + i * depth / 6) for i in range(4)})
+        if not all(1 <= layer <= depth for layer in layers):
+            raise ConfigError(f"encoder_layers: {layers} must lie in 1..{depth} (the encoder's depth)")
+        return layers
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixels, positions, cluster order
+# --------------------------------------------------------------------------------------------------
+
+
+def sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """``[N]`` positions -> ``[N, dim]``: ``sin(p w_i)`` then ``cos(p w_i)``, ``w_i = 10000^(-2i/dim)``."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d_positions(dim: int, grid: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos table ``[grid * grid, dim]`` in raster order: the first half of the
+    channels encodes the column, the second half the row."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+
+
+def patchify(pixels: Tensor, patch_size: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, L, P * P * C]`` in raster order, each patch flattened (row, column,
+    channel) as in MAE."""
+    b, c, h, w = pixels.shape
+    p = patch_size
+    x = pixels.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-patch normalised pixel targets ``(x - mean) / sqrt(var + eps)`` over the last dim (unbiased
+    variance, as MAE and ARM compute it)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def cluster_order(grid: int, cluster_size: int) -> Tensor:
+    """``[grid^2]`` int64: position ``t`` of the cluster-ordered sequence holds raster patch ``order[t]``.
+
+    Clusters of ``cluster_size x cluster_size`` patches are visited in raster order, patches in raster
+    order inside each; cluster ``k`` occupies ``[k * S, (k + 1) * S)`` with ``S = cluster_size^2``.
+    """
+    if grid % cluster_size:
+        raise ValueError(
+            f"a {grid}x{grid} patch grid does not split into {cluster_size}x{cluster_size} clusters"
+        )
+    n, c = grid // cluster_size, cluster_size
+    raster = torch.arange(grid * grid).view(n, c, n, c)  # [cluster row, row in cluster, cluster col, col]
+    return raster.permute(0, 2, 1, 3).flatten()
+
+
+def block_causal_mask(num_clusters: int, cluster_len: int) -> Tensor:
+    """``[K * S, K * S]`` bool, true where query ``i`` may attend key ``j``: ``j // S <= i // S``.
+
+    Query cluster ``i`` predicts cluster ``i + 1`` of the image from key clusters ``0..i``.
+    """
+    cluster = torch.arange(num_clusters * cluster_len) // cluster_len
+    return cluster[None, :] <= cluster[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """``w3(silu(w1 x) * w2 x)`` ``[..., d] -> [..., d]`` (names as in the official code)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def _to_scan(x: Tensor, scan: ScanOrder, grid: int) -> Tensor:
+    """Reorder ``[B, L, D]`` raster tokens into ``scan`` order."""
+    if scan.startswith("column"):
+        b, _, d = x.shape
+        x = x.view(b, grid, grid, d).transpose(1, 2).reshape(b, grid * grid, d)
+    return x.flip(1) if scan.endswith("backward") else x
+
+
+def _from_scan(x: Tensor, scan: ScanOrder, grid: int) -> Tensor:
+    """Inverse of :func:`_to_scan` (a transpose of a square grid is its own inverse)."""
+    x = x.flip(1) if scan.endswith("backward") else x
+    if scan.startswith("column"):
+        b, _, d = x.shape
+        x = x.view(b, grid, grid, d).transpose(1, 2).reshape(b, grid * grid, d)
+    return x
+
+
+class MambaMLPBlock(nn.Module):
+    """``x + Mamba(LN x)``, then ``x + SwiGLU(LN x)``: ``[B, L, D] -> [B, L, D]``.
+
+    ``mixer`` scans the sequence as given (causal). Each extra scan in ``scans[1:]`` (``backward``:
+    reversed; ``column``: the square raster grid read column by column; ``column_backward``: that,
+    reversed) gets its own :class:`MambaMixer` under ``extra_scans``, a copy of ``mixer`` made by
+    :meth:`VisionMamba.copy_forward_scans`; the mixer output is the mean over scans, each mapped back to
+    the token order. With all four this is the official fine-tuning mixer ("v3") except that there the
+    scans share ``in_proj``/``out_proj`` (only conv, ``x_proj``, ``dt_proj``, ``A``, ``D`` are per scan);
+    here each scan owns a copy of them. Both start as the same function (every copy equal, and the mean
+    of linear maps is the linear map of the mean); they differ in what fine-tuning may change.
+    """
+
+    def __init__(self, config: VisionMambaConfig, scans: Sequence[ScanOrder]):
+        super().__init__()
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.grid = config.grid_size
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mixer = MambaMixer(
+            dim,
+            d_state=config.d_state,
+            d_conv=config.d_conv,
+            expand=config.expand,
+            dt_rank=config.dt_rank,
+            chunk_size=config.scan_chunk_size,
+        )
+        self.extra_scans = nn.ModuleDict({scan: copy.deepcopy(self.mixer) for scan in scans[1:]})
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = SwiGLU(dim, dim * 4 * 2 // 3)
+
+    def mix(self, x: Tensor) -> Tensor:
+        """The token mixer on normalised ``[B, L, D]``: forward scan, or the mean over all scans."""
+        if not self.extra_scans:
+            return self.mixer(x)
+        if x.shape[1] != self.grid**2:
+            raise ValueError(
+                f"multi-scan blocks need the full {self.grid}x{self.grid} raster grid, got {x.shape[1]}"
+            )
+        outs = [self.mixer(x)]
+        outs += [
+            _from_scan(m(_to_scan(x, scan, self.grid)), scan, self.grid)
+            for scan, m in self.extra_scans.items()
+        ]
+        return torch.stack(outs).mean(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mix(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionMamba(nn.Module):
+    """The ARM encoder: patch embedding, fixed 2-D sin-cos positions, MambaMLP blocks (no final norm:
+    pretraining normalises the layers it reads, the classifier adds its own).
+
+    ``embed`` maps images to raster tokens; ``forward`` runs any token sequence (a cluster-ordered prefix,
+    the visible patches) through the blocks. ``scans`` other than ``["forward"]`` need full raster grids.
+    """
+
+    def __init__(self, config: VisionMambaConfig, scans: Sequence[ScanOrder] = ("forward",)):
+        super().__init__()
+        config.validate()
+        if not scans or scans[0] != "forward" or len(set(scans)) != len(scans):
+            raise ConfigError(f"scans: must start with 'forward' and not repeat, got {list(scans)}")
+        self.config, self.scans = config, tuple(scans)
+        dim = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
+        self.register_buffer("pos_embed", sincos_2d_positions(dim, config.grid_size), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
+        self.blocks = nn.ModuleList(MambaMLPBlock(config, self.scans) for _ in range(config.num_layers))
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        fan_in = self.patch_embed.weight[0].numel()
+        std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # LeCun normal, truncated at 2 std
+        nn.init.trunc_normal_(self.patch_embed.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.patch_embed.bias)
+        for block in self.blocks:
+            for linear in (block.mlp.w1, block.mlp.w2, block.mlp.w3):
+                nn.init.zeros_(linear.bias)
+            block.mixer.out_proj.weight /= math.sqrt(len(self.blocks))  # GPT-2-style residual scaling
+        self.copy_forward_scans()
+
+    @torch.no_grad()
+    def copy_forward_scans(self, scans: Sequence[ScanOrder] | None = None) -> None:
+        """Make the ``scans`` (default: all extra ones) of every block copies of its forward mixer."""
+        for block in self.blocks:
+            for scan in scans if scans is not None else list(block.extra_scans):
+                block.extra_scans[scan].load_state_dict(block.mixer.state_dict())
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 ``[B, H, W, C]`` -> normalised float ``[B, C, H, W]``."""
+        cfg = self.config
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
+            side, channels = cfg.image_size, cfg.in_channels
+            raise ValueError(f"expected [B, {side}, {side}, {channels}] images, got {list(images.shape)}")
+        pixels = images.permute(0, 3, 1, 2).to(self.patch_embed.weight.dtype) / 255.0
+        return (pixels - self.pixel_mean) / self.pixel_std
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        """Normalised ``[B, C, H, W]`` -> raster tokens with positions ``[B, L, D]``."""
+        return self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed
+
+    def forward(self, tokens: Tensor, output_layers: Sequence[int] | None = None) -> list[Tensor]:
+        """``[B, N, D]`` -> hidden states ``[B, N, D]`` after each 1-based layer in ``output_layers``
+        (default: the last)."""
+        wanted = list(output_layers or [len(self.blocks)])
+        hidden = {}
+        for depth, block in enumerate(self.blocks[: max(wanted)], start=1):
+            tokens = block(tokens)
+            hidden[depth] = tokens
+        return [hidden[layer] for layer in wanted]
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` (relative to this module) for layer-wise lr decay (BEiT / MAE):
+        0 for the patch embedding, ``i + 1`` for block ``i``. (The official ARM code looks for
+        ``blocks.`` where its blocks are named ``layers.``, so there only the patch embedding decays.)"""
+        if name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        raise ValueError(f"{name!r} is not a parameter of the encoder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining decoder
+# --------------------------------------------------------------------------------------------------
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``[B, M, d]`` over keys/values ``[B, N, d]`` (SDPA)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, queries: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` ``[M, N]`` bool, true where a query may attend a key."""
+        b, m, d = queries.shape
+        h = self.num_heads
+        q = self.q(queries).view(b, m, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, M, d / h]
+        return self.proj(out.transpose(1, 2).reshape(b, m, d))
+
+
+class DecoderBlock(nn.Module):
+    """Cross-attention only: ``q + CrossAttn(LN q, LN kv)``, then ``q + MLP(LN q)`` (GELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, queries: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        queries = queries + self.attn(self.norm_q(queries), self.norm_kv(context), mask)
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class PixelDecoder(nn.Module):
+    """Predicts normalised pixels of target patches from encoder features.
+
+    ``F`` encoder layers' features are each layer-normalised, concatenated and projected to ``num_layers``
+    key/value streams of width ``d`` (one per block); queries are a learned token plus the sin-cos position
+    of the target patch.
+    """
+
+    def __init__(self, config: PixelDecoderConfig, encoder: VisionMambaConfig):
+        super().__init__()
+        config.validate()
+        self.layers = config.feature_layers(encoder.num_layers)
+        dim = config.hidden_size
+        self.feature_norms = nn.ModuleList(
+            nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps) for _ in self.layers
+        )
+        self.enc_to_dec = nn.Linear(len(self.layers) * encoder.hidden_size, config.num_layers * dim)
+        self.query_token = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("pos_embed", sincos_2d_positions(dim, encoder.grid_size), persistent=False)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, encoder.patch_dim)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.query_token, std=0.02)
+            for module in self.blocks.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, features: Sequence[Tensor], targets: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``features``: ``F`` tensors ``[B, N, D_enc]``; ``targets``: raster indices of the patches to
+        predict, ``[M]`` or ``[B, M]``; ``mask`` ``[M, N]`` bool -> predictions ``[B, M, P * P * C]``."""
+        normed = torch.cat([norm(f) for norm, f in zip(self.feature_norms, features, strict=True)], dim=-1)
+        streams = self.enc_to_dec(normed).chunk(len(self.blocks), dim=-1)  # each [B, N, d]
+        queries = self.query_token + self.pos_embed[targets]  # [M, d] or [B, M, d]
+        queries = queries.expand(features[0].shape[0], *queries.shape[-2:])
+        for block, context in zip(self.blocks, streams, strict=True):
+            queries = block(queries, context, mask)
+        return self.pred(self.norm(queries))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models with a config, save_pretrained / from_pretrained
+# --------------------------------------------------------------------------------------------------
+
+
+class _PretrainedModel(nn.Module):
+    """``save_pretrained`` / ``from_pretrained`` as ``config.json`` (``model_type`` + :meth:`config_dict`)
+    and ``model.safetensors``."""
+
+    model_type: ClassVar[str]
+    encoder: VisionMamba
+
+    def config_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIG_FILE).write_text(
+            json.dumps({"model_type": self.model_type, **self.config_dict()}, indent=1)
+        )
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / WEIGHTS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Self:
+        config, state = read_pretrained(path)
+        if config.get("model_type") != cls.model_type:
+            raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not {cls.model_type!r}")
+        model = cls.from_config_dict(config)
+        model.load_state_dict(state)
+        return model
+
+
+def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, state_dict)`` of a ``save_pretrained`` folder."""
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: no {name} (expected a vision-Mamba save_pretrained folder)")
+    return json.loads((path / CONFIG_FILE).read_text()), load_file(path / WEIGHTS_FILE)
+
+
+def encoder_config_from(config: dict[str, Any], where: str = "encoder") -> VisionMambaConfig:
+    return from_dict(VisionMambaConfig, config["encoder"], where)
+
+
+class ARMPretrainingModel(_PretrainedModel):
+    """Cluster-autoregressive pretraining (see the module docstring)."""
+
+    model_type = "mmfactory_arm_pretraining"
+
+    def __init__(self, encoder: VisionMambaConfig, decoder: PixelDecoderConfig, cluster_size: int = 4):
+        super().__init__()
+        self.encoder = VisionMamba(encoder)
+        self.decoder = PixelDecoder(decoder, encoder)
+        self.decoder_config, self.cluster_size = decoder, cluster_size
+        order = cluster_order(encoder.grid_size, cluster_size)
+        self.cluster_len = cluster_size**2
+        self.num_clusters = len(order) // self.cluster_len
+        if self.num_clusters < 2:
+            raise ConfigError(f"cluster_size: {cluster_size} leaves a single cluster; nothing to predict")
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer(
+            "mask", block_causal_mask(self.num_clusters - 1, self.cluster_len), persistent=False
+        )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 ``[B, H, W, C]`` -> ``(pred, target)``, both ``[B, (K - 1) * S, P * P * C]``: the patches
+        of clusters ``2..K`` in cluster order."""
+        pixels = self.encoder.normalize(images)
+        tokens = self.encoder.embed(pixels)  # [B, L, D] raster
+        seen, predicted = self.order[: -self.cluster_len], self.order[self.cluster_len :]
+        features = self.encoder(tokens[:, seen], self.decoder.layers)  # F x [B, (K - 1) S, D]
+        pred = self.decoder(features, predicted, self.mask)
+        target = normalize_patches(patchify(pixels, self.encoder.config.patch_size))[:, predicted]
+        return pred, target
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": dataclasses.asdict(self.encoder.config),
+            "decoder": dataclasses.asdict(self.decoder_config),
+            "cluster_size": self.cluster_size,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Self:
+        return cls(
+            encoder_config_from(config),
+            from_dict(PixelDecoderConfig, config["decoder"], "decoder"),
+            config["cluster_size"],
+        )
+
+
+def random_split(
+    batch: int,
+    length: int,
+    num_visible: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per sample, ``num_visible`` of ``length`` positions drawn uniformly: ``(visible [B, V], masked
+    [B, L - V])`` int64, each sorted ascending (so both stay in raster order)."""
+    noise = torch.rand(batch, length, generator=generator, device=device)
+    shuffle = noise.argsort(dim=1)
+    return shuffle[:, :num_visible].sort(dim=1).values, shuffle[:, num_visible:].sort(dim=1).values
+
+
+class MaskedPretrainingModel(_PretrainedModel):
+    """MAE-style pretraining of the same encoder with the same decoder class (see the module docstring)."""
+
+    model_type = "mmfactory_vision_mamba_mae"
+
+    def __init__(self, encoder: VisionMambaConfig, decoder: PixelDecoderConfig, mask_ratio: float = 0.75):
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio: must be in (0, 1), got {mask_ratio}")
+        self.encoder = VisionMamba(encoder)
+        self.decoder = PixelDecoder(decoder, encoder)
+        self.decoder_config, self.mask_ratio = decoder, mask_ratio
+        self.num_visible = max(1, round((1 - mask_ratio) * encoder.num_patches))
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """uint8 ``[B, H, W, C]`` -> ``(pred, target)`` ``[B, M, P * P * C]`` for the ``M`` masked patches."""
+        pixels = self.encoder.normalize(images)
+        tokens = self.encoder.embed(pixels)  # [B, L, D]
+        b, length, dim = tokens.shape
+        visible, masked = random_split(b, length, self.num_visible, generator, tokens.device)
+        features = self.encoder(tokens.gather(1, visible[..., None].expand(-1, -1, dim)), self.decoder.layers)
+        pred = self.decoder(features, masked)
+        target = normalize_patches(patchify(pixels, self.encoder.config.patch_size))
+        return pred, target.gather(1, masked[..., None].expand(-1, -1, target.shape[-1]))
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": dataclasses.asdict(self.encoder.config),
+            "decoder": dataclasses.asdict(self.decoder_config),
+            "mask_ratio": self.mask_ratio,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Self:
+        return cls(
+            encoder_config_from(config),
+            from_dict(PixelDecoderConfig, config["decoder"], "decoder"),
+            config["mask_ratio"],
+        )
+
+
+class VisionMambaClassifier(_PretrainedModel):
+    """Encoder on the raster sequence -> LayerNorm -> mean over tokens -> linear head: ``[B, classes]``."""
+
+    model_type = "mmfactory_vision_mamba_classifier"
+
+    def __init__(
+        self,
+        encoder: VisionMambaConfig,
+        num_classes: int,
+        scans: Sequence[ScanOrder] = ("forward",),
+        class_names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.encoder = VisionMamba(encoder, scans)
+        self.norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
+        self.head = nn.Linear(encoder.hidden_size, num_classes)
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        )
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """uint8 ``[B, H, W, C]`` -> logits ``[B, num_classes]``."""
+        (hidden,) = self.encoder(self.encoder.embed(self.encoder.normalize(images)))
+        return self.head(self.norm(hidden).mean(dim=1))
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay depth: the encoder's, and ``num_layers + 1`` for the norm and head."""
+        if name.startswith("encoder."):
+            return self.encoder.layer_id(name.removeprefix("encoder."))
+        return len(self.encoder.blocks) + 1
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": dataclasses.asdict(self.encoder.config),
+            "num_classes": self.head.out_features,
+            "scans": list(self.encoder.scans),
+            "class_names": self.class_names,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Self:
+        return cls(encoder_config_from(config), config["num_classes"], config["scans"], config["class_names"])
+
+
+def load_encoder(encoder: VisionMamba, state: dict[str, Tensor]) -> None:
+    """Load the ``encoder.*`` weights of a ``save_pretrained`` state dict into ``encoder``.
+
+    Extra scans the checkpoint lacks (a unidirectional pretraining output loaded into a bidirectional or
+    4-scan encoder) become copies of the forward mixer, as the official fine-tuning initialises them.
+    """
+    prefix = "encoder."
+    weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError("the checkpoint holds no encoder.* weights")
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint weights the encoder does not have: {sorted(unexpected)[:5]}")
+    absent = {key.split(".")[3] for key in missing if ".extra_scans." in key}
+    if any(".extra_scans." not in key for key in missing):
+        raise ValueError(f"checkpoint lacks encoder weights: {sorted(missing)[:5]}")
+    encoder.copy_forward_scans(sorted(absent))

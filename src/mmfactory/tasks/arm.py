@@ -1,0 +1,314 @@
+"""ARM's stages: cluster-autoregressive pretraining of a vision Mamba, the masked (MAE-style) pretraining
+it is compared with, and classification fine-tuning (see :mod:`mmfactory.models.vision_mamba`).
+
+* ``arm_pretrain``: MSE between predicted and per-patch normalised pixels of clusters ``2..K``.
+* ``arm_mae_pretrain``: the same encoder and decoder class, MSE on the masked patches only.
+* ``arm_finetune``: cross-entropy with label smoothing on mean-pooled features, layer-wise lr decay, and
+  ``init_from`` a pretraining (or fine-tuning) stage whose encoder weights are transferred; extra scan
+  directions start as copies of the forward one. Eval reports top-1 accuracy (``eval_accuracy``).
+
+Images come from the built-in world, an image folder or IDX files (:mod:`mmfactory.data.images`), fitted
+to the encoder's ``image_size`` and ``in_channels``; pretraining uses the images only. Throughput is logged
+as ``images_per_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from mmfactory.config import ConfigError
+from mmfactory.data.images import WorldLabel, read_idx, read_image_folder, world_images
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.models.vision_mamba import (
+    ARMPretrainingModel,
+    MaskedPretrainingModel,
+    PixelDecoderConfig,
+    ScanOrder,
+    VisionMambaClassifier,
+    VisionMambaConfig,
+    encoder_config_from,
+    load_encoder,
+    read_pretrained,
+)
+from mmfactory.tasks.base import TrainingTask
+
+
+@dataclass
+class ImageDataConfig:
+    """Labelled images. ``source: folder``: ``train``/``eval`` are ``root/<class>/<image>`` folders;
+    ``source: idx``: ``train``/``eval`` are IDX image files and ``train_labels``/``eval_labels`` their
+    label files (MNIST layout, gzipped or not); ``source: world``: rendered world scenes labelled by
+    ``world_label``. ``max_train_samples``/``max_eval_samples`` keep a fixed random subset."""
+
+    source: Literal["world", "folder", "idx"] = "world"
+    train: str | None = None
+    train_labels: str | None = None
+    eval: str | None = None
+    eval_labels: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    subset_seed: int = 0
+    world_train_size: int = 2000
+    world_eval_size: int = 500
+    world_seed: int = 0
+    world_label: WorldLabel = "count"
+    world_max_objects: int = 4
+    check_media: bool = True  # folders: decode every image once up front (bad files found before training)
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        if self.source != "world" and self.train is None:
+            raise ConfigError(f"train: source {self.source} needs the training data's path")
+        if self.source == "idx" and self.train_labels is None:
+            raise ConfigError("train_labels: source idx needs the training labels' IDX file")
+        if self.source == "idx" and self.eval is not None and self.eval_labels is None:
+            raise ConfigError("eval_labels: source idx needs the eval labels' IDX file")
+
+
+@dataclass
+class ARMModelSpec:
+    """``arm_pretrain``'s model: encoder, decoder, and ``cluster_size`` patches per cluster side
+    (paper: 12x12 patches in 3x3 clusters of 4x4)."""
+
+    encoder: VisionMambaConfig
+    decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    cluster_size: int = 4
+
+
+@dataclass
+class MAEModelSpec:
+    """``arm_mae_pretrain``'s model: the same encoder and decoder; ``mask_ratio`` of the patches hidden."""
+
+    encoder: VisionMambaConfig
+    decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class ClassifierSpec:
+    """``arm_finetune``'s model. The encoder comes from ``init_from`` (then ``encoder``, if given, must
+    match it) or is built from ``encoder``. ``scans``: ``[forward]`` is the pretrained unidirectional
+    encoder, ``[forward, backward]`` bidirectional, all four the official fine-tuning mixer.
+    ``num_classes`` defaults to the training data's."""
+
+    encoder: VisionMambaConfig | None = None
+    scans: list[ScanOrder] = field(default_factory=lambda: ["forward"])
+    num_classes: int | None = None
+
+    def validate(self) -> None:
+        if not self.scans or self.scans[0] != "forward" or len(set(self.scans)) != len(self.scans):
+            raise ConfigError(f"scans: must start with 'forward' and not repeat, got {self.scans}")
+
+
+@dataclass
+class NoOptions:
+    """The pretraining tasks have no options."""
+
+
+@dataclass
+class FinetuneOptions:
+    """``layer_decay``: block ``i`` (1-based) of ``L`` trains at ``lr * layer_decay^(L + 1 - i)``, the patch
+    embedding at ``lr * layer_decay^(L + 1)``, the norm and head at ``lr`` (1 disables it)."""
+
+    label_smoothing: float = 0.1
+    layer_decay: float = 0.75
+
+    def validate(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+
+
+def _existing(path: str, key: str) -> Path:
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"data.{key}: {path!r} does not exist (see the recipe's header for the data)")
+    return Path(path).expanduser()
+
+
+class _ImageTask(TrainingTask):
+    """Shared data handling: ``{"images": uint8 [B, S, S, C], "labels": int64 [B]}`` batches."""
+
+    loss_unit = "images"
+    encoder_config: VisionMambaConfig  # set by the subclass before data is read
+
+    def _setup_data(self) -> None:
+        self.counter = BadSampleCounter()
+        self._data: dict[str, tuple[Dataset, list[str]] | None] = {}
+
+    def labelled(self, split: Literal["train", "eval"]) -> tuple[Dataset, list[str]] | None:
+        """``(dataset, class_names)`` of a split, or None when the config names no eval data."""
+        if split not in self._data:
+            self._data[split] = self._read(split)
+        return self._data[split]
+
+    def _read(self, split: Literal["train", "eval"]) -> tuple[Dataset, list[str]] | None:
+        cfg, enc = self.data_cfg, self.encoder_config
+        size, channels = enc.image_size, enc.in_channels
+        if cfg.source == "world":
+            world_split, n = (
+                ("train", cfg.world_train_size) if split == "train" else ("val", cfg.world_eval_size)
+            )
+            dataset, names = world_images(
+                world_split,
+                n,
+                label=cfg.world_label,
+                seed=cfg.world_seed,
+                image_size=size,
+                channels=channels,
+                max_objects=cfg.world_max_objects,
+            )
+        else:
+            path = cfg.train if split == "train" else cfg.eval
+            if path is None:
+                return None
+            policy = {"on_bad_sample": cfg.on_bad_sample, "counter": self.counter}
+            if cfg.source == "folder":
+                train_names = None if split == "train" else self.labelled("train")[1]
+                dataset, names = read_image_folder(
+                    _existing(path, split),
+                    image_size=size,
+                    channels=channels,
+                    class_names=train_names,
+                    check_media=cfg.check_media,
+                    **policy,
+                )
+            else:
+                labels = cfg.train_labels if split == "train" else cfg.eval_labels
+                dataset, names = read_idx(
+                    _existing(path, split),
+                    _existing(labels, f"{split}_labels"),
+                    image_size=size,
+                    channels=channels,
+                    **policy,
+                )
+        limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        if limit is not None and limit < len(dataset):
+            keep = np.sort(np.random.default_rng(cfg.subset_seed).permutation(len(dataset))[:limit])
+            dataset = Subset(dataset, keep.tolist())
+        return dataset, names
+
+    def train_dataset(self) -> Dataset:
+        return self.labelled("train")[0]
+
+    def eval_dataset(self) -> Dataset | None:
+        data = self.labelled("eval")
+        return data[0] if data is not None and len(data[0]) else None
+
+    def collate(self, samples: list[dict]) -> dict[str, Tensor]:
+        return {
+            "images": torch.from_numpy(np.stack([s["image"] for s in samples])),
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        }
+
+    def data_report(self) -> dict[str, int]:
+        report = {f"{split}/images": len(data[0]) for split, data in self._data.items() if data is not None}
+        return {**report, **{f"skipped/{k}": v for k, v in self.counter.summary().items()}}
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+
+
+class _PixelPretrainTask(_ImageTask):
+    """MSE between predicted and target normalised pixels, ``model(images) -> (pred, target)``."""
+
+    options_config = NoOptions
+
+    def __init__(
+        self,
+        stage,
+        ctx,
+        model_cfg: ARMModelSpec | MAEModelSpec,
+        data_cfg: ImageDataConfig,
+        options: NoOptions,
+    ):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        if stage.init_from is not None:
+            raise ConfigError(f"stages.{stage.name}.init_from: pretraining starts from scratch")
+        self.encoder_config = model_cfg.encoder
+        self._setup_data()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        pred, target = self.model(batch["images"])
+        return {"loss": F.mse_loss(pred, target)}  # float32 under autocast (an fp32-policy op)
+
+
+class ARMPretrainTask(_PixelPretrainTask):
+    model_config = ARMModelSpec
+    data_config = ImageDataConfig
+
+    def __init__(self, stage, ctx, model_cfg: ARMModelSpec, data_cfg: ImageDataConfig, options: NoOptions):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model = ARMPretrainingModel(model_cfg.encoder, model_cfg.decoder, model_cfg.cluster_size)
+
+
+class MaskedPretrainTask(_PixelPretrainTask):
+    model_config = MAEModelSpec
+    data_config = ImageDataConfig
+
+    def __init__(self, stage, ctx, model_cfg: MAEModelSpec, data_cfg: ImageDataConfig, options: NoOptions):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model = MaskedPretrainingModel(model_cfg.encoder, model_cfg.decoder, model_cfg.mask_ratio)
+
+
+def _encoder_differences(a: VisionMambaConfig, b: VisionMambaConfig) -> list[str]:
+    skip = {"size", "scan_chunk_size"}  # a preset name and a speed knob do not change the weights
+    return [
+        f.name
+        for f in dataclasses.fields(a)
+        if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+class ImageClassificationTask(_ImageTask):
+    model_config = ClassifierSpec
+    data_config = ImageDataConfig
+    options_config = FinetuneOptions
+
+    def __init__(
+        self, stage, ctx, model_cfg: ClassifierSpec, data_cfg: ImageDataConfig, options: FinetuneOptions
+    ):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        init_dir = ctx.resolve_init(stage.init_from)
+        state = None
+        self.encoder_config = model_cfg.encoder
+        if init_dir is not None:
+            config, state = read_pretrained(init_dir)
+            saved = encoder_config_from(config, f"{init_dir}/config.json: encoder")
+            if model_cfg.encoder is None:
+                self.encoder_config = saved
+            elif diff := _encoder_differences(model_cfg.encoder, saved):
+                raise ConfigError(f"model.encoder: {diff} differ from the encoder of init_from {init_dir}")
+        elif model_cfg.encoder is None:
+            raise ConfigError("model.encoder: needed to build the encoder when there is no init_from")
+        self._setup_data()
+        class_names = self.labelled("train")[1]
+        num_classes = model_cfg.num_classes or len(class_names)
+        if len(class_names) > num_classes:
+            raise ConfigError(
+                f"model.num_classes: {num_classes} but the training data has {len(class_names)} classes"
+            )
+        names = class_names + [str(i) for i in range(len(class_names), num_classes)]
+        self.model = VisionMambaClassifier(self.encoder_config, num_classes, model_cfg.scans, names)
+        if state is not None:
+            load_encoder(self.model.encoder, state)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = self.model(batch["images"])
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.options.label_smoothing)
+        return {"loss": loss, "accuracy": (logits.argmax(-1) == labels).float().mean()}
+
+    def lr_scale(self, name: str) -> float:
+        """``layer_decay ** (L + 1 - depth)`` for ``model.*`` parameters (see :class:`FinetuneOptions`)."""
+        depth = self.model.layer_id(name.removeprefix("model."))
+        return self.options.layer_decay ** (len(self.model.encoder.blocks) + 1 - depth)

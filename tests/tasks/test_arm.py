@@ -1,0 +1,157 @@
+"""ARM tasks: pixel losses and label-smoothed cross-entropy against naive references (forward and gradient),
+layer-wise lr decay groups, and fine-tuning initialised from a pretraining stage's output."""
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from mmfactory.config import ConfigError, OptimizerConfig, StageConfig, TrainConfig
+from mmfactory.tasks import build_task
+from mmfactory.tasks.base import StageContext
+from mmfactory.train.optim import build_optimizer
+
+ENCODER = {"hidden_size": 32, "num_layers": 3, "image_size": 16, "patch_size": 4}
+DECODER = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
+DATA = {"source": "world", "world_train_size": 12, "world_eval_size": 4, "world_label": "count"}
+
+
+def _task(tmp_path, task: str, model: dict, options: dict | None = None, init_from=None, outputs=None):
+    stage = StageConfig(
+        name=task,
+        task=task,
+        model=model,
+        data=dict(DATA),
+        options=options or {},
+        init_from=init_from,
+        train=TrainConfig(max_steps=1),
+    )
+    ctx = StageContext(tmp_path, tmp_path / task, dict(outputs or {}))
+    set_seed(0)
+    return build_task(stage, 0, ctx)
+
+
+def _batch(task, n: int = 4) -> dict[str, torch.Tensor]:
+    return task.collate([task.train_dataset()[i] for i in range(n)])
+
+
+@pytest.mark.parametrize(
+    ("task_name", "extra"), [("arm_pretrain", {"cluster_size": 2}), ("arm_mae_pretrain", {"mask_ratio": 0.5})]
+)
+def test_pretraining_loss_is_the_mse_of_normalised_pixels(tmp_path, task_name, extra):
+    task = _task(tmp_path, task_name, {"encoder": ENCODER, "decoder": DECODER, **extra}).double()
+    batch = _batch(task)
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (4, 16, 16, 3)
+    torch.manual_seed(5)
+    loss = task(batch)["loss"]
+    torch.manual_seed(5)  # the MAE mask comes from the global RNG: the same one again
+    pred, target = task.model(batch["images"])
+    naive = sum((p - t) ** 2 for p, t in zip(pred.flatten().tolist(), target.flatten().tolist(), strict=True))
+    assert loss.item() == pytest.approx(naive / pred.numel(), rel=1e-9)
+    params = [p for p in task.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    ref_grads = torch.autograd.grad(((pred - target) ** 2).sum() / pred.numel(), params, allow_unused=True)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref)
+    assert task.loss_unit == "images"
+
+
+def test_finetune_loss_is_label_smoothed_cross_entropy(tmp_path):
+    task = _task(tmp_path, "arm_finetune", {"encoder": ENCODER}, {"label_smoothing": 0.2}).double()
+    batch = _batch(task, 6)
+    out = task(batch)
+    logits = task.model(batch["images"])
+    num_classes = logits.shape[1]
+    assert num_classes == 4  # world counts 1..4
+    naive = 0.0
+    for row, label in zip(logits, batch["labels"].tolist(), strict=True):
+        log_probs = torch.log_softmax(row, -1)
+        target = [0.2 / num_classes + (0.8 if k == label else 0.0) for k in range(num_classes)]
+        naive = naive - sum(t * lp for t, lp in zip(target, log_probs, strict=True)) / len(batch["labels"])
+    torch.testing.assert_close(out["loss"], naive)
+    params = [p for p in task.parameters() if p.requires_grad]
+    for grad, ref in zip(
+        torch.autograd.grad(out["loss"], params), torch.autograd.grad(naive, params), strict=True
+    ):
+        torch.testing.assert_close(grad, ref)
+    expected_accuracy = (logits.argmax(-1) == batch["labels"]).double().mean()
+    assert out["accuracy"].item() == pytest.approx(expected_accuracy.item())
+
+
+def test_layer_wise_lr_decay_groups(tmp_path):
+    task = _task(
+        tmp_path, "arm_finetune", {"encoder": ENCODER, "scans": ["forward", "backward"]}, {"layer_decay": 0.5}
+    )
+    optimizer = build_optimizer(task, OptimizerConfig(lr=0.1, weight_decay=0.05))
+    depth_of = {id(p): task.model.layer_id(n.removeprefix("model.")) for n, p in task.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            seen.add(id(param))
+            assert group["lr"] == pytest.approx(0.1 * 0.5 ** (3 + 1 - depth_of[id(param)]))
+            assert group["weight_decay"] == (0.05 if param.ndim >= 2 else 0.0)
+    assert seen == set(depth_of)  # every parameter in exactly one group
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(
+        0.1
+    )  # head/norm first, at the full rate
+    assert sorted({round(lr, 8) for lr in lrs}) == [
+        0.00625,
+        0.0125,
+        0.025,
+        0.05,
+        0.1,
+    ]  # 0.1 * 0.5^k, k = 0..4
+    assert task.lr_scale("model.encoder.patch_embed.weight") == pytest.approx(0.5**4)
+
+
+def test_finetune_transfers_encoder_weights_from_a_pretraining_stage(tmp_path):
+    pretrain = _task(tmp_path, "arm_pretrain", {"encoder": ENCODER, "decoder": DECODER, "cluster_size": 2})
+    with torch.no_grad():
+        for param in pretrain.model.encoder.parameters():
+            param.add_(0.01)  # differ from any fresh init
+    pretrain.save_pretrained(tmp_path / "pretrain_out")
+    outputs = {"pretrain": tmp_path / "pretrain_out"}
+    model = {"scans": ["forward", "column"]}
+    task = _task(tmp_path, "arm_finetune", model, init_from="pretrain", outputs=outputs)
+    source = pretrain.model.encoder.state_dict()
+    for name, value in task.model.encoder.state_dict().items():
+        key = name.replace(".extra_scans.column.", ".mixer.")
+        assert torch.equal(value, source[key]), name
+    scratch = _task(tmp_path, "arm_finetune", {"encoder": ENCODER})
+    assert not torch.equal(scratch.model.encoder.patch_embed.weight, task.model.encoder.patch_embed.weight)
+    with pytest.raises(ConfigError, match=r"\['num_layers'\] differ from the encoder of init_from"):
+        _task(
+            tmp_path,
+            "arm_finetune",
+            {"encoder": {**ENCODER, "num_layers": 2}},
+            init_from="pretrain",
+            outputs=outputs,
+        )
+    with pytest.raises(ConfigError, match="pretraining starts from scratch"):
+        _task(
+            tmp_path,
+            "arm_pretrain",
+            {"encoder": ENCODER, "cluster_size": 2},
+            init_from="pretrain",
+            outputs=outputs,
+        )
+    with pytest.raises(ConfigError, match="model.encoder: needed"):
+        _task(tmp_path, "arm_finetune", {})
+
+
+def test_data_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="train_labels: source idx needs"):
+        _task_with_data(tmp_path, {"source": "idx", "train": "x.gz"})
+    with pytest.raises(FileNotFoundError, match="data.train: '/no/such/train-images.gz' does not exist"):
+        _task_with_data(tmp_path, {"source": "idx", "train": "/no/such/train-images.gz", "train_labels": "y"})
+    task = _task_with_data(
+        tmp_path, {**DATA, "max_train_samples": 5, "world_label": "shape", "world_max_objects": 1}
+    )
+    assert len(task.train_dataset()) == 5 and len(task.eval_dataset()) == 4
+    assert task.model.head.out_features == 8  # eight shapes
+    assert task.data_report() == {"train/images": 5, "eval/images": 4}
+
+
+def _task_with_data(tmp_path, data: dict):
+    stage = StageConfig(name="ft", task="arm_finetune", model={"encoder": ENCODER}, data=data)
+    return build_task(stage, 0, StageContext(tmp_path, tmp_path / "ft"))
