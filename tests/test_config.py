@@ -93,3 +93,16 @@ def test_shipped_recipes_validate():
             validate_stage(stage, i)
     with pytest.raises(ConfigError, match="did you mean 'lm/tiny'"):
         resolve_recipe("lm/tiyn")
+
+
+def test_yaml_anchors_do_not_leak_overrides_between_stages():
+    import yaml
+
+    text = """
+name: anchors
+stages:
+  - &base {name: a, task: causal_lm_sft, train: {max_steps: 4}}
+  - {<<: *base, name: b}
+"""
+    recipe = recipe_from_dict(yaml.safe_load(text), ["stages.a.train.max_steps=9"])
+    assert [s.train.max_steps for s in recipe.stages] == [9, 4]

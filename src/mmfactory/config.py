@@ -282,8 +282,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     defaults, ``name``/``description`` the recipe; any other path (``train.max_steps=5``) applies to
     every stage.
     """
-    raw = copy.deepcopy(raw)
-    stages = raw.setdefault("stages", [])
+    # Copy each stage on its own: YAML anchors (`<<: *base`) share nested mappings between stages, and
+    # one deepcopy would keep them shared, leaking an override of one stage into the others.
+    stages = [copy.deepcopy(stage) for stage in raw.get("stages") or []]
+    raw = {**copy.deepcopy({k: v for k, v in raw.items() if k != "stages"}), "stages": stages}
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] == "stages":

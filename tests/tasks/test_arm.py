@@ -88,7 +88,8 @@ def test_layer_wise_lr_decay_groups(tmp_path):
         for param in group["params"]:
             seen.add(id(param))
             assert group["lr"] == pytest.approx(0.1 * 0.5 ** (3 + 1 - depth_of[id(param)]))
-            assert group["weight_decay"] == (0.05 if param.ndim >= 2 else 0.0)
+            decays = param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)  # A_log is exempt
+            assert group["weight_decay"] == (0.05 if decays else 0.0)
     assert seen == set(depth_of)  # every parameter in exactly one group
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(

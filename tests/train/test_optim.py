@@ -38,3 +38,11 @@ def test_no_weight_decay_on_one_dimensional_parameters():
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_parameters_marked_no_weight_decay_are_not_decayed():
+    model = _model()
+    model["encoder"].weight._no_weight_decay = True
+    opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=0.5))
+    decayed = [p for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed == [model["head"].weight]

@@ -42,7 +42,8 @@ def select_trainable(module: nn.Module, trainable: list[str], frozen: list[str])
 
 
 def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW/SGD over trainable parameters; no weight decay on 1-D parameters (biases, norms).
+    """AdamW/SGD over trainable parameters; no weight decay on 1-D parameters (biases, norms) nor on
+    parameters marked ``param._no_weight_decay = True`` (as mamba-ssm marks ``A_log`` and ``D``).
 
     A :class:`TrainingTask` may scale the learning rate per parameter (:meth:`TrainingTask.lr_scale`, e.g.
     layer-wise decay): parameters are grouped by (scale, decay), largest scale first, so the first
@@ -52,7 +53,8 @@ def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            groups.setdefault((lr_scale(name), param.ndim >= 2), []).append(param)
+            decay = param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)
+            groups.setdefault((lr_scale(name), decay), []).append(param)
     param_groups = [
         {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
         for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))

@@ -60,6 +60,7 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as mamba-ssm: read by build_optimizer
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.reset_ssm_parameters()
 
