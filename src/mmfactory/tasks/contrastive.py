@@ -1,0 +1,324 @@
+"""Masked contrastive video-text pretraining (MAC), the ``video_text_contrastive`` task.
+
+``forward``: the video encoder sees only ``1 - video_mask_ratio`` of every frame's patches (tube or per-frame
+masks) and the text encoder ``1 - text_mask_ratio`` of the caption tokens; the projected video and text CLS
+features go into the symmetric InfoNCE of :func:`~mmfactory.losses.contrastive.clip_loss` (features gathered
+across processes with gradients). No reconstruction: MAC's "masked-then-alignment". Masking is applied in
+training only; evaluation encodes full inputs.
+
+``evaluate``: text->video and video->text retrieval over held-out videos with all their captions (R@1/5/10 in
+percent, median and mean rank), and the cost of one training step on a train micro-batch — FLOPs of the
+forward + backward (``FlopCounterMode``) and its wall time — so masked and unmasked runs compare directly.
+
+The loss of a micro-batch depends on the negatives it holds, so gradient accumulation is not equivalent to a
+larger batch here (as in CLIP): grow ``train.batch_size`` or the number of processes instead.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from mmfactory.config import ConfigError
+from mmfactory.data.media import FrameSampling, frame_indices
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.eval.metrics import text_video_retrieval
+from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
+from mmfactory.models.components.vit import MaskKind
+from mmfactory.models.dual_encoder import DualEncoderSpec, TextMaskMode, load_dual_encoder, tokenize_captions
+from mmfactory.tasks.base import TrainingTask
+
+WORLD_CAPTION_KEYS = {"en": "captions", "zh": "captions_zh"}
+
+
+@dataclass
+class VideoTextDataConfig:
+    """Videos with several captions each: the built-in world, or MSR-VTT-style CSV files (``source: csv``;
+    ``train`` / ``eval`` name ``{split}.csv`` files of ``video_id,sentence`` rows beside ``videos/*.mp4``)."""
+
+    source: Literal["world", "csv"] = "world"
+    train: str | None = None
+    eval: str | None = None
+    num_frames: int = 4  # frames per clip, chosen by frame_indices (TSN segments)
+    frame_sampling: FrameSampling = "uniform"  # training clips; evaluation always takes segment middles
+    max_text_length: int = 32  # tokens including [CLS] and [SEP]
+    world_train_size: int = 512  # videos
+    world_eval_size: int = 64
+    world_seed: int = 0
+    world_video_size: int = 32  # pixels; clips of another size are resized to the ViT's image_size
+    world_languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        if self.source == "csv" and self.train is None:
+            raise ConfigError("train: source csv needs the path of the training CSV")
+        if self.num_frames < 1:
+            raise ConfigError(f"num_frames: must be >= 1, got {self.num_frames}")
+        if not self.world_languages:
+            raise ConfigError("world_languages: name at least one of en, zh")
+
+
+@dataclass
+class ContrastiveOptions:
+    """MAC's masking (training only) and what ``evaluate`` measures."""
+
+    video_mask_ratio: float = 0.75  # fraction of each frame's patches dropped before the encoder
+    video_mask_kind: MaskKind = "tube"  # tube: one spatial mask for all frames; frame: one per frame
+    text_mask_ratio: float = 0.15
+    text_mask_mode: TextMaskMode = "drop"  # drop tokens like patches, or replace them by [MASK]
+    eval_batch_size: int = 64  # videos or captions per encoder call in retrieval
+    profile_steps: int = 3  # timed training forward+backward passes in evaluate (single process); 0: none
+
+    def validate(self) -> None:
+        for name in ("video_mask_ratio", "text_mask_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's FLOP table covers the CUDA attention kernels but not the CPU one that SDPA runs here.
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matmuls, convolutions and attention that ``fn()`` runs (elementwise ops not counted)."""
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def fit_frames(frames: Tensor, size: int) -> Tensor:
+    """uint8 ``[T, H, W, 3]`` -> ``[T, size, size, 3]``: shorter side resized to ``size`` (bilinear,
+    antialiased), then a centre crop; frames already that size are returned as they are."""
+    _, h, w, _ = frames.shape
+    if h == w == size:
+        return frames
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(
+        frames.permute(0, 3, 1, 2).float(), size=(new_h, new_w), mode="bilinear", antialias=True
+    )
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, :, top : top + size, left : left + size]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class VideoCaptions(Dataset):
+    """Item ``i``: ``{"video": uint8 [num_frames, H, W, 3], "caption": str}`` from ``videos[i]`` (a dict with
+    ``video`` and ``captions``). Training draws the caption (and, with ``random`` sampling, the frames) from
+    torch's RNG, so resumed runs replay it; otherwise the first caption and the segment-middle frames."""
+
+    def __init__(self, videos: Sequence[dict], num_frames: int, sampling: FrameSampling, train: bool):
+        self.videos, self.num_frames, self.train = videos, num_frames, train
+        self.sampling: FrameSampling = sampling if train else "uniform"
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.videos[index]
+        frames, captions = sample["video"], sample["captions"]
+        rng = np.random.default_rng(int(torch.randint(2**62, ()))) if self.sampling == "random" else None
+        chosen = frame_indices(len(frames), self.num_frames, self.sampling, rng)
+        caption = captions[int(torch.randint(len(captions), ()))] if self.train else captions[0]
+        return {"video": frames[chosen], "caption": caption}
+
+
+class VideoTextContrastiveTask(TrainingTask):
+    model_config = DualEncoderSpec
+    data_config = VideoTextDataConfig
+    options_config = ContrastiveOptions
+
+    def __init__(
+        self,
+        stage,
+        ctx,
+        model_cfg: DualEncoderSpec,
+        data_cfg: VideoTextDataConfig,
+        options: ContrastiveOptions,
+    ):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model, self.tokenizer = load_dual_encoder(model_cfg, ctx.resolve_init(stage.init_from))
+        self.counter = BadSampleCounter()
+        self._videos: dict[str, Sequence[dict]] = {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def videos(self, split: Literal["train", "eval"]) -> Sequence[dict]:
+        """Sample dicts with ``video`` (uint8 ``[T, H, W, 3]``) and ``captions`` (list of str)."""
+        if split not in self._videos:
+            read = self._world_videos if self.data_cfg.source == "world" else self._csv_videos
+            self._videos[split] = read(split)
+        return self._videos[split]
+
+    def _world_videos(self, split: str) -> list[dict]:
+        from mmfactory.world import World
+
+        cfg = self.data_cfg
+        world = World(seed=cfg.world_seed, video_size=cfg.world_video_size)
+        if split == "train":
+            items = world.videos("train", cfg.world_train_size)
+        else:
+            items = world.videos("val", cfg.world_eval_size)
+        keys = [WORLD_CAPTION_KEYS[lang] for lang in cfg.world_languages]
+        return [{"video": item["video"], "captions": [c for k in keys for c in item[k]]} for item in items]
+
+    def _csv_videos(self, split: str) -> Sequence[dict]:
+        from mmfactory.data.readers import read_video_captions
+
+        cfg = self.data_cfg
+        path = cfg.train if split == "train" else cfg.eval
+        if path is None:
+            return []
+        return read_video_captions(
+            path,
+            num_frames=cfg.num_frames,
+            sampling=cfg.frame_sampling if split == "train" else "uniform",
+            on_bad_sample=cfg.on_bad_sample,
+            counter=self.counter,
+        )
+
+    def train_dataset(self) -> VideoCaptions:
+        return VideoCaptions(
+            self.videos("train"), self.data_cfg.num_frames, self.data_cfg.frame_sampling, True
+        )
+
+    def eval_dataset(self) -> VideoCaptions | None:
+        """The eval videos with their first captions, cut to a multiple of the process count: the loss
+        gathers equal-sized batches from every process, so every shard must batch alike."""
+        videos = self.videos("eval")
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        usable = len(videos) // processes * processes
+        if not usable:
+            return None
+        return VideoCaptions(Subset(videos, range(usable)), self.data_cfg.num_frames, "uniform", False)
+
+    def _clips(self, videos: list[np.ndarray]) -> Tensor:
+        size = self.model.vision_model.config.image_size
+        return torch.stack([fit_frames(torch.from_numpy(np.ascontiguousarray(v)), size) for v in videos])
+
+    def _captions(self, texts: list[str]) -> dict[str, Tensor]:
+        return tokenize_captions(self.tokenizer, texts, self.data_cfg.max_text_length)
+
+    def collate(self, samples: list[dict]) -> dict[str, Tensor]:
+        """``video`` uint8 ``[B, T, S, S, 3]`` plus the captions' ``input_ids``, ``attention_mask`` and
+        ``special_tokens_mask`` ``[B, L]``."""
+        return {
+            "video": self._clips([s["video"] for s in samples]),
+            **self._captions([s["caption"] for s in samples]),
+        }
+
+    def data_report(self) -> dict[str, int]:
+        report = {f"{split}/videos": len(videos) for split, videos in self._videos.items()}
+        report.update({f"skipped/{reason}": count for reason, count in self.counter.summary().items()})
+        return report
+
+    # -- math ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        opts = self.options
+        out = self.model(
+            batch["video"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["special_tokens_mask"],
+            video_mask_ratio=opts.video_mask_ratio if self.training else 0.0,
+            video_mask_kind=opts.video_mask_kind,
+            text_mask_ratio=opts.text_mask_ratio if self.training else 0.0,
+            text_mask_mode=opts.text_mask_mode,
+        )
+        max_scale = self.model.config.max_logit_scale
+        loss = clip_loss(out.video_embeds, out.text_embeds, out.log_logit_scale, max_scale)
+        return {"loss": loss, "logit_scale": clamp_logit_scale(out.log_logit_scale, max_scale).exp().detach()}
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.retrieval()
+        # The loss gathers features across processes, and evaluate runs on the main process alone.
+        single_process = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        if self.options.profile_steps > 0 and single_process:
+            metrics.update(self.profile_training_step())
+        return metrics
+
+    @torch.no_grad()
+    def retrieval(self, videos: Sequence[dict] | None = None) -> dict[str, float]:
+        """``t2v_*`` and ``v2t_*`` R@1/5/10, MdR, MnR over ``videos`` (sample dicts as :meth:`videos` gives;
+        default: the eval set) and all their captions, full inputs, segment-middle frames."""
+        videos = self.videos("eval") if videos is None else videos
+        if not len(videos):
+            return {}
+        device, batch, num_frames = self.model.device, self.options.eval_batch_size, self.data_cfg.num_frames
+        video_embeds, captions, video_of_text = [], [], []
+        for lo in range(0, len(videos), batch):
+            samples = [videos[i] for i in range(lo, min(lo + batch, len(videos)))]
+            clips = [s["video"][frame_indices(len(s["video"]), num_frames, "uniform")] for s in samples]
+            video_embeds.append(self.model.encode_video(self._clips(clips).to(device)))
+            for offset, sample in enumerate(samples):
+                captions += sample["captions"]
+                video_of_text += [lo + offset] * len(sample["captions"])
+        text_embeds = []
+        for lo in range(0, len(captions), batch):
+            tokens = {k: v.to(device) for k, v in self._captions(captions[lo : lo + batch]).items()}
+            text_embeds.append(self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+        similarity = (
+            F.normalize(torch.cat(text_embeds), dim=-1) @ F.normalize(torch.cat(video_embeds), dim=-1).T
+        )
+        results = text_video_retrieval(similarity, video_of_text)
+        metrics = {
+            f"{direction}_{name}": value for direction, m in results.items() for name, value in m.items()
+        }
+        return {**metrics, "retrieval_videos": len(videos), "retrieval_captions": len(captions)}
+
+    def profile_training_step(self) -> dict[str, float]:
+        """Cost of one training forward + backward (masking on, no optimizer step) on the first
+        ``train.batch_size`` training samples: ``step_gflops`` and the median ``step_ms`` of
+        ``profile_steps`` timed passes after a warm-up. Gradients are cleared afterwards."""
+        train = self.train_dataset()
+        samples = [train[i] for i in range(min(self.stage.train.batch_size, len(train)))]
+        batch = {k: v.to(self.model.device) for k, v in self.collate(samples).items()}
+        was_training = self.training
+        self.train()
+
+        def step() -> None:
+            self(batch)["loss"].backward()
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()  # time the kernels, not their launch
+
+        with torch.enable_grad():
+            step()  # warm-up
+            flops = count_flops(step)
+            times = []
+            for _ in range(self.options.profile_steps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        return {"step_gflops": flops / 1e9, "step_ms": 1000 * statistics.median(times)}
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
