@@ -1,0 +1,12 @@
+"""Suite-wide settings: one torch thread.
+
+The test models are tiny: on a 2-core machine OpenMP threads cost more than they give and make timings
+swing with the machine's load, so every test (and every process it launches) uses one thread.
+"""
+
+import os
+
+import torch
+
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
