@@ -11,6 +11,15 @@ from mmfactory.tasks.base import StageContext, TrainingTask
 # task name -> "module:Class", imported on use so a recipe only pays for the tasks it runs.
 TASKS: dict[str, str] = {
     "causal_lm_sft": "mmfactory.tasks.causal_lm:CausalLMSFTTask",
+    "causal_lm_dpo": "mmfactory.tasks.preference:CausalLMDPOTask",
+    "sag_stylist_sft": "mmfactory.tasks.sag:SAGStylistSFTTask",
+    "sag_cdpo": "mmfactory.tasks.sag:SAGContentDPOTask",
+    "sag_self_improve": "mmfactory.tasks.sag:SAGSelfImproveTask",
+    "mllm_sft": "mmfactory.tasks.mllm:MultimodalSFTTask",
+    "video_text_contrastive": "mmfactory.tasks.contrastive:VideoTextContrastiveTask",
+    "arm_pretrain": "mmfactory.tasks.arm:ARMPretrainTask",
+    "arm_mae_pretrain": "mmfactory.tasks.arm:MaskedPretrainTask",
+    "arm_finetune": "mmfactory.tasks.arm:ImageClassificationTask",
 }
 
 

@@ -41,6 +41,7 @@ class ChatDataConfig:
     world_train_size: int = 2000
     world_eval_size: int = 200
     world_seed: int = 0
+    world_kinds: list[Literal["scene_qa", "brief_caption", "facts_to_draft", "draft_to_note"]] | None = None
     max_length: int = 256  # tokens; longer conversations are right-truncated and counted
     template: TemplateName = "chatml"
     pad_to_multiple_of: int | None = None
@@ -77,6 +78,8 @@ class CausalLMSFTTask(TrainingTask):
 
                 size = cfg.world_train_size if split == "train" else cfg.world_eval_size
                 records = chat_samples("train" if split == "train" else "val", size, seed=cfg.world_seed)
+                if cfg.world_kinds is not None:  # of the `size` drawn, keep these kinds only
+                    records = [r for r in records if r["kind"] in cfg.world_kinds]
             else:
                 path = cfg.train if split == "train" else cfg.eval
                 if path is None:

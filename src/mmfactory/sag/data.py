@@ -1,0 +1,152 @@
+"""SAG articles and prompts: where articles come from and how facts, drafts and styled articles become
+the user turns of the frozen LLM and of the stylist.
+
+An article is ``{"id", "lang", "facts": {attribute: value}, "draft", "reference"}`` (the JSONL format of
+docs/formats.md; world articles also carry ``"variants"``). ``draft`` is the neutral text and
+``reference`` the styled article. Styled-only corpora may leave ``draft`` out (the frozen LLM writes it
+from the reference) and ``facts`` out (no fact check or C-DPO negatives are possible then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmfactory.config import ConfigError
+from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, BadSamplePolicy
+from mmfactory.data.readers.records import check_text, read_annotation_file, require, require_text
+
+LANGS: tuple[str, ...] = ("en", "zh")
+
+
+@dataclass
+class SAGPrompts:
+    """User-turn templates, one per language. ``{facts}`` is the facts as ``attribute: value`` lines,
+    ``{draft}`` a neutral draft and ``{article}`` a styled article.
+
+    The defaults match the instructions of the world's chat data, so the tiny stand-in LLM knows
+    ``draft``; ``llm_style`` (the "LLM alone" baseline) spells the target style out instead.
+    """
+
+    draft: dict[str, str] = field(  # frozen LLM: facts -> neutral draft
+        default_factory=lambda: {
+            "en": "Write a product description from these facts:\n{facts}",
+            "zh": "根据以下信息写一段产品介绍：\n{facts}",
+        }
+    )
+    neutralize: dict[str, str] = field(  # frozen LLM: styled article -> neutral draft (style data)
+        default_factory=lambda: {
+            "en": "Rewrite this post as a plain, neutral product description without emoji or hashtags:"
+            "\n{article}",
+            "zh": "把这篇笔记改写成平实客观的产品介绍，不要表情和话题标签：\n{article}",
+        }
+    )
+    stylize: dict[str, str] = field(  # stylist: draft -> styled article
+        default_factory=lambda: {"en": "Rewrite in note style:\n{draft}", "zh": "改写成笔记风格：\n{draft}"}
+    )
+    direct: dict[str, str] = field(  # stylist alone: facts -> styled article
+        default_factory=lambda: {
+            "en": "Write a note about the product from these facts:\n{facts}",
+            "zh": "根据以下信息写一篇产品笔记：\n{facts}",
+        }
+    )
+    llm_style: dict[str, str] = field(  # LLM alone, instructed to write in the target style
+        default_factory=lambda: {
+            "en": "Write a social-media note about the product from these facts: a title line with "
+            "emoji, then one short line starting with an emoji per fact, a closing line and hashtags."
+            "\n{facts}",
+            "zh": "根据以下信息写一篇社交平台笔记：带表情的标题，每条信息一行并以表情开头，"
+            "再写一句结尾和话题标签。\n{facts}",
+        }
+    )
+
+    def validate(self) -> None:
+        for name in ("draft", "neutralize", "stylize", "direct", "llm_style"):
+            missing = [lang for lang in LANGS if lang not in getattr(self, name)]
+            if missing:
+                raise ConfigError(f"{name}: no template for {', '.join(missing)}")
+
+
+def render_facts(facts: dict[str, str]) -> str:
+    """``attribute: value`` lines, in the order given."""
+    return "\n".join(f"{key}: {value}" for key, value in facts.items())
+
+
+def fill(templates: dict[str, str], article: dict[str, Any], /, **fields: str) -> str:
+    """The template of the article's language filled with ``fields`` (and ``{facts}`` from the article)."""
+    template = templates[article["lang"]]
+    if "{facts}" in template:
+        fields["facts"] = render_facts(article["facts"])
+    return template.format(**fields)
+
+
+def world_articles(
+    seed: int, split: str, size: int, langs: list[str], offset: int = 0
+) -> list[dict[str, Any]]:
+    """World articles ``offset .. offset + size - 1`` of ``split``, each in every language of ``langs``."""
+    from mmfactory.world.articles import article
+
+    return [article(seed, split, i, lang) for i in range(offset, offset + size) for lang in langs]
+
+
+def _parse_styled_article(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    lang = require(raw, "lang", str)
+    if lang not in LANGS:
+        raise BadSampleError(f"'lang' must be one of {LANGS}, got {lang!r}", reason=BadReason.INVALID_RECORD)
+    facts = raw.get("facts", {})
+    if not isinstance(facts, dict) or not all(isinstance(v, str) for v in facts.values()):
+        raise BadSampleError("'facts' must map strings to strings", reason=BadReason.INVALID_RECORD)
+    for value in facts.values():
+        check_text(value, "a fact value")
+    draft = raw.get("draft")
+    if draft is not None:
+        draft = require_text(raw, "draft")
+    return {
+        "id": str(require(raw, "id", (str, int))),
+        "lang": lang,
+        "facts": facts,
+        "draft": draft,
+        "reference": require_text(raw, "reference"),
+    }
+
+
+def read_styled_articles(
+    path: str | Path, *, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
+) -> list[dict[str, Any]]:
+    """Articles JSONL where ``draft`` and ``facts`` may be absent (``None`` / ``{}``), validated."""
+    records = read_annotation_file(
+        path,
+        _parse_styled_article,
+        dict,
+        json_list=False,
+        on_bad_sample=on_bad_sample,
+        counter=counter,
+        check_media=False,
+    )
+    return [records[i] for i in range(len(records))]
+
+
+def hallucinated_article(article: dict[str, Any], index: int, pool: list[dict[str, Any]]) -> str | None:
+    """A C-DPO negative: the styled article with a fact added or contradicted (``None`` if none can be made).
+
+    World articles carry such variants: even ``index`` takes the one with an unsupported (added) fact,
+    odd the contradicted one. Other articles get a contradiction: the value of one fact that appears
+    verbatim in the reference is replaced everywhere by another value of that attribute from ``pool``
+    (articles in the same language); which fact and which value is decided by ``index``.
+    """
+    variants = article.get("variants")
+    if variants:
+        return variants["unsupported" if index % 2 == 0 else "contradicted"]
+    reference, facts = article["reference"], article["facts"]
+    attributes = sorted(a for a, v in facts.items() if v in reference)
+    for shift in range(len(attributes)):
+        attribute = attributes[(index + shift) % len(attributes)]
+        others = sorted(
+            {p["facts"][attribute] for p in pool if p["lang"] == article["lang"] and attribute in p["facts"]}
+            - {facts[attribute]}
+        )
+        others = [v for v in others if v not in reference]
+        if others:
+            return reference.replace(facts[attribute], others[index % len(others)])
+    return None

@@ -1,0 +1,103 @@
+"""SAG self-improvement filter: keep the stylist's own samples that are in style and faithful.
+
+For each input the stylist samples ``N`` candidates. A candidate passes the **style check** when the
+style scorer gives it at least ``min_style_score``, and the **fact check** when, against the source
+facts, it makes no contradicted and no unsupported claim (counted as NoteBench's hallucination rates
+count them) and states at least ``min_fact_recall`` of the facts. Of the distinct candidates passing
+both, the ``keep_per_input`` with the highest style score are kept and join the S-SFT data of the next
+round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ClaimsFn = Callable[[str, str], dict[str, str]]  # (text, lang) -> {attribute: value}
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds of the filter (the paper names the checks, not their thresholds)."""
+
+    min_style_score: float = 0.5
+    min_fact_recall: float = 1.0  # share of the source facts a kept candidate must state correctly
+    keep_per_input: int = 1
+
+
+@dataclass(frozen=True)
+class FactCheck:
+    contradicted: int  # claims whose attribute is in the facts with another value
+    unsupported: int  # claims whose attribute is not in the facts
+    recall: float  # share of the facts claimed with their value (1.0 for no facts)
+
+    def passed(self, min_recall: float) -> bool:
+        return self.contradicted == 0 and self.unsupported == 0 and self.recall >= min_recall
+
+
+def _normalize(text: str) -> str:
+    return text.strip().casefold()
+
+
+def fact_check(claims: dict[str, str], facts: dict[str, str]) -> FactCheck:
+    """Compare a text's claims with its source facts, with NoteBench's rule (:func:`hallucination_rates`:
+    keys and values compared after ``strip().casefold()``)."""
+    source = {_normalize(key): _normalize(value) for key, value in facts.items()}
+    contradicted = unsupported = 0
+    for key, value in claims.items():
+        source_value = source.get(_normalize(key))
+        if source_value is None:
+            unsupported += 1
+        elif source_value != _normalize(value):
+            contradicted += 1
+    stated = len(claims) - contradicted - unsupported
+    return FactCheck(contradicted, unsupported, stated / len(facts) if facts else 1.0)
+
+
+@dataclass
+class FilterResult:
+    """``kept``: ``(input index, text, style score)``; ``stats``: counts and mean scores of the round."""
+
+    kept: list[tuple[int, str, float]]
+    stats: dict[str, float]
+
+
+def filter_candidates(
+    candidates: list[list[str]],
+    style_scores: list[list[float]],
+    inputs: list[dict],
+    cfg: FilterConfig,
+    claims_fn: ClaimsFn,
+) -> FilterResult:
+    """Apply both checks to ``candidates[i][j]`` (input ``i``'s ``j``-th sample, style score
+    ``style_scores[i][j]``) against ``inputs[i]["facts"]`` in ``inputs[i]["lang"]``."""
+    kept: list[tuple[int, str, float]] = []
+    counts = dict.fromkeys(("candidates", "passed_style", "passed_facts", "passed_both"), 0)
+    score_sum = kept_score_sum = 0.0
+    for i, (texts, scores, source) in enumerate(zip(candidates, style_scores, inputs, strict=True)):
+        passing: dict[str, float] = {}
+        for text, score in zip(texts, scores, strict=True):
+            style_ok = score >= cfg.min_style_score
+            facts_ok = fact_check(claims_fn(text, source["lang"]), source["facts"]).passed(
+                cfg.min_fact_recall
+            )
+            counts["candidates"] += 1
+            counts["passed_style"] += style_ok
+            counts["passed_facts"] += facts_ok
+            counts["passed_both"] += style_ok and facts_ok
+            score_sum += score
+            if style_ok and facts_ok:
+                passing[text] = score
+        best = sorted(passing.items(), key=lambda item: -item[1])[: cfg.keep_per_input]
+        kept += [(i, text, score) for text, score in best]
+        kept_score_sum += sum(score for _, score in best)
+    stats: dict[str, float] = {
+        **counts,
+        "kept": len(kept),
+        "inputs": len(inputs),
+        "inputs_with_kept": len({i for i, _, _ in kept}),
+        "rejected": counts["candidates"] - counts["passed_both"],
+        "mean_style_score": score_sum / max(counts["candidates"], 1),
+        "mean_kept_style_score": kept_score_sum / max(len(kept), 1),
+    }
+    return FilterResult(kept, stats)

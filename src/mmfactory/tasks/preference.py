@@ -1,0 +1,256 @@
+"""Preference optimisation of a causal LM against a frozen reference: sigmoid DPO or paired KTO.
+
+The policy is the stage's model (``model`` section or ``init_from``); the reference is frozen and, by
+default, a copy of the policy as the stage starts (DPO's ``pi_ref = pi_SFT``, SAG's C-DPO). Set
+``model.reference`` to use another model with the same vocabulary instead (LLaVA-MoD: the teacher).
+Subclasses change where pairs come from (:meth:`CausalLMDPOTask.pairs`) or how reference log-probs
+are obtained (:meth:`CausalLMDPOTask.reference_logps`).
+
+Each pair renders as a user turn (the prompt) and an assistant turn (chosen or rejected) with the
+stage's chat template; sequence log-probs sum over the assistant tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmfactory.config import ConfigError
+from mmfactory.data.chat import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    TemplateName,
+    TokenizedChat,
+    collate_chats,
+    tokenize_chat,
+)
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.readers.preference import read_preference
+from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
+from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.tasks.base import StageContext, TrainingTask
+from mmfactory.tasks.causal_lm import CHAT_META
+
+
+@dataclass
+class DPOModelConfig(CausalLMConfig):
+    """The policy (the :class:`CausalLMConfig` fields, or the stage's ``init_from``) and its reference.
+
+    ``reference``: ``None`` for a frozen copy of the policy's starting weights; otherwise a causal LM
+    whose ``path`` may also name an earlier stage. It must share the policy's vocabulary.
+    """
+
+    reference: CausalLMConfig | None = None
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Pairs from the built-in world or preference JSONL (``{"id", "prompt", "chosen", "rejected"}``).
+
+    The world's pairs are SAG C-DPO notes (faithful vs hallucinated styled article for a draft),
+    alternating over ``world_langs``. Records with an ``image`` are refused: this task is text-only.
+    """
+
+    source: Literal["world", "jsonl"] = "world"
+    train: str | None = None  # JSONL path when source = jsonl
+    eval: str | None = None
+    world_train_size: int = 1000
+    world_eval_size: int = 100
+    world_seed: int = 0
+    world_langs: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en", "zh"])
+    max_length: int = 256  # tokens per prompt + reply; longer ones are right-truncated and counted
+    template: TemplateName = "chatml"
+    pad_to_multiple_of: int | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class DPOOptions:
+    """``loss``: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``kto_pair`` (LLaVA-MoD's scripts).
+
+    ``sft_weight`` adds that times the NLL of the chosen replies, averaged over their tokens in the
+    micro-batch (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): it keeps DPO from lowering the likelihood
+    of the chosen replies along with that of the rejected ones.
+    """
+
+    loss: Literal["sigmoid", "kto_pair"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid only (conservative DPO)
+    sft_weight: float = 0.0
+
+    def validate(self) -> None:
+        if self.loss != "sigmoid" and self.label_smoothing:
+            raise ConfigError("label_smoothing: only the sigmoid loss smooths labels")
+
+
+@dataclass
+class TokenizedPair:
+    chosen: TokenizedChat
+    rejected: TokenizedChat
+
+
+def load_frozen_lm(cfg: CausalLMConfig, ctx: StageContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM with ``requires_grad=False`` in eval mode; ``cfg.path`` may name an earlier stage."""
+    init_dir = ctx.stage_outputs.get(cfg.path) if cfg.path is not None else None
+    model, tokenizer = load_causal_lm(cfg, init_dir)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N]`` summed log-probs of the labelled tokens of ``batch`` (``input_ids``/``labels`` ``[N, T]``)
+    and ``[N]`` counts of those tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logprobs(logits, batch["labels"])
+
+
+class CausalLMDPOTask(TrainingTask):
+    """Batches hold the ``B`` chosen rows then the ``B`` rejected rows: ``input_ids``, ``labels``,
+    ``attention_mask`` of shape ``[2B, T]``; the loss averages over pairs."""
+
+    model_config = DPOModelConfig
+    data_config = PreferenceDataConfig
+    options_config = DPOOptions
+    loss_unit = "pairs"
+
+    def __init__(self, stage, ctx, model_cfg: DPOModelConfig, data_cfg, options: DPOOptions):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
+        self.reference = self.build_reference()
+        self.template = TEMPLATES[data_cfg.template]
+        self.counts: Counter[str] = Counter()
+        self.bad_samples = BadSampleCounter()
+        self._datasets: dict[str, list[TokenizedPair]] = {}
+
+    def build_reference(self) -> nn.Module:
+        """The frozen reference: a copy of the starting policy, or ``model.reference``."""
+        if self.model_cfg.reference is None:
+            reference = copy.deepcopy(self.model)
+            reference.requires_grad_(False)
+            return reference.eval()
+        reference, tokenizer = load_frozen_lm(self.model_cfg.reference, self.ctx)
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                "model.reference: its tokenizer's vocabulary differs from the policy's; DPO compares "
+                "log-probs of the same token ids, so both models must share one vocabulary"
+            )
+        return reference
+
+    def train(self, mode: bool = True) -> CausalLMDPOTask:
+        super().train(mode)
+        self.reference.eval()  # frozen: no dropout, whatever the loop asks of the policy
+        return self
+
+    # -- data ----------------------------------------------------------------------------------------
+    def pairs(self, split: str) -> list[dict[str, str]]:
+        """``[{"prompt", "chosen", "rejected"}]`` of ``split`` (``train`` or ``eval``)."""
+        cfg = self.data_cfg
+        if cfg.source == "world":
+            from mmfactory.world.articles import article_preference
+
+            size, world_split = (
+                (cfg.world_train_size, "train") if split == "train" else (cfg.world_eval_size, "val")
+            )
+            langs = cfg.world_langs
+            return [
+                article_preference(cfg.world_seed, world_split, i, langs[i % len(langs)]) for i in range(size)
+            ]
+        path = cfg.train if split == "train" else cfg.eval
+        if path is None:
+            return []
+        records = read_preference(
+            path, on_bad_sample=cfg.on_bad_sample, counter=self.bad_samples, check_media=False
+        )
+        if any(record.fields["image"] is not None for record in records.records):
+            raise ConfigError(f"data.{split}: {path} has image records; causal_lm_dpo is text-only")
+        return [records[i] for i in range(len(records))]
+
+    def _tokenized(self, split: str) -> list[TokenizedPair]:
+        if split not in self._datasets:
+            kept = []
+            for pair in self.pairs(split):
+                prompt = {"role": "user", "content": pair["prompt"]}
+                chosen, rejected = (
+                    tokenize_chat(
+                        [prompt, {"role": "assistant", "content": pair[key]}],
+                        self.tokenizer,
+                        self.template,
+                        self.data_cfg.max_length,
+                    )
+                    for key in ("chosen", "rejected")
+                )
+                self.counts[f"{split}/truncated"] += chosen.truncated or rejected.truncated
+                if any(all(t == IGNORE_INDEX for t in s.labels[1:]) for s in (chosen, rejected)):
+                    self.counts[f"{split}/skipped_no_reply_tokens"] += 1  # truncation ate a whole reply
+                    continue
+                kept.append(TokenizedPair(chosen, rejected))
+            self.counts[f"{split}/pairs"] = len(kept)
+            self._datasets[split] = kept
+        return self._datasets[split]
+
+    def train_dataset(self) -> list[TokenizedPair]:
+        return self._tokenized("train")
+
+    def eval_dataset(self) -> list[TokenizedPair] | None:
+        return self._tokenized("eval") or None
+
+    def collate(self, samples: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        chats = [s.chosen for s in samples] + [s.rejected for s in samples]
+        return collate_chats(chats, self.tokenizer.pad_token_id, self.data_cfg.pad_to_multiple_of)
+
+    def data_report(self) -> dict[str, int]:
+        skipped = {f"skipped/{reason}": n for reason, n in self.bad_samples.summary().items()}
+        return {**self.counts, **skipped}
+
+    # -- math ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[2B]`` sequence log-probs under the frozen reference."""
+        return sequence_logps(self.reference, batch)[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        policy_logps, num_tokens = sequence_logps(self.model, batch)
+        policy_chosen, policy_rejected = policy_logps.chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
+        opts = self.options
+        if opts.loss == "sigmoid":
+            loss, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta, opts.label_smoothing
+            )
+        else:
+            loss, chosen_rewards, rejected_rewards = kto_pair_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta
+            )
+        metrics = {}
+        if opts.sft_weight:
+            nll_chosen = -policy_chosen.sum() / num_tokens.chunk(2)[0].sum().clamp(min=1)
+            loss = loss + opts.sft_weight * nll_chosen
+            metrics["nll_chosen"] = nll_chosen.detach()
+        return {
+            "loss": loss,
+            **metrics,
+            "reward_chosen": chosen_rewards.mean(),
+            "reward_rejected": rejected_rewards.mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps_chosen": policy_chosen.detach().mean(),
+            "logps_rejected": policy_rejected.detach().mean(),
+        }
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    # -- output --------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / CHAT_META).write_text(json.dumps({"template": self.data_cfg.template}))

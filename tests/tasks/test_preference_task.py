@@ -1,0 +1,145 @@
+"""causal_lm_dpo: the task's loss against a naive per-sequence DPO in forward and gradient, and a
+stage that trains the policy while the frozen reference stays bit-identical."""
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from mmfactory.config import ConfigError, StageConfig, TrainConfig
+from mmfactory.data.chat import IGNORE_INDEX
+from mmfactory.runner import _make_accelerator
+from mmfactory.tasks import build_task
+from mmfactory.tasks.base import StageContext
+from mmfactory.train.loop import train_stage
+from tests.helpers import TINY_LM
+
+
+def _stage(tmp_path, options=None, model=None, data=None, **train) -> tuple[StageConfig, StageContext]:
+    stage = StageConfig(
+        name="dpo",
+        task="causal_lm_dpo",
+        model=model or {"tiny": dict(TINY_LM)},
+        data={
+            "source": "world",
+            "world_train_size": 24,
+            "world_eval_size": 4,
+            "max_length": 96,
+            **(data or {}),
+        },
+        options=options or {},
+        train=TrainConfig(**{"max_steps": 6, "batch_size": 4, "log_every": 1, **train}),
+    )
+    stage_dir = tmp_path / "dpo"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return stage, StageContext(tmp_path, stage_dir)
+
+
+def _naive_logps(model, input_ids, labels) -> torch.Tensor:
+    """Each sequence alone, unpadded: sum over reply tokens t of log softmax(logits[t-1])[token t]."""
+    out = []
+    for ids, labs in zip(input_ids, labels, strict=True):
+        length = int((labs != IGNORE_INDEX).nonzero().max()) + 1
+        logits = model(input_ids=ids[None, :length]).logits[0].double()
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(1, length):
+            if labs[t] != IGNORE_INDEX:
+                total = total + torch.log_softmax(logits[t - 1], -1)[labs[t]]
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("loss", "sft_weight"), [("sigmoid", 0.0), ("kto_pair", 0.0), ("sigmoid", 0.5)])
+def test_dpo_loss_and_gradient_match_naive(tmp_path, loss, sft_weight):
+    set_seed(0)
+    stage, ctx = _stage(tmp_path, options={"loss": loss, "beta": 0.5, "sft_weight": sft_weight})
+    task = build_task(stage, 0, ctx).double()  # float64: the comparison is exact up to summation order
+    with torch.no_grad():  # move the policy away from the reference so the log-ratios are not zero
+        for p in task.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = task.collate(task.train_dataset()[:3])
+    assert batch["input_ids"].shape[0] == 6 and task.loss_weight(batch) == 3
+
+    out = task(batch)
+    grads = torch.autograd.grad(out["loss"], list(task.model.parameters()))
+
+    policy = _naive_logps(task.model, batch["input_ids"], batch["labels"])
+    with torch.no_grad():
+        ref = _naive_logps(task.reference, batch["input_ids"], batch["labels"])
+    r_w, r_l = policy[:3] - ref[:3], policy[3:] - ref[3:]
+    if loss == "sigmoid":
+        expected = torch.stack(
+            [-torch.log(torch.sigmoid(0.5 * (w - l))) for w, l in zip(r_w, r_l, strict=True)]
+        ).mean()
+    else:
+        z_w, z_l = r_w.detach().mean().clamp(min=0), r_l.detach().mean().clamp(min=0)
+        terms = [1 - torch.sigmoid(0.5 * (w - z_l)) for w in r_w] + [
+            1 - torch.sigmoid(0.5 * (z_w - l)) for l in r_l
+        ]
+        expected = torch.stack(terms).mean()
+    if sft_weight:  # RPO: plus the NLL of the chosen replies, averaged over their tokens
+        chosen_tokens = (batch["labels"][:3, 1:] != IGNORE_INDEX).sum()
+        expected = expected - sft_weight * policy[:3].sum() / chosen_tokens
+    expected_grads = torch.autograd.grad(expected, list(task.model.parameters()))
+
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-9, atol=1e-12)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(out["reward_chosen"], 0.5 * r_w.detach().mean(), rtol=1e-9, atol=1e-12)
+    assert out["reward_accuracy"].item() == pytest.approx((r_w > r_l).double().mean().item())
+
+
+def test_dpo_stage_trains_policy_and_keeps_reference_bit_identical(tmp_path):
+    set_seed(0)
+    stage, ctx = _stage(tmp_path, max_steps=12)
+    stage.optimizer.lr = 3e-3
+    accelerator = _make_accelerator(stage)
+    task = build_task(stage, 0, ctx)
+    reference_before = {k: v.clone() for k, v in task.reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in task.model.state_dict().items()}
+
+    summary = train_stage(task, stage, ctx.stage_dir, accelerator)
+
+    assert summary["metrics"]["train_first_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == ref
+    assert summary["metrics"]["train_loss"] < summary["metrics"]["train_first_loss"] - 0.05
+    assert summary["metrics"]["eval_reward_margin"] > 0
+    assert not task.reference.training and all(not p.requires_grad for p in task.reference.parameters())
+    for name, value in task.reference.state_dict().items():
+        assert torch.equal(value, reference_before[name]), f"reference {name} changed"
+    changed = [not torch.equal(v, policy_before[k]) for k, v in task.model.state_dict().items()]
+    assert all(changed)
+
+
+def test_reference_must_share_the_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<unk>").save_pretrained(tmp_path / "tok")
+    model = {"tiny": dict(TINY_LM), "reference": {"tiny": dict(TINY_LM), "tokenizer": str(tmp_path / "tok")}}
+    stage, ctx = _stage(tmp_path, model=model)
+    with pytest.raises(ConfigError, match="vocabulary differs"):
+        build_task(stage, 0, ctx)
+
+    set_seed(0)
+    stage, ctx = _stage(
+        tmp_path, model={"tiny": dict(TINY_LM), "reference": {"tiny": {**TINY_LM, "hidden_size": 48}}}
+    )
+    task = build_task(stage, 0, ctx)
+    assert task.reference.config.hidden_size == 48 and task.model.config.hidden_size == 32
+
+
+def test_jsonl_pairs_and_refusals(tmp_path):
+    pairs = [{"id": i, "prompt": f"Say {i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs) + "{not json\n")
+    stage, ctx = _stage(tmp_path, data={"source": "jsonl", "train": str(path), "on_bad_sample": "skip"})
+    task = build_task(stage, 0, ctx)
+    assert len(task.train_dataset()) == 3 and task.eval_dataset() is None
+    assert task.data_report()["skipped/malformed_json"] == 1
+
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        build_task(_stage(tmp_path, options={"loss": "kto_pair", "label_smoothing": 0.1})[0], 0, ctx)
