@@ -20,7 +20,8 @@ def _naive(logits, labels):
 
 def test_hand_computed_value():
     # Position 0 predicts token 1 with uniform logits over 4 tokens: loss log(4).
-    # Position 1 predicts token 2 with logits [0, 0, log 3, 0]: p = 3/6, loss log(2). Mean = (log 4 + log 2) / 2.
+    # Position 1 predicts token 2 with logits [0, 0, log 3, 0]: p = 3/6, loss log(2).
+    # Mean = (log 4 + log 2) / 2.
     logits = torch.zeros(1, 3, 4)
     logits[0, 1, 2] = math.log(3)
     labels = torch.tensor([[IGNORE_INDEX, 1, 2]])
