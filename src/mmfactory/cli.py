@@ -3,6 +3,8 @@
     mmfactory recipes                                  list the shipped recipes
     mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
     mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
+    mmfactory generate ... --image PNG                 ask a multimodal model about an image
+    mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
 
 Several processes: ``torchrun --nproc_per_node N -m mmfactory.cli run ...`` or ``accelerate launch``.
@@ -40,6 +42,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.image:
+        return _generate_about_image(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,6 +69,38 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.prompt, generate_replies(model, tokenizer, TEMPLATES[template], conversations, cfg), strict=True
     ):
         print(f">>> {prompt}\n{reply}\n")
+    return 0
+
+
+def _generate_about_image(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmfactory.data.media import load_image
+    from mmfactory.eval.mllm import generate_replies, load_mllm
+    from mmfactory.models.generation import GenerationConfig
+
+    model, processor = load_mllm(args.model)
+    image = load_image(args.image)
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
+    conversations = [[{"role": "user", "content": f"{processor.image_token}\n{p}"}] for p in args.prompt]
+    replies = generate_replies(model, processor, conversations, [[image]] * len(args.prompt), cfg)
+    for prompt, reply in zip(args.prompt, replies, strict=True):
+        print(f">>> {prompt}\n{reply}\n")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mmfactory.eval.mllm import evaluate_mllm, load_mllm, world_benchmarks
+    from mmfactory.models.generation import GenerationConfig
+
+    model, processor = load_mllm(args.model)
+    benchmarks = world_benchmarks(args.vqa, args.pope, args.captions, seed=args.seed, split=args.split)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    metrics = evaluate_mllm(model, processor, benchmarks, cfg)
+    for key, value in metrics.items():
+        print(f"{key:<36} {value:.4f}")
     return 0
 
 
@@ -99,7 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--template", choices=["chatml", "llama3"], help="default: the one the model was trained with"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", help="ask the prompts about this image (a multimodal model folder)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="score a multimodal model on the world's held-out VQA, POPE, captions")
+    p.add_argument("--model", required=True, help="a model folder, e.g. runs/llava-tiny/instruct/final")
+    p.add_argument("--vqa", type=int, default=500, help="questions (0 = skip)")
+    p.add_argument("--pope", type=int, default=200, help="probes per POPE split (0 = skip)")
+    p.add_argument("--captions", type=int, default=100, help="images to caption (0 = skip)")
+    p.add_argument("--split", default="test", choices=["val", "test", "test_compositional"])
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=_cmd_eval)
 
     world = sub.add_parser("world", help="the built-in procedural multimodal world")
     world_sub = world.add_subparsers(dest="world_command", required=True)

@@ -1,0 +1,317 @@
+"""Multimodal chat data: conversations with images, one chat template, labels on assistant replies only.
+
+Every source becomes conversations (``[{"role", "content"}, ...]``) holding one ``<image>`` per image (LLaVA
+puts it at the start of the first user turn) plus the images as uint8 ``[H, W, 3]``: LLaVA JSON files
+(read by :func:`mmfactory.data.readers.read_llava`) and the built-in world's captions, VQA and LLaVA-style
+conversations. :class:`MultimodalProcessor` renders them with a template of :mod:`mmfactory.data.chat`,
+expands each ``<image>`` into the ``P`` placeholder tokens that the model fills with its visual tokens, and
+preprocesses images (LLaVA-1.5's pad-to-square with the mean colour, then the tower's image processor:
+resize, centre-crop, normalise).
+
+A conversation longer than ``max_length`` is right-truncated and counted, unless the cut would fall in or
+before an image span: then it is skipped and counted (a partial span can never be filled correctly).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
+
+from mmfactory.data.chat import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    ChatTemplate,
+    TemplateName,
+    TokenizedChat,
+    collate_chats,
+    generation_prompt,
+    tokenize_chat,
+)
+from mmfactory.data.policy import BadSampleCounter, BadSamplePolicy
+from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+
+PROCESSOR_META = "mmfactory_processor.json"  # template and image settings, next to the model
+WorldKind = Literal["captions", "vqa", "llava"]
+
+
+@dataclass
+class MultimodalSample(TokenizedChat):
+    """A tokenised conversation (placeholders expanded) and its images, uint8 ``[H, W, 3]`` each."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """Centre ``[H, W, 3]`` on a square of colour ``fill`` (LLaVA-1.5's ``image_aspect_ratio: pad``)."""
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    canvas = np.empty((side, side, 3), dtype=image.dtype)
+    canvas[:] = np.asarray(fill, dtype=image.dtype)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
+@dataclass
+class MultimodalProcessor:
+    """Text and images of a conversation -> model inputs; also builds generation prompts.
+
+    Args:
+        tokenizer: has ``image_token`` as a single token.
+        image_processor: the vision tower's (output side = the tower's ``image_size``).
+        num_image_tokens: ``P``, placeholder tokens per image (``MultimodalLMConfig.num_image_tokens``).
+        template_name: a chat template of :data:`mmfactory.data.chat.TEMPLATES`.
+        pad_square: pad non-square images to squares of the mean colour before the image processor.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: BaseImageProcessor
+    num_image_tokens: int
+    template_name: TemplateName = "chatml"
+    image_token: str = IMAGE_TOKEN
+    pad_square: bool = True
+
+    def __post_init__(self) -> None:
+        self.template: ChatTemplate = TEMPLATES[self.template_name]
+        ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"the tokenizer splits {self.image_token!r} into {ids}; add it as a special token"
+            )
+        self.image_token_id: int = ids[0]
+
+    # -- images ----------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` images -> ``[N, 3, S, S]`` float32, ``S`` the tower's image size."""
+        if not images:
+            size = self.image_processor.crop_size or self.image_processor.size
+            return torch.zeros((0, 3, size["height"], size["width"]))
+        if self.pad_square:
+            fill = [round(255 * m) for m in self.image_processor.image_mean]
+            images = [pad_to_square(image, fill) for image in images]
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    # -- text ------------------------------------------------------------------------------------
+    def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Each placeholder -> ``P`` placeholders, never learned."""
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for token, label in zip(ids, labels, strict=True):
+            if token == self.image_token_id:
+                out_ids += [token] * self.num_image_tokens
+                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+            else:
+                out_ids.append(token)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def tokenize(self, messages: list[dict[str, str]]) -> TokenizedChat:
+        """The whole conversation, placeholders expanded, labels on assistant replies (not truncated)."""
+        chat = tokenize_chat(messages, self.tokenizer, self.template)
+        return TokenizedChat(*self._expand(chat.input_ids, chat.labels), truncated=False)
+
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the conversation so far plus an open assistant turn, placeholders expanded."""
+        ids = generation_prompt(messages, self.tokenizer, self.template)
+        return self._expand(ids, ids)[0]
+
+    def fit(self, chat: TokenizedChat, max_length: int) -> TokenizedChat | None:
+        """Right-truncate to ``max_length``; None when the cut would fall in or before an image span."""
+        if len(chat.input_ids) <= max_length:
+            return chat
+        if self.image_token_id in chat.input_ids[max_length:]:
+            return None
+        return TokenizedChat(chat.input_ids[:max_length], chat.labels[:max_length], truncated=True)
+
+    def collate(
+        self, samples: list[MultimodalSample], pad_to_multiple_of: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``labels``, ``attention_mask`` ``[B, T]`` (right-padded) and ``pixel_values``
+        ``[N, 3, S, S]``, the batch's images in reading order."""
+        batch = collate_chats(samples, self.tokenizer.pad_token_id, pad_to_multiple_of)
+        batch["pixel_values"] = self.pixel_values([image for s in samples for image in s.images])
+        return batch
+
+    # -- files -----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Tokenizer, ``preprocessor_config.json`` and the template/pad settings."""
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        meta = {
+            "template": self.template_name,
+            "image_token": self.image_token,
+            "pad_square": self.pad_square,
+        }
+        (Path(folder) / PROCESSOR_META).write_text(json.dumps(meta))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, num_image_tokens: int) -> MultimodalProcessor:
+        """The processor saved with a model by :meth:`save_pretrained`."""
+        meta = json.loads((Path(folder) / PROCESSOR_META).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        return cls(
+            tokenizer,
+            image_processor,
+            num_image_tokens,
+            meta["template"],
+            meta["image_token"],
+            meta["pad_square"],
+        )
+
+
+def chat_template_jinja(template: ChatTemplate, image_token: str = IMAGE_TOKEN) -> str:
+    """A Hugging Face chat template (Jinja) that renders conversations as :class:`MultimodalProcessor`
+    does; in list contents, ``{"type": "image"}`` items become ``"<image>\\n"``. Used for export."""
+    head, tail = template.header.split("{role}")
+    text = json.dumps
+    return (
+        "{% for message in messages %}"
+        f"{{{{ {text(head)} + message['role'] + {text(tail)} }}}}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}"
+        f"{{% if item['type'] == 'image' %}}{{{{ {text(image_token + chr(10))} }}}}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        f"{{{{ {text(template.end + template.separator)} }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ {text(head + 'assistant' + tail)} }}}}{{% endif %}}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and the dataset
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageConversations:
+    """Conversations and their images: ``messages[i]`` holds ``num_images[i]`` placeholders for the images
+    ``images(i)`` returns (decoded on access; the callable is picklable for DataLoader workers)."""
+
+    messages: list[list[dict[str, str]]]
+    num_images: list[int]
+    images: Callable[[int], list[np.ndarray]]
+
+    def __add__(self, other: ImageConversations) -> ImageConversations:
+        return ImageConversations(
+            self.messages + other.messages,
+            self.num_images + other.num_images,
+            partial(_concatenated, self.images, other.images, len(self.messages)),
+        )
+
+
+def _concatenated(first: Callable, second: Callable, split: int, index: int) -> list[np.ndarray]:
+    return first(index) if index < split else second(index - split)
+
+
+def _decoded_images(dataset: Dataset, index: int) -> list[np.ndarray]:
+    return dataset[index]["images"]
+
+
+def world_conversations(
+    kind: WorldKind, split: str, n: int, seed: int = 0, lang: str = "en", image_size: int = 32
+) -> ImageConversations:
+    """``n`` conversations of one image each from the built-in world.
+
+    ``captions``: brief description requests (LLaVA's stage-1 data); ``vqa``: one short-answer question;
+    ``llava``: 1-3 turns mixing a brief or detailed description and questions.
+    """
+    from mmfactory.world import World
+    from mmfactory.world.vqa import DESCRIBE
+
+    world = World(seed=seed, image_size=image_size)
+    if kind == "captions":
+        items = world.pairs(split, n, lang, detail="brief")
+        turns = [(DESCRIBE[lang]["brief"], item["text"]) for item in items]
+    elif kind == "vqa":
+        items = world.vqa(split, n, lang)
+        turns = [(item["question"], item["answer"]) for item in items]
+    elif kind == "llava":
+        items = world.llava(split, n, lang)
+    else:
+        raise ValueError(f"unknown world kind {kind!r}; expected captions, vqa or llava")
+    if kind == "llava":  # as read_llava returns them
+        messages, images = [item["conversations"] for item in items], [item["images"] for item in items]
+    else:
+        messages = [
+            [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}, {"role": "assistant", "content": a}]
+            for q, a in turns
+        ]
+        images = [[item["image"]] for item in items]
+    return ImageConversations(messages, [len(i) for i in images], partial(operator.getitem, images))
+
+
+def llava_file_conversations(
+    path: str | Path, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
+) -> ImageConversations:
+    """A LLaVA JSON file (``[{"id", "image", "conversations": [{"from", "value"}]}]``); images are decoded
+    when a sample is drawn."""
+    from mmfactory.data.readers import read_llava
+
+    dataset = read_llava(path, on_bad_sample=on_bad_sample, counter=counter)
+    return ImageConversations(
+        [record.fields["conversations"] for record in dataset.records],
+        [len(record.fields["images"]) for record in dataset.records],
+        partial(_decoded_images, dataset),
+    )
+
+
+class MultimodalChatDataset(Dataset):
+    """Conversations tokenised once (placeholders expanded, fitted to ``max_length``); images per item.
+
+    ``counts`` receives ``{split}/samples``, ``{split}/truncated``, ``{split}/skipped_image_cut`` (a span
+    would not fit) and ``{split}/skipped_no_reply_tokens`` (truncation left nothing to learn).
+    """
+
+    def __init__(
+        self,
+        source: ImageConversations,
+        processor: MultimodalProcessor,
+        max_length: int,
+        counts: Counter[str],
+        split: str = "train",
+    ):
+        self.source = source
+        self.samples: list[tuple[int, TokenizedChat]] = []
+        per_image = processor.num_image_tokens
+        for index, messages in enumerate(source.messages):
+            chat = processor.tokenize(messages)
+            placeholders = chat.input_ids.count(processor.image_token_id)
+            if placeholders != per_image * source.num_images[index]:
+                raise ValueError(
+                    f"{split} conversation {index}: {placeholders // per_image} {processor.image_token} "
+                    f"placeholders in the text for {source.num_images[index]} images"
+                )
+            fitted = processor.fit(chat, max_length)
+            if fitted is None:
+                counts[f"{split}/skipped_image_cut"] += 1
+            elif all(label == IGNORE_INDEX for label in fitted.labels[1:]):
+                counts[f"{split}/skipped_no_reply_tokens"] += 1
+            else:
+                counts[f"{split}/truncated"] += fitted.truncated
+                self.samples.append((index, fitted))
+        counts[f"{split}/samples"] = len(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> MultimodalSample:
+        source_index, chat = self.samples[index]
+        return MultimodalSample(chat.input_ids, chat.labels, chat.truncated, self.source.images(source_index))

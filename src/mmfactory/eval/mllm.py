@@ -1,0 +1,224 @@
+"""Generation benchmarks of a multimodal LM: VQA accuracy by question type, POPE yes/no metrics per split,
+captioning CIDEr-D / BLEU-4, generation throughput and peak memory.
+
+Each benchmark is a list of sample dicts with an ``image`` (uint8 ``[H, W, 3]``) as the world and the
+readers of :mod:`mmfactory.data.readers` produce them: VQA ``{"question", "answer", "type"}``, POPE
+``{"question", "label"}``, captions ``{"references": [str, ...]}``. Questions are asked the way training
+data asks them (``<image>\\n`` + question, one user turn) and answered greedily.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor
+from mmfactory.eval.metrics import cider_d, corpus_bleu, tokenize_13a, vqa_accuracy, yes_no_metrics
+from mmfactory.models.generation import GenerationConfig, end_of_turn_ids
+from mmfactory.models.mllm import MultimodalLM
+from mmfactory.world.vqa import DESCRIBE
+
+CAPTION_PROMPT = DESCRIBE["en"]["brief"]  # as the captions of training ask (LLaVA stage-1 style)
+
+
+def load_mllm(
+    folder: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[MultimodalLM, MultimodalProcessor]:
+    """A trained model folder (a stage's ``final/``) -> ``(model, processor)``, on CUDA when available."""
+    model = MultimodalLM.from_pretrained(folder, dtype=dtype)
+    processor = MultimodalProcessor.from_pretrained(folder, model.config.num_image_tokens)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
+
+
+@dataclass
+class GenerationMeter:
+    """Generated tokens (up to and including the stop token) and the seconds spent generating them."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def generate_replies(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    conversations: list[list[dict[str, str]]],
+    images: list[list[np.ndarray]],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> list[str]:
+    """One reply per conversation (each ends with a user turn whose ``<image>`` s match ``images[i]``).
+
+    Prompts are left-padded into batches of ``cfg.batch_size`` so every prompt ends at the same column.
+    """
+    tokenizer = processor.tokenizer
+    stop = end_of_turn_ids(tokenizer, processor.template)
+    sampling = (
+        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p} if cfg.do_sample else {}
+    )
+    device = model.device
+    replies: list[str] = []
+    for lo in range(0, len(conversations), cfg.batch_size):
+        prompts = [processor.prompt(c) for c in conversations[lo : lo + cfg.batch_size]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt) :] = 1
+        pixel_values = processor.pixel_values([im for ims in images[lo : lo + cfg.batch_size] for im in ims])
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids.to(device),
+            attention_mask.to(device),
+            pixel_values.to(device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+        elapsed = time.perf_counter() - start
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            if meter is not None:
+                meter.tokens += min(cut + 1, len(row))
+        if meter is not None:
+            meter.seconds += elapsed
+    return replies
+
+
+def _ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}]
+
+
+def evaluate_vqa(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    samples: list[dict],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> dict[str, float]:
+    """``vqa_accuracy`` and ``vqa_accuracy_<type>`` (percent, exact match after VQA normalisation)."""
+    replies = generate_replies(
+        model, processor, [_ask(s["question"]) for s in samples], [[s["image"]] for s in samples], cfg, meter
+    )
+    types = [s["type"] for s in samples] if all("type" in s for s in samples) else None
+    result = vqa_accuracy(replies, [s["answer"] for s in samples], types)
+    per_type = {f"vqa_accuracy_{kind}": r["accuracy"] for kind, r in result["per_type"].items()}
+    return {"vqa_accuracy": result["accuracy"], **per_type}
+
+
+def evaluate_pope(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    splits: dict[str, list[dict]],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> dict[str, float]:
+    """``pope_<split>_{accuracy, precision, recall, f1, yes_ratio}`` (percent) for each POPE split."""
+    metrics: dict[str, float] = {}
+    for split, probes in splits.items():
+        replies = generate_replies(
+            model,
+            processor,
+            [_ask(p["question"]) for p in probes],
+            [[p["image"]] for p in probes],
+            cfg,
+            meter,
+        )
+        result = yes_no_metrics(replies, [p["label"] for p in probes])
+        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            metrics[f"pope_{split}_{key}"] = result[key]
+    return metrics
+
+
+def caption_tokens(text: str) -> str:
+    """Lowercased, 13a-tokenised words without punctuation tokens (close to COCO's PTB tokenisation)."""
+    return " ".join(t for t in tokenize_13a(text.lower()).split() if any(c.isalnum() for c in t))
+
+
+def evaluate_captions(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    samples: list[dict],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+    prompt: str = CAPTION_PROMPT,
+) -> dict[str, float]:
+    """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100)."""
+    replies = generate_replies(
+        model, processor, [_ask(prompt) for _ in samples], [[s["image"]] for s in samples], cfg, meter
+    )
+    references = [s["references"] for s in samples]
+    cider = cider_d(
+        [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]
+    )
+    return {"caption_cider_d": cider["cider_d"], "caption_bleu4": corpus_bleu(replies, references)["bleu"]}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated tensor memory since the last reset; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class Benchmarks:
+    vqa: list[dict] = field(default_factory=list)
+    pope: dict[str, list[dict]] = field(default_factory=dict)
+    captions: list[dict] = field(default_factory=list)
+
+
+def world_benchmarks(
+    vqa: int, pope: int, captions: int, seed: int = 0, split: str = "test", image_size: int = 32
+) -> Benchmarks:
+    """Held-out benchmarks from the built-in world (English): ``vqa`` questions, ``pope`` probes per POPE
+    split (random, popular, adversarial; half yes) and ``captions`` images with their brief caption."""
+    from mmfactory.world import World
+    from mmfactory.world.vqa import POPE_KINDS
+
+    world = World(seed=seed, image_size=image_size)
+    return Benchmarks(
+        vqa=world.vqa(split, vqa) if vqa else [],
+        pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
+        captions=[
+            {"image": p["image"], "references": [p["text"]]}
+            for p in (world.pairs(split, captions, detail="brief") if captions else [])
+        ],
+    )
+
+
+def evaluate_mllm(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    benchmarks: Benchmarks,
+    cfg: GenerationConfig,
+    caption_max_new_tokens: int = 32,
+) -> dict[str, float]:
+    """Every non-empty benchmark, then ``gen_tokens_per_s`` over all of them and ``peak_memory_mb``."""
+    was_training = model.training
+    model.eval()
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    meter = GenerationMeter()
+    metrics: dict[str, float] = {}
+    if benchmarks.vqa:
+        metrics.update(evaluate_vqa(model, processor, benchmarks.vqa, cfg, meter))
+    if benchmarks.pope:
+        metrics.update(evaluate_pope(model, processor, benchmarks.pope, cfg, meter))
+    if benchmarks.captions:
+        caption_cfg = GenerationConfig(**{**vars(cfg), "max_new_tokens": caption_max_new_tokens})
+        metrics.update(evaluate_captions(model, processor, benchmarks.captions, caption_cfg, meter))
+    if meter.seconds > 0:
+        metrics["gen_tokens_per_s"] = meter.tokens / meter.seconds
+        metrics["peak_memory_mb"] = peak_memory_mb(model.device)
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,263 @@
+"""LLaVA-style multimodal SFT: next-token loss on assistant replies of conversations with images.
+
+One task serves both LLaVA stages; the stage's ``trainable`` patterns make the difference:
+
+* projector alignment on captions: ``trainable: ["model.projector.*"]`` (tower and LM frozen), lr 1e-3;
+* instruction tuning: ``["model.projector.*", "model.language_model.*"]``, or with ``options.lora`` the
+  LM stays frozen under LoRA adapters: ``["model.projector.*", "*lora_*"]``; adapters are merged before
+  saving, so ``final/`` is always a plain :class:`~mmfactory.models.mllm.MultimodalLM`.
+
+The first stage assembles the model from parts (``model.vision``, ``model.lm``); a part's ``path`` may
+name an earlier stage, as ``init_from`` may (llava/tiny first trains its LM on text, standing in for a
+pretrained one). Later stages start ``init_from`` the previous one.
+``evaluate()`` runs the generation benchmarks of :mod:`mmfactory.eval.mllm` (held-out world test split,
+or VQA / POPE JSONL files).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from functools import reduce
+from operator import add
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from mmfactory.config import ConfigError
+from mmfactory.data.chat import IGNORE_INDEX, TemplateName
+from mmfactory.data.multimodal import (
+    ImageConversations,
+    MultimodalChatDataset,
+    MultimodalProcessor,
+    MultimodalSample,
+    WorldKind,
+    llava_file_conversations,
+    world_conversations,
+)
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.eval.mllm import Benchmarks, evaluate_mllm, world_benchmarks
+from mmfactory.models.generation import GenerationConfig
+from mmfactory.models.lm import DTYPES
+from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, build_multimodal_lm
+from mmfactory.models.vision import load_image_processor
+from mmfactory.tasks.base import TrainingTask
+
+
+@dataclass
+class MultimodalDataConfig:
+    """Conversations with images: the built-in world or LLaVA JSON files.
+
+    ``world_tasks`` picks the world's kinds (``captions``: brief captions, LLaVA stage 1; ``vqa``:
+    short-answer questions; ``llava``: multi-turn conversations), ``world_train_size`` images of each.
+    """
+
+    source: Literal["world", "llava"] = "world"
+    world_tasks: list[WorldKind] = field(default_factory=lambda: ["llava"])
+    world_train_size: int = 2000
+    world_eval_size: int = 200
+    world_seed: int = 0
+    world_lang: Literal["en", "zh"] = "en"
+    world_image_size: int = 32
+    train: str | None = None  # LLaVA JSON when source = llava
+    eval: str | None = None
+    max_length: int = 256  # tokens, placeholders included
+    template: TemplateName = "chatml"
+    pad_square: bool = True  # LLaVA-1.5's image_aspect_ratio: pad
+    pad_to_multiple_of: int | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        if self.source == "llava" and self.train is None:
+            raise ConfigError("train: a LLaVA JSON file is required when source is llava")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA on the language model (peft); merged into the weights before ``final/`` is written."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class MultimodalSFTOptions:
+    """LoRA and the end-of-stage generation benchmarks (counts of 0 turn one off).
+
+    Benchmarks come from the world's held-out ``test`` split (``data.source: world``) or from files: VQA
+    and POPE JSONL (``eval_pope_files`` maps a split name to its file).
+    """
+
+    lora: LoraOptions | None = None
+    eval_vqa: int = 200
+    eval_pope: int = 100  # probes per POPE split
+    eval_captions: int = 100
+    eval_vqa_file: str | None = None
+    eval_pope_files: dict[str, str] = field(default_factory=dict)
+    max_new_tokens: int = 16
+    caption_max_new_tokens: int = 32
+    eval_batch_size: int = 32
+
+
+class MultimodalSFTTask(TrainingTask):
+    model_config = MultimodalLMSpec
+    data_config = MultimodalDataConfig
+    options_config = MultimodalSFTOptions
+    loss_unit = "tokens"
+
+    def __init__(
+        self,
+        stage,
+        ctx,
+        model_cfg: MultimodalLMSpec,
+        data_cfg: MultimodalDataConfig,
+        options: MultimodalSFTOptions,
+    ):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        init_dir = ctx.resolve_init(stage.init_from)
+        if init_dir is not None:
+            if model_cfg.has_parts:
+                raise ConfigError("model: init_from provides the whole model; remove model.vision / model.lm")
+            self.model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
+            tokenizer = AutoTokenizer.from_pretrained(init_dir)
+            image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
+        else:
+            # A part's path may name an earlier stage, like init_from (e.g. a text-only LM stage).
+            parts = {
+                name: replace(part, path=str(ctx.resolve_init(part.path)))
+                for name, part in (("vision", model_cfg.vision), ("lm", model_cfg.lm))
+                if part.path is not None
+            }
+            self.model, tokenizer, image_processor = build_multimodal_lm(replace(model_cfg, **parts))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.processor = MultimodalProcessor(
+            tokenizer,
+            image_processor,
+            self.model.config.num_image_tokens,
+            data_cfg.template,
+            self.model.config.image_token,
+            data_cfg.pad_square,
+        )
+        if options.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = options.lora
+            self.model.language_model = get_peft_model(
+                self.model.language_model,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                ),
+            )
+        self.counts: Counter[str] = Counter()
+        self._datasets: dict[str, MultimodalChatDataset | None] = {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _source(self, split: str) -> ImageConversations | None:
+        cfg = self.data_cfg
+        if cfg.source == "world":
+            size = cfg.world_train_size if split == "train" else cfg.world_eval_size
+            world_split = "train" if split == "train" else "val"
+            parts = [
+                world_conversations(
+                    kind, world_split, size, cfg.world_seed, cfg.world_lang, cfg.world_image_size
+                )
+                for kind in cfg.world_tasks
+            ]
+            return reduce(add, parts) if size and parts else None
+        path = cfg.train if split == "train" else cfg.eval
+        if path is None:
+            return None
+        counter = BadSampleCounter()
+        source = llava_file_conversations(path, cfg.on_bad_sample, counter)
+        self.counts.update({f"{split}/bad_{reason}": n for reason, n in counter.summary().items()})
+        return source
+
+    def _dataset(self, split: str) -> MultimodalChatDataset | None:
+        if split not in self._datasets:
+            source = self._source(split)
+            self._datasets[split] = (
+                None
+                if source is None
+                else MultimodalChatDataset(
+                    source, self.processor, self.data_cfg.max_length, self.counts, split
+                )
+            )
+        return self._datasets[split]
+
+    def train_dataset(self) -> MultimodalChatDataset:
+        return self._dataset("train")
+
+    def eval_dataset(self) -> MultimodalChatDataset | None:
+        dataset = self._dataset("eval")
+        return dataset if dataset else None
+
+    def collate(self, samples: list[MultimodalSample]) -> dict[str, torch.Tensor]:
+        return self.processor.collate(samples, self.data_cfg.pad_to_multiple_of)
+
+    def data_report(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    # -- math ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean next-token cross-entropy over labelled tokens, as :func:`mmfactory.losses.lm.causal_lm_loss`,
+        but logits are computed only where a labelled token follows (no vocabulary projection of prompt
+        and image positions)."""
+        targets = batch["labels"][:, 1:]
+        labelled = targets != IGNORE_INDEX
+        keep = F.pad(labelled, (0, 1))  # [B, T]: position t predicts token t + 1
+        logits = self.model(
+            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], logits_to_keep=keep
+        ).logits  # [N, V], the kept positions in row-major order
+        total = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+        return {"loss": total / labelled.sum().clamp(min=1)}
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    def benchmarks(self) -> Benchmarks:
+        """The world's held-out test split, or the VQA / POPE files named in the options."""
+        o, cfg = self.options, self.data_cfg
+        if cfg.source == "world":
+            bench = world_benchmarks(
+                o.eval_vqa, o.eval_pope, o.eval_captions, cfg.world_seed, image_size=cfg.world_image_size
+            )
+        else:
+            bench = Benchmarks()
+        if o.eval_vqa_file is not None:
+            from mmfactory.data.readers import read_vqa
+
+            vqa = read_vqa(o.eval_vqa_file, on_bad_sample=cfg.on_bad_sample)
+            bench.vqa = [vqa[i] for i in range(min(o.eval_vqa, len(vqa)))]
+        if o.eval_pope_files:
+            from mmfactory.data.readers import read_pope
+
+            bench.pope = {}
+            for split, path in o.eval_pope_files.items():
+                probes = read_pope(path, on_bad_sample=cfg.on_bad_sample)
+                bench.pope[split] = [probes[i] for i in range(min(o.eval_pope, len(probes)))]
+        return bench
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        o = self.options
+        cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
+        return evaluate_mllm(self.model, self.processor, self.benchmarks(), cfg, o.caption_max_new_tokens)
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        """A plain MultimodalLM (LoRA merged in; the stage is over) and its processor files."""
+        if self.options.lora is not None:
+            self.model.language_model = self.model.language_model.merge_and_unload()
+        self.model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)

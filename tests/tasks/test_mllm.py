@@ -1,0 +1,295 @@
+"""Multimodal data (labels, placeholder expansion, truncation, collation, LLaVA files), the mllm_sft task
+with LoRA (merged before saving), and the generation benchmarks' plumbing."""
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPImageProcessorPil
+
+import mmfactory.eval.mllm as eval_mllm
+from mmfactory.config import StageConfig, from_dict
+from mmfactory.data.chat import IGNORE_INDEX
+from mmfactory.data.multimodal import (
+    ImageConversations,
+    MultimodalChatDataset,
+    MultimodalProcessor,
+    llava_file_conversations,
+    pad_to_square,
+    world_conversations,
+)
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.eval.mllm import caption_tokens, evaluate_mllm, world_benchmarks
+from mmfactory.models.generation import GenerationConfig
+from mmfactory.models.mllm import MultimodalLM
+from mmfactory.tasks import build_task
+from mmfactory.tasks.base import StageContext
+from mmfactory.train.optim import select_trainable
+from mmfactory.world import world_tokenizer
+from tests.helpers import TINY_LM
+from tests.models.test_mllm import TINY_VISION, tiny_mllm
+
+P = 4  # placeholder tokens per image of the tiny tower
+
+
+def processor(**kwargs) -> MultimodalProcessor:
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return MultimodalProcessor(world_tokenizer(), image_processor, P, **kwargs)
+
+
+def ask(question: str, answer: str, image: bool = True) -> list[dict[str, str]]:
+    return [
+        {"role": "user", "content": ("<image>\n" if image else "") + question},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def constant_images(*values: int) -> list[np.ndarray]:
+    """One 16x16 flat image per value (value = its grey level)."""
+    return [np.full((16, 16, 3), v, dtype=np.uint8) for v in values]
+
+
+def images_of(*groups: tuple[int, ...]) -> Callable[[int], list[np.ndarray]]:
+    """``ImageConversations.images`` for conversations holding the flat images of each group."""
+    return [constant_images(*group) for group in groups].__getitem__
+
+
+# -- processor and data ----------------------------------------------------------------------------
+
+
+def test_placeholders_expand_and_only_assistant_replies_are_labelled():
+    proc = processor()
+    tokenizer = proc.tokenizer
+    messages = ask("What color is the star?", "red") + [
+        {"role": "user", "content": "How many circles are there?"},
+        {"role": "assistant", "content": "2"},
+    ]
+    chat = proc.tokenize(messages)
+    image_positions = [i for i, t in enumerate(chat.input_ids) if t == proc.image_token_id]
+    assert image_positions == list(range(image_positions[0], image_positions[0] + P))  # one contiguous span
+    assert all(chat.labels[i] == IGNORE_INDEX for i in image_positions)
+
+    # Naive reference: the rendered text tokenised in one go, with <image> repeated P times.
+    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    assert chat.input_ids == tokenizer.encode(
+        rendered.replace("<image>", "<image>" * P), add_special_tokens=False
+    )
+    learned = [t for t, label in zip(chat.input_ids, chat.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "red<|im_end|>2<|im_end|>"
+    assert [label for label in chat.labels if label != IGNORE_INDEX] == learned
+
+    prompt = proc.prompt(messages[:1])
+    assert (
+        tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+        and prompt.count(proc.image_token_id) == P
+    )
+
+
+def test_truncation_never_cuts_an_image_span_and_everything_is_counted():
+    proc = processor()
+    long_reply = " ".join(["red circle"] * 30)
+    second_image_late = ask("What color?", "red") + [
+        {"role": "user", "content": " ".join(["Is there a star?"] * 10) + "<image>\nAnd here?"},
+        {"role": "assistant", "content": "no"},
+    ]
+    source = ImageConversations(
+        messages=[
+            ask("What color?", "red"),
+            ask("Describe it.", long_reply),
+            second_image_late,
+            ask(" ".join(["Where is the star?"] * 20), "top"),
+        ],
+        num_images=[1, 1, 2, 1],
+        images=images_of((10,), (20,), (30, 35), (40,)),
+    )
+    counts: Counter[str] = Counter()
+    dataset = MultimodalChatDataset(source, proc, max_length=48, counts=counts)
+    assert counts == {
+        "train/samples": 2,
+        "train/truncated": 1,
+        "train/skipped_image_cut": 1,
+        "train/skipped_no_reply_tokens": 1,
+    }
+    assert [len(dataset[i].input_ids) for i in range(2)][1] == 48
+    assert dataset[1].truncated and dataset[1].input_ids.count(proc.image_token_id) == P
+    assert dataset[1].images[0][0, 0, 0] == 20  # images follow their conversation
+
+
+def test_a_placeholder_the_tokenizer_splits_or_a_missing_image_is_refused():
+    with pytest.raises(ValueError, match="splits '<imagery>'"):
+        processor(image_token="<imagery>")
+    source = ImageConversations([ask("What?", "red", image=False)], [1], images_of((0,)))
+    with pytest.raises(ValueError, match="conversation 0: 0 <image> placeholders in the text for 1 images"):
+        MultimodalChatDataset(source, processor(), 64, Counter())
+
+
+def test_collate_keeps_images_in_reading_order_and_pads():
+    proc = processor()
+    source = ImageConversations(
+        messages=[ask("A?", "red"), ask("B?", "a longer reply here", image=False), ask("<image>\nC?", "no")],
+        num_images=[1, 0, 2],
+        images=images_of((50,), (), (100, 150)),
+    )
+    dataset = MultimodalChatDataset(source, proc, 64, Counter())
+    batch = proc.collate([dataset[i] for i in range(3)], pad_to_multiple_of=8)
+    width = batch["input_ids"].shape[1]
+    assert width % 8 == 0 and width >= max(len(dataset[i].input_ids) for i in range(3))
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    torch.testing.assert_close(batch["pixel_values"], proc.pixel_values(constant_images(50, 100, 150)))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for i, length in enumerate(lengths):
+        assert (batch["input_ids"][i, length:] == proc.tokenizer.pad_token_id).all()
+        assert (batch["labels"][i, length:] == IGNORE_INDEX).all()
+
+
+def test_pad_to_square_centres_on_the_fill_colour():
+    image = np.full((2, 4, 3), 200, dtype=np.uint8)
+    square = pad_to_square(image, (1, 2, 3))
+    assert square.shape == (4, 4, 3)
+    assert (square[1:3] == 200).all() and (square[0] == [1, 2, 3]).all() and (square[3] == [1, 2, 3]).all()
+    assert pad_to_square(square, (0, 0, 0)) is square
+
+
+def test_world_kinds_share_one_format():
+    for kind in ("captions", "vqa", "llava"):
+        source = world_conversations(kind, "val", 3)
+        assert len(source.messages) == 3 and source.num_images == [1, 1, 1]
+        assert source.messages[0][0]["content"].startswith("<image>\n")
+        assert source.images(2)[0].shape == (32, 32, 3)
+    both = world_conversations("captions", "val", 2) + world_conversations("vqa", "val", 2)
+    assert len(both.messages) == 4 and both.images(3)[0].shape == (32, 32, 3)
+
+
+def test_llava_json_files_are_read_and_bad_records_counted(tmp_path: Path):
+    for name, grey in (("a.png", 30), ("b.png", 90)):
+        Image.fromarray(np.full((20, 12, 3), grey, dtype=np.uint8)).save(tmp_path / name)
+    records = [
+        {
+            "id": "1",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}],
+        },
+        {
+            "id": "2",
+            "image": "b.png",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "no"}],
+        },
+        {
+            "id": "3",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "b"}],
+        },
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    counter = BadSampleCounter()
+    source = llava_file_conversations(tmp_path / "llava.json", "skip", counter)
+    assert counter.summary() == {"missing_file": 1, "placeholder_mismatch": 1}
+    dataset = MultimodalChatDataset(source, processor(), 64, Counter())
+    sample = dataset[0]
+    assert len(dataset) == 1 and sample.images[0].shape == (20, 12, 3)
+    assert proc_pixels_are_square(sample.images)
+
+
+def proc_pixels_are_square(images) -> bool:
+    return processor().pixel_values(images).shape == (1, 3, 16, 16)
+
+
+# -- the task ----------------------------------------------------------------------------------------
+
+
+def tiny_stage(**overrides) -> StageConfig:
+    raw = {
+        "name": "instruct",
+        "task": "mllm_sft",
+        "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
+        "data": {"world_tasks": ["vqa"], "world_train_size": 8, "world_eval_size": 4, "world_image_size": 16},
+        "options": {"eval_vqa": 2, "eval_pope": 2, "eval_captions": 2, "max_new_tokens": 3},
+        **overrides,
+    }
+    return from_dict(StageConfig, raw, "stage")
+
+
+def test_lora_trains_only_adapters_and_projector_and_saves_a_merged_plain_model(tmp_path):
+    torch.manual_seed(0)
+    stage = tiny_stage(
+        options={
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+        },
+        trainable=["model.projector.*", "*lora_*"],
+    )
+    task = build_task(stage, 0, StageContext(tmp_path, tmp_path / "instruct"))
+    names = select_trainable(task, stage.trainable, stage.frozen)
+    assert names and all(n.startswith("model.projector.") or "lora_" in n for n in names)
+    assert any("lora_B" in n for n in names)
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.5)
+    batch = task.collate([task.train_dataset()[i] for i in range(4)])
+    task(batch)["loss"].backward()
+    optimizer.step()
+
+    task.eval()
+    with torch.no_grad():
+        adapted = task.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    task.save_pretrained(tmp_path / "final")
+    saved = load_file(tmp_path / "final" / "model.safetensors")
+    assert not any("lora" in key or "base_layer" in key for key in saved)
+    loaded = MultimodalLM.from_pretrained(tmp_path / "final")
+    with torch.no_grad():
+        merged = loaded(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "final" / "preprocessor_config.json").is_file()
+
+
+def test_task_refuses_model_parts_together_with_init_from(tmp_path):
+    model, tokenizer, image_processor = tiny_mllm()
+    model.save_pretrained(tmp_path / "prev")
+    stage = tiny_stage(init_from=str(tmp_path / "prev"))
+    with pytest.raises(ValueError, match="init_from provides the whole model"):
+        build_task(stage, 0, StageContext(tmp_path, tmp_path / "s"))
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+def test_benchmarks_score_perfect_answers_perfectly(monkeypatch):
+    bench = world_benchmarks(vqa=10, pope=4, captions=3, split="test")
+    truths = {id(s["image"]): s for s in bench.vqa + [p for ps in bench.pope.values() for p in ps]}
+    captions = {id(s["image"]): s["references"][0] for s in bench.captions}
+
+    def oracle(model, processor, conversations, images, cfg, meter=None):
+        replies = []
+        for (image,) in images:
+            sample = truths.get(id(image))
+            replies.append(
+                captions[id(image)] if sample is None else sample.get("answer", sample.get("label"))
+            )
+        return replies
+
+    monkeypatch.setattr(eval_mllm, "generate_replies", oracle)
+    model, _, _ = tiny_mllm()
+    metrics = evaluate_mllm(model, None, bench, GenerationConfig())
+    assert metrics["vqa_accuracy"] == 100.0
+    assert {f"vqa_accuracy_{s['type']}" for s in bench.vqa} <= metrics.keys()
+    for split in ("random", "popular", "adversarial"):
+        assert metrics[f"pope_{split}_f1"] == 100.0 and metrics[f"pope_{split}_yes_ratio"] == 50.0
+    assert metrics["caption_bleu4"] == pytest.approx(100.0)
+    assert "gen_tokens_per_s" not in metrics  # nothing was generated
+
+
+def test_evaluation_generates_with_a_real_model_and_measures_it():
+    model, tokenizer, image_processor = tiny_mllm()
+    proc = MultimodalProcessor(tokenizer, image_processor, model.config.num_image_tokens)
+    bench = world_benchmarks(vqa=3, pope=2, captions=2, split="test", image_size=16)
+    metrics = evaluate_mllm(model, proc, bench, GenerationConfig(max_new_tokens=3, batch_size=2), 4)
+    assert 0.0 <= metrics["vqa_accuracy"] <= 100.0 and metrics["gen_tokens_per_s"] > 0
+    assert metrics["peak_memory_mb"] > 0 and "pope_adversarial_accuracy" in metrics
+    assert model.training  # restored
+
+
+def test_caption_tokens_drop_punctuation_and_case():
+    assert caption_tokens("A red Circle, and a star.") == "a red circle and a star"
