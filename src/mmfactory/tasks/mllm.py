@@ -7,9 +7,10 @@ One task serves both LLaVA stages; the stage's ``trainable`` patterns make the d
   LM stays frozen under LoRA adapters: ``["model.projector.*", "*lora_*"]``; adapters are merged before
   saving, so ``final/`` is always a plain :class:`~mmfactory.models.mllm.MultimodalLM`.
 
-The first stage assembles the model from parts (``model.vision``, ``model.lm``); a part's ``path`` may
-name an earlier stage, as ``init_from`` may (llava/tiny first trains its LM on text, standing in for a
-pretrained one). Later stages start ``init_from`` the previous one.
+The first stage assembles the model from parts (``model.vision``, ``model.lm``: tiny configs or local
+checkpoints); later stages start ``init_from`` the previous one. Under DDP, data mixing in text-only
+conversations leaves the projector without gradients in some batches: set
+``train.find_unused_parameters: true``.
 ``evaluate()`` runs the generation benchmarks of :mod:`mmfactory.eval.mllm` (held-out world test split,
 or VQA / POPE JSONL files).
 """
@@ -17,7 +18,7 @@ or VQA / POPE JSONL files).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import reduce
 from operator import add
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from mmfactory.config import ConfigError
+from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
 from mmfactory.data.multimodal import (
     ImageConversations,
@@ -44,7 +45,7 @@ from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
 from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, build_multimodal_lm
 from mmfactory.models.vision import load_image_processor
-from mmfactory.tasks.base import TrainingTask
+from mmfactory.tasks.base import StageContext, TrainingTask
 
 
 @dataclass
@@ -114,8 +115,8 @@ class MultimodalSFTTask(TrainingTask):
 
     def __init__(
         self,
-        stage,
-        ctx,
+        stage: StageConfig,
+        ctx: StageContext,
         model_cfg: MultimodalLMSpec,
         data_cfg: MultimodalDataConfig,
         options: MultimodalSFTOptions,
@@ -129,13 +130,7 @@ class MultimodalSFTTask(TrainingTask):
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
             image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
         else:
-            # A part's path may name an earlier stage, like init_from (e.g. a text-only LM stage).
-            parts = {
-                name: replace(part, path=str(ctx.resolve_init(part.path)))
-                for name, part in (("vision", model_cfg.vision), ("lm", model_cfg.lm))
-                if part.path is not None
-            }
-            self.model, tokenizer, image_processor = build_multimodal_lm(replace(model_cfg, **parts))
+            self.model, tokenizer, image_processor = build_multimodal_lm(model_cfg)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.processor = MultimodalProcessor(
