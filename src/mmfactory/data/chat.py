@@ -45,6 +45,11 @@ class TokenizedChat:
     labels: list[int]
     truncated: bool
 
+    @property
+    def has_targets(self) -> bool:
+        """Whether any position is learned (the first token is never a next-token target)."""
+        return any(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []

@@ -302,7 +302,7 @@ class MultimodalChatDataset(Dataset):
             fitted = processor.fit(chat, max_length)
             if fitted is None:
                 counts[f"{split}/skipped_image_cut"] += 1
-            elif all(label == IGNORE_INDEX for label in fitted.labels[1:]):
+            elif not fitted.has_targets:
                 counts[f"{split}/skipped_no_reply_tokens"] += 1
             else:
                 counts[f"{split}/truncated"] += fitted.truncated

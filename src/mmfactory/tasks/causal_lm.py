@@ -94,7 +94,7 @@ class CausalLMSFTTask(TrainingTask):
             for messages in self.conversations(split):
                 sample = tokenize_chat(messages, self.tokenizer, self.template, self.data_cfg.max_length)
                 self.counts[f"{split}/truncated"] += sample.truncated
-                if all(label == IGNORE_INDEX for label in sample.labels[1:]):
+                if not sample.has_targets:
                     # Truncation removed every reply token: nothing to learn, counted not hidden.
                     self.counts[f"{split}/skipped_no_reply_tokens"] += 1
                     continue

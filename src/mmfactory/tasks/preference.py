@@ -25,7 +25,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
-    IGNORE_INDEX,
     TEMPLATES,
     TemplateName,
     TokenizedChat,
@@ -189,7 +188,7 @@ class CausalLMDPOTask(TrainingTask):
                     for key in ("chosen", "rejected")
                 )
                 self.counts[f"{split}/truncated"] += chosen.truncated or rejected.truncated
-                if any(all(t == IGNORE_INDEX for t in s.labels[1:]) for s in (chosen, rejected)):
+                if not (chosen.has_targets and rejected.has_targets):
                     self.counts[f"{split}/skipped_no_reply_tokens"] += 1  # truncation ate a whole reply
                     continue
                 kept.append(TokenizedPair(chosen, rejected))
