@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmfactory.eval.metrics import hallucination_rates
+from mmfactory.eval.metrics import hallucination_rates, object_hallucination
 
 
 def test_hallucination_rates_hand_computed():
@@ -37,3 +37,34 @@ def test_hallucination_rates_with_zero_claims_are_zero():
     assert (
         result["factuality_rate"] == result["faithfulness_rate"] == result["sample_hallucination_rate"] == 0.0
     )
+
+
+def test_object_hallucination_hand_computed():
+    mentioned = [["red star", "blue circle"], ["red star", "red star"], [], ["green ring"]]
+    present = [["red star"], ["red star", "pink cross"], ["blue circle"], ["green ring"]]
+    assert object_hallucination(mentioned, present) == pytest.approx(
+        {
+            "chair_i": 100 * 1 / 5,  # "blue circle" in the first reply; repeats count as mentions
+            "chair_s": 100 * 1 / 4,
+            "object_recall": 100 * 3 / 5,
+            "num_mentions": 5,
+        }
+    )
+    assert object_hallucination([[]], [["red star"]])["chair_i"] == 0.0  # silence: no rate, no recall
+    with pytest.raises(ValueError, match="2 mention lists but 1"):
+        object_hallucination([[], []], [[]])
+
+
+def test_world_object_mentions_read_every_caption_of_the_world():
+    from mmfactory.world import World
+    from mmfactory.world.captions import object_mentions
+
+    world = World(seed=0, image_size=16)
+    for detail in ("brief", "detailed"):
+        for pair, index in zip(world.pairs("test", 20, detail=detail), range(20), strict=True):
+            scene = world.scene("test", index)
+            assert sorted(object_mentions(pair["text"])) == sorted(o.name for o in scene.objects)
+    assert object_mentions("Two Blue crosses and a pink square on a white background.") == [
+        "blue cross",
+        "pink square",
+    ]

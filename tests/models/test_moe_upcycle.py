@@ -154,6 +154,24 @@ def test_aux_losses_sum_the_layers_with_padding_masked():
     assert not torch.allclose(losses["load_balancing"], pooled)  # transformers pools the layers instead
 
 
+def test_aux_losses_of_groups_add_up_as_separate_forwards():
+    model = tiny_model("qwen2")
+    upcycle(model)
+    perturb_experts(model)
+    input_ids, attention_mask = batch()
+    separate = []
+    for rows in (slice(0, 1), slice(1, 2)):
+        model(input_ids[rows], attention_mask=attention_mask[rows])
+        separate.append(moe_aux_losses(model, attention_mask[rows]))
+    model(input_ids, attention_mask=attention_mask)
+    grouped = moe_aux_losses(model, attention_mask, groups=2)
+    for key in ("load_balancing", "router_z"):
+        torch.testing.assert_close(grouped[key], separate[0][key] + separate[1][key])
+    assert not torch.allclose(
+        grouped["load_balancing"], moe_aux_losses(model, attention_mask)["load_balancing"]
+    )
+
+
 def test_aux_losses_of_a_model_without_moe_are_zero():
     assert all(v.item() == 0 for v in moe_aux_losses(tiny_model("llama")).values())
 

@@ -3,8 +3,10 @@ captioning CIDEr-D / BLEU-4, generation throughput and peak memory.
 
 Each benchmark is a list of sample dicts with an ``image`` (uint8 ``[H, W, 3]``) as the world and the
 readers of :mod:`mmfactory.data.readers` produce them: VQA ``{"question", "answer", "type"}``, POPE
-``{"question", "label"}``, captions ``{"references": [str, ...]}``. Questions are asked the way training
-data asks them (``<image>\\n`` + question, one user turn) and answered greedily.
+``{"question", "label"}``, captions ``{"references": [str, ...], "objects"?: [str, ...]}`` (with
+``objects``, the names of the objects in the image, replies are also scored for object hallucination).
+Questions are asked the way training data asks them (``<image>\\n`` + question, one user turn) and
+answered greedily.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ import numpy as np
 import torch
 
 from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor
-from mmfactory.eval.metrics import cider_d, corpus_bleu, tokenize_13a, vqa_accuracy, yes_no_metrics
+from mmfactory.eval.metrics import (
+    cider_d,
+    corpus_bleu,
+    object_hallucination,
+    tokenize_13a,
+    vqa_accuracy,
+    yes_no_metrics,
+)
+from mmfactory.models.components.moe import moe_param_counts
 from mmfactory.models.generation import GenerationConfig, end_of_turn_ids
 from mmfactory.models.mllm import MultimodalLM
+from mmfactory.world.captions import object_mentions
 from mmfactory.world.vqa import DESCRIBE
 
 CAPTION_PROMPT = DESCRIBE["en"]["brief"]  # as the captions of training ask (LLaVA stage-1 style)
@@ -152,7 +163,10 @@ def evaluate_captions(
     meter: GenerationMeter | None = None,
     prompt: str = CAPTION_PROMPT,
 ) -> dict[str, float]:
-    """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100)."""
+    """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100); when the
+    samples list their ``objects``, ``caption_chair_i`` / ``caption_chair_s`` / ``caption_object_recall``
+    (:func:`~mmfactory.eval.metrics.object_hallucination`, objects found by the world's
+    :func:`~mmfactory.world.captions.object_mentions`)."""
     replies = generate_replies(
         model, processor, [_ask(prompt) for _ in samples], [[s["image"]] for s in samples], cfg, meter
     )
@@ -160,7 +174,11 @@ def evaluate_captions(
     cider = cider_d(
         [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]
     )
-    return {"caption_cider_d": cider["cider_d"], "caption_bleu4": corpus_bleu(replies, references)["bleu"]}
+    metrics = {"caption_cider_d": cider["cider_d"], "caption_bleu4": corpus_bleu(replies, references)["bleu"]}
+    if all("objects" in s for s in samples):
+        rates = object_hallucination([object_mentions(r) for r in replies], [s["objects"] for s in samples])
+        metrics.update({f"caption_{key}": rates[key] for key in ("chair_i", "chair_s", "object_recall")})
+    return metrics
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -181,7 +199,8 @@ def world_benchmarks(
     vqa: int, pope: int, captions: int, seed: int = 0, split: str = "test", image_size: int = 32
 ) -> Benchmarks:
     """Held-out benchmarks from the built-in world (English): ``vqa`` questions, ``pope`` probes per POPE
-    split (random, popular, adversarial; half yes) and ``captions`` images with their brief caption."""
+    split (random, popular, adversarial; half yes) and ``captions`` images with their brief caption and
+    objects."""
     from mmfactory.world import World
     from mmfactory.world.vqa import POPE_KINDS
 
@@ -190,7 +209,7 @@ def world_benchmarks(
         vqa=world.vqa(split, vqa) if vqa else [],
         pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
         captions=[
-            {"image": p["image"], "references": [p["text"]]}
+            {"image": p["image"], "references": [p["text"]], "objects": object_mentions(p["text"])}
             for p in (world.pairs(split, captions, detail="brief") if captions else [])
         ],
     )
@@ -203,7 +222,8 @@ def evaluate_mllm(
     cfg: GenerationConfig,
     caption_max_new_tokens: int = 32,
 ) -> dict[str, float]:
-    """Every non-empty benchmark, then ``gen_tokens_per_s`` over all of them and ``peak_memory_mb``."""
+    """Every non-empty benchmark, then ``gen_tokens_per_s`` over all of them and ``peak_memory_mb``, and the
+    parameter counts ``params_total_m`` / ``params_activated_m`` (millions; they differ for a sparse MoE)."""
     was_training = model.training
     model.eval()
     if model.device.type == "cuda":
@@ -220,5 +240,10 @@ def evaluate_mllm(
     if meter.seconds > 0:
         metrics["gen_tokens_per_s"] = meter.tokens / meter.seconds
         metrics["peak_memory_mb"] = peak_memory_mb(model.device)
+    counts = moe_param_counts(model)
+    metrics["params_total_m"], metrics["params_activated_m"] = (
+        counts["total"] / 1e6,
+        counts["activated"] / 1e6,
+    )
     model.train(was_training)
     return metrics

@@ -51,15 +51,20 @@ def router_z_loss(router_logits: Tensor, padding_mask: Tensor | None = None) -> 
     return _masked_mean(log_partition.square(), _token_weights(padding_mask, router_logits))
 
 
-def moe_aux_losses(model: nn.Module, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+def moe_aux_losses(
+    model: nn.Module, attention_mask: Tensor | None = None, groups: int = 1
+) -> dict[str, Tensor]:
     """Sum over the model's MoE blocks of both losses, from the router logits of its most recent forward.
 
-    Call it after each forward whose aux loss you want (e.g. once for chosen and once for rejected).
+    Call it after each forward whose aux loss you want. ``groups`` splits the forward's batch into that many
+    equal parts of consecutive rows and adds their losses, as if each had had its own forward: a DPO batch of
+    ``B`` chosen then ``B`` rejected rows with ``groups=2`` gives aux(chosen) + aux(rejected).
 
     Args:
         model: any module containing :class:`~mmfactory.models.components.moe.SparseMoeBlock` s.
         attention_mask: ``[B, T]`` of the forward's input (true/1 on real tokens); when ``None`` each block
             uses the ``padding_mask`` it was called with, if any.
+        groups: a divisor of ``B``.
 
     Returns:
         ``{"load_balancing": scalar, "router_z": scalar}``; zeros for a model with no MoE block.
@@ -73,8 +78,13 @@ def moe_aux_losses(model: nn.Module, attention_mask: Tensor | None = None) -> di
     load_balancing = router_z = 0
     for block in blocks:
         mask = attention_mask if attention_mask is not None else block.padding_mask
-        load_balancing = load_balancing + load_balancing_loss(block.router_logits, block.top_k, mask)
-        router_z = router_z + router_z_loss(block.router_logits, mask)
+        logits = block.router_logits
+        if logits.shape[0] % groups:
+            raise ValueError(f"{logits.shape[0]} router rows do not split into {groups} equal groups")
+        masks = [None] * groups if mask is None else mask.reshape(groups, -1).unbind(0)
+        for group_logits, group_mask in zip(logits.chunk(groups), masks, strict=True):
+            load_balancing = load_balancing + load_balancing_loss(group_logits, block.top_k, group_mask)
+            router_z = router_z + router_z_loss(group_logits, group_mask)
     return {"load_balancing": load_balancing, "router_z": router_z}
 
 

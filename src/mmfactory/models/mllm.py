@@ -42,6 +42,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmfactory.config import ConfigError
 from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor, chat_template_jinja
+from mmfactory.models.components.moe import UPCYCLING_CONFIG_KEY, moe_blocks, upcycle
 from mmfactory.models.components.projector import build_projector, projector_depth
 from mmfactory.models.lm import DTYPES, CausalLMConfig, load_causal_lm
 from mmfactory.models.vision import (
@@ -161,8 +162,10 @@ class MultimodalLM(PreTrainedModel):
     """Vision tower + projector + causal LM (see the module docstring).
 
     ``vision_tower`` and ``language_model`` may be passed in already built (e.g. loaded from checkpoints);
-    otherwise they are built from ``config``. Submodules: ``vision_tower``, ``projector``,
-    ``language_model`` (so stage patterns read ``model.projector.*``, ``model.language_model.*``).
+    otherwise they are built from ``config``, the LM upcycled to sparse MoE when its config records
+    ``moe_upcycling`` (so a saved LLaVA-MoD student loads with ``from_pretrained``). Submodules:
+    ``vision_tower``, ``projector``, ``language_model`` (so stage patterns read ``model.projector.*``,
+    ``model.language_model.*``).
     """
 
     config_class = MultimodalLMConfig
@@ -189,11 +192,12 @@ class MultimodalLM(PreTrainedModel):
         self.projector = build_projector(
             config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size
         )
-        self.language_model = (
-            language_model
-            if language_model is not None
-            else AutoModelForCausalLM.from_config(config.text_config)
-        )
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+            upcycling = getattr(config.text_config, UPCYCLING_CONFIG_KEY, None)
+            if upcycling is not None:  # a saved LLaVA-MoD student: rebuild its MoE layers before loading
+                upcycle(language_model, **upcycling)
+        self.language_model = language_model
         # One config object per part, shared with the part (from_config may copy; resizing edits the LM's),
         # and the attention implementation resolved for the whole model where a part has none.
         config.vision_config, config.text_config = self.vision_tower.config, self.language_model.config
@@ -352,6 +356,8 @@ def export_llava(
     template rendering conversations as ``processor`` does) produces the same ids and pixels (tested).
     """
     cfg = model.config
+    if moe_blocks(model):
+        raise ValueError("LLaVA has no MoE layers: only a dense MultimodalLM exports to LLaVA")
     if cfg.projector_type != "mlp2x_gelu":
         raise ValueError(f"LLaVA's projector is mlp2x_gelu; this model's is {cfg.projector_type!r}")
     strategy = "default" if cfg.drops_cls else "full"

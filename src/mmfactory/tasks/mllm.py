@@ -204,17 +204,23 @@ class MultimodalSFTTask(TrainingTask):
         return dict(self.counts)
 
     # -- math ----------------------------------------------------------------------------------------
+    def response_logits(self, model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, V]`` logits of ``model`` at the ``N`` positions whose next token is labelled, in row-major
+        order (no vocabulary projection of prompt and image positions)."""
+        # [B, T]: position t predicts token t + 1
+        keep = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
+        return model(
+            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], logits_to_keep=keep
+        ).logits
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean next-token cross-entropy over labelled tokens, as :func:`mmfactory.losses.lm.causal_lm_loss`,
-        but logits are computed only where a labelled token follows (no vocabulary projection of prompt
-        and image positions)."""
+        on :meth:`response_logits`."""
         targets = batch["labels"][:, 1:]
         labelled = targets != IGNORE_INDEX
-        keep = F.pad(labelled, (0, 1))  # [B, T]: position t predicts token t + 1
-        logits = self.model(
-            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], logits_to_keep=keep
-        ).logits  # [N, V], the kept positions in row-major order
-        total = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+        total = F.cross_entropy(
+            self.response_logits(self.model, batch).float(), targets[labelled], reduction="sum"
+        )
         return {"loss": total / labelled.sum().clamp(min=1)}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:

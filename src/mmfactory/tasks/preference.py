@@ -112,6 +112,42 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return sequence_logprobs(logits, batch["labels"])
 
 
+def preference_objective(
+    opts: DPOOptions, policy_logps: torch.Tensor, reference_logps: torch.Tensor, num_tokens: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The DPO / KTO-pair loss of ``opts`` and its reward statistics.
+
+    Args:
+        policy_logps, reference_logps: ``[2B]`` sequence log-probs, the ``B`` chosen then the ``B`` rejected.
+        num_tokens: ``[2B]`` reply tokens behind each log-prob (for the optional chosen NLL).
+    """
+    policy_chosen, policy_rejected = policy_logps.chunk(2)
+    ref_chosen, ref_rejected = reference_logps.chunk(2)
+    if opts.loss == "sigmoid":
+        loss, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta, opts.label_smoothing
+        )
+    else:
+        loss, chosen_rewards, rejected_rewards = kto_pair_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta
+        )
+    metrics = {}
+    if opts.sft_weight:
+        nll_chosen = -policy_chosen.sum() / num_tokens.chunk(2)[0].sum().clamp(min=1)
+        loss = loss + opts.sft_weight * nll_chosen
+        metrics["nll_chosen"] = nll_chosen.detach()
+    return {
+        "loss": loss,
+        **metrics,
+        "reward_chosen": chosen_rewards.mean(),
+        "reward_rejected": rejected_rewards.mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps_chosen": policy_chosen.detach().mean(),
+        "logps_rejected": policy_rejected.detach().mean(),
+    }
+
+
 class CausalLMDPOTask(TrainingTask):
     """Batches hold the ``B`` chosen rows then the ``B`` rejected rows: ``input_ids``, ``labels``,
     ``attention_mask`` of shape ``[2B, T]``; the loss averages over pairs."""
@@ -218,32 +254,7 @@ class CausalLMDPOTask(TrainingTask):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_logps, num_tokens = sequence_logps(self.model, batch)
-        policy_chosen, policy_rejected = policy_logps.chunk(2)
-        ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
-        opts = self.options
-        if opts.loss == "sigmoid":
-            loss, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta, opts.label_smoothing
-            )
-        else:
-            loss, chosen_rewards, rejected_rewards = kto_pair_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta
-            )
-        metrics = {}
-        if opts.sft_weight:
-            nll_chosen = -policy_chosen.sum() / num_tokens.chunk(2)[0].sum().clamp(min=1)
-            loss = loss + opts.sft_weight * nll_chosen
-            metrics["nll_chosen"] = nll_chosen.detach()
-        return {
-            "loss": loss,
-            **metrics,
-            "reward_chosen": chosen_rewards.mean(),
-            "reward_rejected": rejected_rewards.mean(),
-            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps_chosen": policy_chosen.detach().mean(),
-            "logps_rejected": policy_rejected.detach().mean(),
-        }
+        return preference_objective(self.options, policy_logps, self.reference_logps(batch), num_tokens)
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2

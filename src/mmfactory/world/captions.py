@@ -1,6 +1,8 @@
-"""Caption grammar for scenes, in English and Chinese, brief and detailed."""
+"""Caption grammar for scenes, in English and Chinese, brief and detailed; object mentions in text."""
 
-from mmfactory.world.scenes import Scene, SceneObject
+import re
+
+from mmfactory.world.scenes import COLORS, SHAPES, Scene, SceneObject
 
 LANGS = ("en", "zh")
 SHAPE_ZH = {
@@ -39,6 +41,16 @@ POSITION_ZH = {
     "bottom": "下方",
     "bottom right": "右下方",
 }
+
+
+_MENTION = re.compile(rf"\b({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})(?:e?s)?\b", flags=re.IGNORECASE)
+
+
+def object_mentions(text: str) -> list[str]:
+    """Object names (``"red star"``) an English text mentions, in order, repeats kept: a colour word directly
+    followed by a shape word (singular or plural), as every English caption and answer of the world says
+    them. Background colours (black, gray, white) are not object colours and never match."""
+    return [f"{color.lower()} {shape.lower()}" for color, shape in _MENTION.findall(text)]
 
 
 def plural(shape: str) -> str:

@@ -1,4 +1,5 @@
-"""NoteBench-style hallucination rates of generated text against its source facts.
+"""Hallucination rates of generated text: NoteBench-style claims against source facts, and CHAIR-style
+object hallucination of image descriptions (:func:`object_hallucination`).
 
 Each sample has source facts and the facts claimed by the generated text (extracted elsewhere), both
 ``{attribute: value}``. Keys and values are compared after ``strip().casefold()``. A claim is
@@ -67,4 +68,41 @@ def hallucination_rates(
         "sample_hallucination_rate": percent(samples_any, num_samples),
         "num_claims": num_claims,
         "num_samples": num_samples,
+    }
+
+
+def object_hallucination(
+    mentioned: Sequence[Sequence[str]], present: Sequence[Sequence[str]]
+) -> dict[str, float | int]:
+    """CHAIR (Rohrbach et al. 2018), the response / mention rates of Object HalBench, over ``N`` responses.
+
+    Args:
+        mentioned: per response, the objects it mentions (repeats count as separate mentions).
+        present: per response, the objects in its image.
+
+    Returns:
+        ``chair_i``: hallucinated mentions / all mentions; ``chair_s``: responses with at least one
+        hallucinated mention / all responses; ``object_recall``: present objects mentioned / all present
+        objects (so that saying nothing does not look good); all in percent, plus ``num_mentions``.
+    """
+    if len(mentioned) != len(present):
+        raise ValueError(f"{len(mentioned)} mention lists but {len(present)} object lists")
+    num_mentions = hallucinated = responses_hallucinating = num_present = recalled = 0
+    for said, truth in zip(mentioned, present, strict=True):
+        truth_set, said_set = set(truth), set(said)
+        wrong = sum(obj not in truth_set for obj in said)
+        num_mentions += len(said)
+        hallucinated += wrong
+        responses_hallucinating += wrong > 0
+        num_present += len(truth_set)
+        recalled += len(truth_set & said_set)
+
+    def percent(count: int, total: int) -> float:
+        return 100.0 * count / total if total else 0.0
+
+    return {
+        "chair_i": percent(hallucinated, num_mentions),
+        "chair_s": percent(responses_hallucinating, len(mentioned)),
+        "object_recall": percent(recalled, num_present),
+        "num_mentions": num_mentions,
     }
