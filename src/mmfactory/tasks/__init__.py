@@ -16,6 +16,8 @@ TASKS: dict[str, str] = {
     "sag_cdpo": "mmfactory.tasks.sag:SAGContentDPOTask",
     "sag_self_improve": "mmfactory.tasks.sag:SAGSelfImproveTask",
     "mllm_sft": "mmfactory.tasks.mllm:MultimodalSFTTask",
+    "mllm_mimic_distill": "mmfactory.tasks.llava_mod:MimicDistillTask",
+    "mllm_preference_distill": "mmfactory.tasks.llava_mod:PreferenceDistillTask",
     "video_text_contrastive": "mmfactory.tasks.contrastive:VideoTextContrastiveTask",
     "arm_pretrain": "mmfactory.tasks.arm:ARMPretrainTask",
     "arm_mae_pretrain": "mmfactory.tasks.arm:MaskedPretrainTask",
