@@ -1,6 +1,7 @@
-"""llava/tiny-style two-stage training through the real CLI: projector alignment moves only the projector
-(tower and LM bit-identical), instruction tuning moves projector and LM (tower bit-identical) and its loss
-falls; the result answers through ``mmfactory generate --image`` and scores through ``mmfactory eval``.
+"""llava/tiny-style training through the real CLI: a tiny CLIP pretrained on the world becomes the tower
+(loaded by stage name), projector alignment moves only the projector (tower and LM bit-identical),
+instruction tuning moves projector and LM (tower bit-identical) and its loss falls; the result answers
+through ``mmfactory generate --image`` and scores through ``mmfactory eval``.
 
 The align stage's loss is only checked to be finite: a random tiny LM's next-token distribution is close to
 uniform (loss ~ ln |V|) whatever the projector feeds it, which is why LLaVA aligns with a pretrained LM."""
@@ -21,7 +22,7 @@ from mmfactory.models.vision import VisionTowerConfig
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
 from tests.helpers import TINY_LM, write_recipe
-from tests.models.test_mllm import TINY_VISION
+from tests.test_image_text_contrastive import TINY_CLIP
 
 DATA = {
     "source": "world",
@@ -39,16 +40,24 @@ def tiny_llava_recipe() -> dict:
         "defaults": {
             "schedule": {"kind": "constant", "warmup_steps": 0},
             "train": {"batch_size": 8, "max_steps": 12, "log_every": 1, "seed": 0},
-            "options": EVAL,
         },
         "stages": [
             {
+                "name": "vision",
+                "task": "image_text_contrastive",
+                "model": {"tiny": TINY_CLIP},
+                "data": {"world_train_size": 32, "world_eval_size": 8, "world_image_size": 16},
+                "train": {"max_steps": 4},
+                "options": {"zeroshot_size": 0},
+            },
+            {
                 "name": "align",
                 "task": "mllm_sft",
-                "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
+                "model": {"vision": {"path": "vision"}, "lm": {"tiny": dict(TINY_LM)}},
                 "data": {**DATA, "world_tasks": ["captions"]},
                 "trainable": ["model.projector.*"],
                 "optimizer": {"lr": 1.0e-2},
+                "options": EVAL,
             },
             {
                 "name": "instruct",
@@ -57,14 +66,15 @@ def tiny_llava_recipe() -> dict:
                 "data": {**DATA, "world_tasks": ["llava", "vqa"]},
                 "trainable": ["model.projector.*", "model.language_model.*"],
                 "optimizer": {"lr": 5.0e-3},
+                "options": EVAL,
             },
         ],
     }
 
 
-def initial_state() -> dict[str, torch.Tensor]:
+def initial_state(tower: str) -> dict[str, torch.Tensor]:
     set_seed(0)  # the runner seeds each stage before its task builds the model
-    spec = MultimodalLMSpec(vision=VisionTowerConfig(tiny=TINY_VISION), lm=CausalLMConfig(tiny=dict(TINY_LM)))
+    spec = MultimodalLMSpec(vision=VisionTowerConfig(path=tower), lm=CausalLMConfig(tiny=dict(TINY_LM)))
     model, _, _ = build_multimodal_lm(spec)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -86,7 +96,11 @@ def test_two_stages_through_cli_learn_and_keep_frozen_parts_bit_identical(tmp_pa
     ):
         assert np.isfinite(metrics[f"instruct/{key}"]), key
 
-    initial = initial_state()
+    initial = initial_state(str(out / "vision/final"))
+    clip = load_file(out / "vision/final/model.safetensors")
+    towers = {k: v for k, v in initial.items() if k.startswith("vision_tower.")}
+    assert towers
+    assert all(v.equal(clip[k.replace("vision_tower.", "vision_model.", 1)]) for k, v in towers.items())
     align = load_file(out / "align/final/model.safetensors")
     instruct = load_file(out / "instruct/final/model.safetensors")
     assert align.keys() == instruct.keys() and set(align) <= set(initial)
@@ -135,7 +149,8 @@ def test_two_stages_through_cli_learn_and_keep_frozen_parts_bit_identical(tmp_pa
 
 def test_the_shipped_recipe_validates():
     recipe = load_recipe(resolve_recipe("llava/tiny"))
-    assert [s.name for s in recipe.stages] == ["align", "instruct"]
+    assert [s.name for s in recipe.stages] == ["vision", "align", "instruct"]
     for i, stage in enumerate(recipe.stages):
         validate_stage(stage, i)
-    assert recipe.stages[0].trainable == ["model.projector.*"] and recipe.stages[1].init_from == "align"
+    assert recipe.stages[1].model["vision"] == {"path": "vision"}  # the tower pretrained in stage 0
+    assert recipe.stages[1].trainable == ["model.projector.*"] and recipe.stages[2].init_from == "align"

@@ -23,6 +23,7 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import logging as hf_logging
 
 from mmfactory.config import ConfigError
 
@@ -79,7 +80,16 @@ def load_vision_tower(cfg: VisionTowerConfig, dtype: torch.dtype = torch.float32
         raise ValueError(
             f"{path}: vision towers of type {model_type!r} are not supported ({sorted(VISION_TOWERS)})"
         )
-    return VISION_TOWERS[model_type].from_pretrained(path, dtype=dtype)
+    if model_type.endswith("_vision_model"):
+        return VISION_TOWERS[model_type].from_pretrained(path, dtype=dtype)
+    # A full CLIP / SigLIP checkpoint: its text half is left out on purpose, so transformers' load report
+    # (every text weight listed as unexpected) says nothing worth printing.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return VISION_TOWERS[model_type].from_pretrained(path, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_image_processor(folder: str | Path | None, image_size: int) -> BaseImageProcessor:

@@ -7,9 +7,10 @@ One task serves both LLaVA stages; the stage's ``trainable`` patterns make the d
   LM stays frozen under LoRA adapters: ``["model.projector.*", "*lora_*"]``; adapters are merged before
   saving, so ``final/`` is always a plain :class:`~mmfactory.models.mllm.MultimodalLM`.
 
-The first stage assembles the model from parts (``model.vision``, ``model.lm``: tiny configs or local
-checkpoints); later stages start ``init_from`` the previous one. Under DDP, data mixing in text-only
-conversations leaves the projector without gradients in some batches: set
+The first stage assembles the model from parts (``model.vision``, ``model.lm``: tiny configs, local
+checkpoints, or an earlier stage's output named by its stage, e.g. ``vision: {path: vision}`` after an
+``image_text_contrastive`` stage called ``vision``); later stages start ``init_from`` the previous one.
+Under DDP, data mixing in text-only conversations leaves the projector without gradients in some batches: set
 ``train.find_unused_parameters: true``.
 ``evaluate()`` runs the generation benchmarks of :mod:`mmfactory.eval.mllm` (held-out world test split,
 or VQA / POPE JSONL files).
@@ -18,7 +19,7 @@ or VQA / POPE JSONL files).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from operator import add
 from pathlib import Path
@@ -130,7 +131,7 @@ class MultimodalSFTTask(TrainingTask):
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
             image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
         else:
-            self.model, tokenizer, image_processor = build_multimodal_lm(model_cfg)
+            self.model, tokenizer, image_processor = build_multimodal_lm(self._resolve_parts(model_cfg))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.processor = MultimodalProcessor(
@@ -156,6 +157,15 @@ class MultimodalSFTTask(TrainingTask):
             )
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, MultimodalChatDataset | None] = {}
+
+    def _resolve_parts(self, spec: MultimodalLMSpec) -> MultimodalLMSpec:
+        """``vision.path`` / ``lm.path`` naming an earlier stage -> that stage's ``final/`` folder."""
+        resolved = {
+            name: replace(part, path=str(self.ctx.resolve_init(part.path)))
+            for name, part in (("vision", spec.vision), ("lm", spec.lm))
+            if part.path is not None and part.path in self.ctx.stage_outputs
+        }
+        return replace(spec, **resolved)
 
     # -- data ----------------------------------------------------------------------------------------
     def _source(self, split: str) -> ImageConversations | None:

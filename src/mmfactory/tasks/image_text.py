@@ -1,0 +1,532 @@
+"""Contrastive image-text pretraining (CLIP), the ``image_text_contrastive`` task.
+
+A Hugging Face ``CLIPModel`` (ViT image tower + causal text transformer pooled at its first EOS token, each
+with a linear projection, and a learnable log logit scale) trained with the symmetric InfoNCE of
+:func:`~mmfactory.losses.contrastive.clip_loss`: features are gathered across processes with gradients and the
+scale is clamped to at most 100, as in CLIP. The model is tiny from ``CLIPConfig`` keyword arguments (text
+tokenizer: the built-in world's, with an EOS appended to every caption) or loaded from a local CLIP folder.
+``final/`` holds the model, tokenizer and image processor, so a LLaVA stage loads its vision half with
+``model.vision.path: <run>/<stage>/final`` and the same preprocessing.
+
+Data: the world's images with their captions (``world_languages`` x ``world_details``; training draws one
+caption per image per step, evaluation uses all), or image-text files: pairs JSONL (``{"id", "image",
+"text"}``) or webdataset shards; records that share an image file are one image with several captions. Images
+are not augmented.
+
+``evaluate``: text->image and image->text retrieval over the held-out images and all their captions (R@1/5/10
+in percent, median and mean rank) and, on the world, zero-shot classification of the shape and the colour of
+single-object test scenes with CLIP's prompt ensembling (a class embedding is the mean of its prompts'
+normalised embeddings; the prompts are the world's brief captions of that shape in every colour, or that
+colour on every shape). Accuracy and balanced accuracy (mean per-class recall: chance is 1 / classes) are
+reported per language.
+
+A stage, e.g.::
+
+    - name: clip
+      task: image_text_contrastive
+      model:
+        tiny:
+          text_config: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                        num_attention_heads: 4, max_position_embeddings: 64}
+          vision_config: {hidden_size: 96, intermediate_size: 192, num_hidden_layers: 3,
+                          num_attention_heads: 4, image_size: 30, patch_size: 10}
+          projection_dim: 64
+      data: {world_train_size: 4000, world_languages: [en, zh]}
+
+The loss of a micro-batch depends on the negatives it holds, so gradient accumulation is not equivalent to a
+larger batch (as in CLIP): grow ``train.batch_size`` or the number of processes instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_processing_utils import BaseImageProcessor
+
+from mmfactory.config import ConfigError
+from mmfactory.data.multimodal import pad_to_square
+from mmfactory.data.policy import BadSampleCounter
+from mmfactory.eval.metrics import text_video_retrieval
+from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
+from mmfactory.models.vision import load_image_processor
+from mmfactory.tasks.base import TrainingTask
+
+# HF CLIP pools the text at argmax(input_ids) when eos_token_id is 2 (configs older than transformers#24773).
+LEGACY_EOS_ID = 2
+FROM_TOKENIZER = ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_keys(config_class: type, kwargs: dict[str, Any], where: str) -> None:
+    known = [f.name for f in dataclasses.fields(config_class)]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}.{key}: not a {config_class.__name__} field{hint}")
+
+
+@dataclass
+class CLIPSpec:
+    """A stage's ``model`` section: ``path`` (a local CLIP folder with its tokenizer and, ideally, its
+    ``preprocessor_config.json``) or ``tiny`` (``CLIPConfig`` keyword arguments with ``text_config`` and
+    ``vision_config`` dicts; vocabulary size and special-token ids come from the tokenizer) — or neither
+    when the stage has ``init_from``. ``tokenizer`` overrides the tokenizer folder; tiny models default to
+    the built-in world tokenizer."""
+
+    path: str | None = None
+    tiny: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    max_logit_scale: float = 100.0  # CLIP clamps the learned inverse temperature at 100
+
+    def validate(self) -> None:
+        if self.path is not None and self.tiny is not None:
+            raise ConfigError("path: set either path or tiny, not both")
+        if self.tiny is None:
+            return
+        _check_keys(CLIPConfig, self.tiny, "tiny")
+        for name, config_class in (("text_config", CLIPTextConfig), ("vision_config", CLIPVisionConfig)):
+            sub = self.tiny.get(name) or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"tiny.{name}: expected a mapping, got {sub!r}")
+            _check_keys(config_class, sub, f"tiny.{name}")
+        taken = [key for key in FROM_TOKENIZER if key in (self.tiny.get("text_config") or {})]
+        if taken:
+            raise ConfigError(f"tiny.text_config.{taken[0]}: set from the tokenizer; remove it")
+
+
+def _local(path: str | Path, what: str) -> Path:
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
+    return local
+
+
+def check_eos_pooling(text_config: CLIPTextConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a text config whose pooling would not land on the EOS that :func:`tokenize_for_clip` appends.
+
+    HF CLIP pools at the first ``eos_token_id`` in the ids, or at ``argmax(input_ids)`` when that id is the
+    legacy 2 (right only if EOS is the largest id, as in OpenAI's vocabulary).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the text tokenizer has no eos_token: CLIP pools the text at its EOS")
+    if text_config.eos_token_id == LEGACY_EOS_ID:
+        pools_at_eos = eos == len(tokenizer) - 1
+    else:
+        pools_at_eos = text_config.eos_token_id == eos
+    if not pools_at_eos:
+        raise ValueError(
+            f"text_config.eos_token_id {text_config.eos_token_id} with the tokenizer's EOS {eos} (vocabulary "
+            f"{len(tokenizer)}): the text would not be pooled at its EOS"
+        )
+
+
+def load_clip(
+    spec: CLIPSpec, init_dir: Path | None = None
+) -> tuple[CLIPModel, PreTrainedTokenizerBase, BaseImageProcessor]:
+    """``(model, tokenizer, image_processor)`` from ``init_dir`` (a saved stage), ``spec.path`` or
+    ``spec.tiny``. The image processor is the folder's own, else CLIP's at the tower's image size."""
+    folder = init_dir if init_dir is not None else spec.path
+    if folder is None and spec.tiny is None:
+        raise ConfigError("model: set model.path, model.tiny or the stage's init_from")
+    if folder is not None:
+        folder = _local(folder, "CLIP folder")
+    if spec.tokenizer is not None or folder is not None:
+        tokenizer = AutoTokenizer.from_pretrained(_local(spec.tokenizer or folder, "tokenizer"))
+    else:
+        from mmfactory.world.tokenizer import world_tokenizer
+
+        tokenizer = world_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pooling takes the *first* EOS, so padding with it is safe
+    if folder is not None:
+        model_type = AutoConfig.from_pretrained(folder).model_type
+        if model_type != "clip":
+            raise ValueError(f"{folder}: a {model_type!r} checkpoint; this task trains CLIP models ('clip')")
+        model = CLIPModel.from_pretrained(folder)
+    else:
+        kwargs = dict(spec.tiny)
+        text_config = {
+            **(kwargs.pop("text_config", None) or {}),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        }
+        vision_config = kwargs.pop("vision_config", None) or {}
+        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, **kwargs))
+    check_eos_pooling(model.config.text_config, tokenizer)
+    image_processor = load_image_processor(folder, model.config.vision_config.image_size)
+    return model, tokenizer, image_processor
+
+
+def tokenize_for_clip(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> dict[str, Tensor]:
+    """Each text as the tokenizer encodes it (with its special tokens) ending in EOS — appended when the
+    tokenizer does not add it — truncated to ``max_length`` with the EOS kept, right-padded.
+
+    Returns ``input_ids`` and ``attention_mask``, ``[B, L]`` int64.
+    """
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    rows = [ids if ids and ids[-1] == eos else [*ids[: max_length - 1], eos] for ids in encoded]
+    input_ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+WorldLanguage = Literal["en", "zh"]
+WorldDetail = Literal["brief", "detailed"]
+
+
+@dataclass
+class ImageTextDataConfig:
+    """Images with one or more captions: the built-in world, or files — ``source: pairs`` (one JSONL of
+    ``{"id", "image", "text"}``) or ``source: webdataset`` (tar shards of ``{key}.png`` + ``{key}.txt``);
+    ``train`` / ``eval`` name the file or the shards (``mmfactory world export`` writes both)."""
+
+    source: Literal["world", "pairs", "webdataset"] = "world"
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None
+    max_text_length: int | None = (
+        None  # tokens with special ones; None: the text model's positions (77 in CLIP)
+    )
+    pad_square: bool = False  # pad to a square of the mean colour before the processor (LLaVA-1.5's "pad")
+    world_train_size: int = 4000  # images
+    world_eval_size: int = 200
+    world_seed: int = 0
+    world_image_size: int = 32  # rendered side; the image processor resizes to the tower's image_size
+    world_languages: list[WorldLanguage] = field(default_factory=lambda: ["en"])
+    world_details: list[WorldDetail] = field(default_factory=lambda: ["brief", "detailed"])
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        if self.source != "world" and self.train is None:
+            raise ConfigError(f"train: source {self.source} needs the path of the training data")
+        if self.source == "pairs" and not all(isinstance(p, str | None) for p in (self.train, self.eval)):
+            raise ConfigError("train: source pairs reads one JSONL file per split, not a list")
+        if not self.world_languages or not self.world_details:
+            raise ConfigError("world_languages: name at least one language and one detail level")
+        if self.max_text_length is not None and self.max_text_length < 2:
+            raise ConfigError(f"max_text_length: must be >= 2, got {self.max_text_length}")
+
+
+@dataclass
+class ImageTextOptions:
+    """What ``evaluate`` measures."""
+
+    eval_batch_size: int = 256  # images or texts per encoder call
+    zeroshot_size: int = 400  # single-object world test scenes to classify by shape and colour; 0: none
+
+    def validate(self) -> None:
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class ImageCaptions:
+    """Image ``i`` is ``image(i)`` (uint8 ``[H, W, 3]``, decoded on access; the callable is picklable for
+    DataLoader workers) and has the non-empty list ``captions[i]``."""
+
+    captions: list[list[str]]
+    image: Callable[[int], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def world_image_captions(
+    split: str,
+    n: int,
+    seed: int = 0,
+    image_size: int = 32,
+    languages: Sequence[str] = ("en",),
+    details: Sequence[str] = ("brief", "detailed"),
+) -> ImageCaptions:
+    """Scenes ``0..n-1`` of a world split, each captioned in every language x detail level."""
+    from mmfactory.world import World
+    from mmfactory.world.captions import caption
+    from mmfactory.world.scenes import render_scene
+
+    world = World(seed=seed, image_size=image_size)
+    scenes = [world.scene(split, i) for i in range(n)]
+    images = [render_scene(scene, image_size) for scene in scenes]
+    captions = [[caption(s, lang, detail) for lang in languages for detail in details] for s in scenes]
+    return ImageCaptions(captions, partial(operator.getitem, images))
+
+
+def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:
+    return dataset[record_of_image[index]]["image"]
+
+
+def file_image_captions(
+    source: Literal["pairs", "webdataset"],
+    path: str | list[str],
+    on_bad_sample: Literal["error", "skip"],
+    counter: BadSampleCounter,
+) -> ImageCaptions:
+    """Records read by :func:`~mmfactory.data.readers.read_pairs` / ``read_webdataset``, grouped by image
+    file (or tar member): one image with every caption that names it."""
+    from mmfactory.data.readers import read_pairs, read_webdataset
+
+    if source == "pairs":
+        dataset = read_pairs(path, on_bad_sample=on_bad_sample, counter=counter)
+    else:
+        dataset = read_webdataset(path, on_bad_sample=on_bad_sample, counter=counter)
+    records_of_image: dict[Any, list[int]] = {}
+    for index, record in enumerate(dataset.records):
+        records_of_image.setdefault(record.fields["image"], []).append(index)
+    groups = list(records_of_image.values())
+    captions = [[dataset.records[i].fields["text"] for i in group] for group in groups]
+    return ImageCaptions(captions, partial(_record_image, dataset, [group[0] for group in groups]))
+
+
+class ImageCaptionDataset(Dataset):
+    """Item ``i``: ``{"image": uint8 [H, W, 3], "caption": str}`` of image ``indices[i]``. Training draws
+    the caption from torch's RNG (so resumed runs replay it); evaluation takes the first."""
+
+    def __init__(self, source: ImageCaptions, train: bool, indices: Sequence[int] | None = None):
+        self.source, self.train = source, train
+        self.indices = range(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.indices[index]
+        captions = self.source.captions[image]
+        caption = captions[int(torch.randint(len(captions), ()))] if self.train else captions[0]
+        return {"image": self.source.image(image), "caption": caption}
+
+
+def zero_shot_prompts(attribute: Literal["shape", "color"], lang: str) -> dict[str, list[str]]:
+    """Class -> prompts: the world's brief captions of one object of that shape in every colour (or of that
+    colour on every shape), leaving out the held-out compositional pairs."""
+    from mmfactory.world.captions import brief_caption
+    from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, Scene, SceneObject
+
+    prompts: dict[str, list[str]] = {}
+    for shape in SHAPES:
+        for color in COLORS:
+            if (shape, color) not in HELD_OUT:
+                text = brief_caption(Scene((SceneObject(shape, color, "small", 0.5, 0.5),), "black"), lang)
+                prompts.setdefault(shape if attribute == "shape" else color, []).append(text)
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageTextContrastiveTask(TrainingTask):
+    model_config = CLIPSpec
+    data_config = ImageTextDataConfig
+    options_config = ImageTextOptions
+
+    def __init__(
+        self, stage, ctx, model_cfg: CLIPSpec, data_cfg: ImageTextDataConfig, options: ImageTextOptions
+    ):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        init_dir = ctx.resolve_init(stage.init_from)
+        if init_dir is not None and (model_cfg.path is not None or model_cfg.tiny is not None):
+            raise ConfigError("model: init_from provides the whole model; remove model.path / model.tiny")
+        self.model, self.tokenizer, self.image_processor = load_clip(model_cfg, init_dir)
+        positions = self.model.config.text_config.max_position_embeddings
+        self.max_text_length = data_cfg.max_text_length or positions
+        if self.max_text_length > positions:
+            raise ConfigError(
+                f"data.max_text_length: {self.max_text_length} exceeds the text model's "
+                f"max_position_embeddings ({positions})"
+            )
+        self.counter = BadSampleCounter()
+        self._sources: dict[str, ImageCaptions] = {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def image_captions(self, split: Literal["train", "eval"]) -> ImageCaptions:
+        if split not in self._sources:
+            cfg = self.data_cfg
+            if cfg.source == "world":
+                self._sources[split] = world_image_captions(
+                    "train" if split == "train" else "val",
+                    cfg.world_train_size if split == "train" else cfg.world_eval_size,
+                    cfg.world_seed,
+                    cfg.world_image_size,
+                    cfg.world_languages,
+                    cfg.world_details,
+                )
+            else:
+                path = cfg.train if split == "train" else cfg.eval
+                self._sources[split] = (
+                    ImageCaptions([], partial(operator.getitem, []))
+                    if path is None
+                    else file_image_captions(cfg.source, path, cfg.on_bad_sample, self.counter)
+                )
+        return self._sources[split]
+
+    def train_dataset(self) -> ImageCaptionDataset:
+        return ImageCaptionDataset(self.image_captions("train"), train=True)
+
+    def eval_dataset(self) -> ImageCaptionDataset | None:
+        """The eval images with their first captions, cut to a multiple of the process count: the loss
+        gathers equal-sized batches from every process, so every shard must batch alike."""
+        source = self.image_captions("eval")
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        usable = len(source) // processes * processes
+        return ImageCaptionDataset(source, train=False, indices=range(usable)) if usable else None
+
+    def pixel_values(self, images: Sequence[np.ndarray]) -> Tensor:
+        """uint8 ``[H, W, 3]`` images -> ``[N, 3, S, S]`` float32 through the image processor."""
+        if self.data_cfg.pad_square:
+            fill = [round(255 * m) for m in self.image_processor.image_mean]
+            images = [pad_to_square(image, fill) for image in images]
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def collate(self, samples: list[dict]) -> dict[str, Tensor]:
+        """``pixel_values`` ``[B, 3, S, S]``; the captions' ``input_ids``, ``attention_mask`` ``[B, L]``."""
+        return {
+            "pixel_values": self.pixel_values([s["image"] for s in samples]),
+            **tokenize_for_clip(self.tokenizer, [s["caption"] for s in samples], self.max_text_length),
+        }
+
+    def data_report(self) -> dict[str, int]:
+        report = {}
+        for split, source in self._sources.items():
+            report[f"{split}/images"] = len(source)
+            report[f"{split}/captions"] = sum(map(len, source.captions))
+        report.update({f"skipped/{reason}": count for reason, count in self.counter.summary().items()})
+        return report
+
+    # -- math ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        image_embeds = self.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        text_embeds = self.model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).pooler_output
+        max_scale = self.model_cfg.max_logit_scale
+        loss = clip_loss(image_embeds, text_embeds, self.model.logit_scale, max_scale)
+        return {
+            "loss": loss,
+            "logit_scale": clamp_logit_scale(self.model.logit_scale, max_scale).exp().detach(),
+        }
+
+    # -- encoding and scoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[np.ndarray]) -> Tensor:
+        """uint8 ``[H, W, 3]`` images -> ``[N, P]`` L2-normalised embeddings (``eval_batch_size`` chunks)."""
+        batch, device = self.options.eval_batch_size, self.model.device
+        embeds = [
+            self.model.get_image_features(
+                pixel_values=self.pixel_values(images[lo : lo + batch]).to(device)
+            ).pooler_output
+            for lo in range(0, len(images), batch)
+        ]
+        return F.normalize(torch.cat(embeds), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> ``[N, P]`` L2-normalised embeddings, in ``eval_batch_size`` chunks."""
+        batch, device = self.options.eval_batch_size, self.model.device
+        embeds = []
+        for lo in range(0, len(texts), batch):
+            tokens = tokenize_for_clip(self.tokenizer, texts[lo : lo + batch], self.max_text_length)
+            embeds.append(
+                self.model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}).pooler_output
+            )
+        return F.normalize(torch.cat(embeds), dim=-1)
+
+    def clip_scores(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> Tensor:
+        """``[N]`` cosine similarity of each image with its text (the CLIP score of data filtering)."""
+        return (self.encode_images(images) * self.encode_texts(texts)).sum(dim=-1)
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.retrieval()
+        if self.data_cfg.source == "world" and self.options.zeroshot_size > 0:
+            metrics.update(self.zero_shot())
+        return metrics
+
+    @torch.no_grad()
+    def retrieval(self, source: ImageCaptions | None = None) -> dict[str, float]:
+        """``t2i_*`` and ``i2t_*`` R@1/5/10, MdR, MnR over the images of ``source`` (default: the eval set)
+        and all their captions; an image's i2t rank is the best rank among its captions."""
+        source = self.image_captions("eval") if source is None else source
+        if not len(source):
+            return {}
+        image_embeds = self.encode_images([source.image(i) for i in range(len(source))])
+        texts = [text for captions in source.captions for text in captions]
+        image_of_text = [i for i, captions in enumerate(source.captions) for _ in captions]
+        similarity = self.encode_texts(texts) @ image_embeds.T  # [T, I]
+        results = text_video_retrieval(similarity, image_of_text)
+        names = {"t2v": "t2i", "v2t": "i2t"}
+        metrics = {f"{names[d]}_{name}": value for d, m in results.items() for name, value in m.items()}
+        return {**metrics, "retrieval_images": len(source), "retrieval_captions": len(texts)}
+
+    @torch.no_grad()
+    def zero_shot(self) -> dict[str, float]:
+        """``zeroshot_{lang}_{shape|color}_acc`` and ``..._balanced_acc`` (percent) on ``zeroshot_size``
+        single-object scenes of the world's test split."""
+        from mmfactory.world.scenes import render_scene, scene_at
+
+        cfg = self.data_cfg
+        scenes = [
+            scene_at(cfg.world_seed, "test", i, max_objects=1) for i in range(self.options.zeroshot_size)
+        ]
+        image_embeds = self.encode_images([render_scene(scene, cfg.world_image_size) for scene in scenes])
+        metrics = {}
+        for lang in cfg.world_languages:
+            for attribute in ("shape", "color"):
+                prompts = zero_shot_prompts(attribute, lang)
+                classes = list(prompts)
+                class_embeds = torch.stack(
+                    [F.normalize(self.encode_texts(prompts[c]).mean(dim=0), dim=-1) for c in classes]
+                )  # [K, P]
+                predicted = (image_embeds @ class_embeds.T).argmax(dim=-1).cpu().numpy()
+                truth = np.array([classes.index(getattr(s.objects[0], attribute)) for s in scenes])
+                recalls = [np.mean(predicted[truth == k] == k) for k in np.unique(truth)]
+                metrics[f"zeroshot_{lang}_{attribute}_acc"] = 100.0 * float(np.mean(predicted == truth))
+                metrics[f"zeroshot_{lang}_{attribute}_balanced_acc"] = 100.0 * float(np.mean(recalls))
+        return metrics
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        """``CLIPModel`` + tokenizer + ``preprocessor_config.json``: ``CLIPModel.from_pretrained`` and
+        :func:`~mmfactory.models.vision.load_vision_tower` / ``load_image_processor`` read the folder."""
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)

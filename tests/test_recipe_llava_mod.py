@@ -1,0 +1,120 @@
+"""LLaVA-MoD's stages through the real CLI on a tiny teacher and student: the mimic stages learn, the student
+is upcycled to a sparse MoE (saved and reloaded as such) and distils from the teacher's stored top-k,
+preference distillation moves the student, the frozen tower stays bit-identical, and the shipped recipe's
+teacher is exactly llava/tiny."""
+
+import json
+
+from safetensors.torch import load_file
+
+from mmfactory.cli import main
+from mmfactory.config import load_recipe
+from mmfactory.models.components.moe import moe_blocks
+from mmfactory.models.mllm import MultimodalLM
+from mmfactory.recipes import resolve_recipe
+from mmfactory.tasks import validate_stage
+from tests.helpers import TINY_LM, write_recipe
+from tests.models.test_mllm import TINY_VISION
+
+DATA = {
+    "world_tasks": ["vqa", "captions"],
+    "world_train_size": 48,
+    "world_eval_size": 8,
+    "world_image_size": 16,
+    "max_length": 128,
+}
+EVAL = {"eval_vqa": 4, "eval_pope": 2, "eval_captions": 2, "max_new_tokens": 4, "caption_max_new_tokens": 6}
+MLLM_STAGE = {"trainable": ["model.projector.*", "model.language_model.*"], "data": DATA, "options": EVAL}
+
+
+def tiny_llava_mod_recipe() -> dict:
+    student_lm = {**TINY_LM, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3}
+    return {
+        "name": "test/llava_mod",
+        "defaults": {
+            "schedule": {"kind": "constant", "warmup_steps": 0},
+            "optimizer": {"lr": 5.0e-3},
+            "train": {"batch_size": 8, "max_steps": 10, "log_every": 1, "seed": 0},
+        },
+        "stages": [
+            {
+                "name": "teacher",
+                "task": "mllm_sft",
+                "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
+                **MLLM_STAGE,
+                "trainable": ["*"],
+                "train": {"max_steps": 40},
+                "options": {**EVAL, "eval_vqa": 0, "eval_pope": 0, "eval_captions": 0},
+            },
+            {
+                "name": "mimic_dense",
+                "task": "mllm_mimic_distill",
+                "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": student_lm}},
+                **MLLM_STAGE,
+                "options": {**EVAL, "teacher": "teacher", "mode": "kd_only"},
+            },
+            {
+                "name": "mimic_moe",
+                "task": "mllm_mimic_distill",
+                "init_from": "mimic_dense",
+                **MLLM_STAGE,
+                "options": {
+                    **EVAL,
+                    "teacher": "teacher",
+                    "upcycle": {"num_experts": 4, "top_k": 2, "layers": "sparse"},
+                    "teacher_topk": 16,
+                },
+            },
+            {
+                "name": "preference",
+                "task": "mllm_preference_distill",
+                "init_from": "mimic_moe",
+                **MLLM_STAGE,
+                "data": {"world_train_size": 24, "world_eval_size": 4, "world_image_size": 16},
+                "train": {"batch_size": 4, "max_steps": 6},
+                "options": {**EVAL, "teacher": "teacher", "loss": "kto_pair"},
+            },
+        ],
+    }
+
+
+def test_llava_mod_stages_through_cli(tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(tiny_llava_mod_recipe(), tmp_path / "r.yaml")
+    assert main(["run", str(recipe), "--output", str(out)]) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    for stage in ("mimic_dense", "mimic_moe"):
+        assert metrics[f"{stage}/train_loss"] < metrics[f"{stage}/train_first_loss"] - 0.3, stage
+    assert metrics["mimic_dense/params_total_m"] == metrics["mimic_dense/params_activated_m"]
+    assert metrics["mimic_moe/params_total_m"] > metrics["mimic_moe/params_activated_m"]
+    assert metrics["mimic_moe/params_activated_m"] > metrics["mimic_dense/params_total_m"]  # two experts run
+    assert 0 <= metrics["preference/caption_chair_i"] <= 100 and "preference/pope_random_f1" in metrics
+    assert (out / "mimic_moe/teacher_topk/index.json").is_file()
+    assert "mimic_moe/eval_loss" not in metrics  # held-out loss would need the teacher in memory
+
+    student = MultimodalLM.from_pretrained(out / "preference/final")
+    assert len(moe_blocks(student)) == 2  # layers 0 and 2 of 3
+    teacher = load_file(out / "teacher/final/model.safetensors")
+    dense, moe, pref = (
+        load_file(out / f"{s}/final/model.safetensors") for s in ("mimic_dense", "mimic_moe", "preference")
+    )
+    assert moe.keys() == pref.keys() and len(moe) > len(dense)
+    for name, value in pref.items():
+        if name.startswith("vision_tower."):
+            assert value.equal(moe[name]) and value.equal(dense[name]), f"frozen {name} changed"
+        elif name.startswith(("projector.", "language_model.model.layers.0.mlp.router")):
+            assert not value.equal(moe[name]), f"trainable {name} did not change in preference"
+    assert not any(
+        value.equal(teacher.get(name)) for name, value in dense.items() if name.startswith("projector.")
+    )
+
+
+def test_the_shipped_recipe_validates_and_its_teacher_is_llava_tiny():
+    recipe = load_recipe(resolve_recipe("llava_mod/tiny"))
+    for i, stage in enumerate(recipe.stages):
+        validate_stage(stage, i)
+    llava = load_recipe(resolve_recipe("llava/tiny"))
+    teacher = {s.name: s for s in recipe.stages[: len(llava.stages)]}
+    assert teacher == {s.name: s for s in llava.stages}
+    distill = [s for s in recipe.stages if s.task.startswith("mllm_") and "distill" in s.task]
+    assert distill and all(s.options["teacher"] == llava.stages[-1].name for s in distill)
