@@ -31,6 +31,7 @@ def tiny_llava_mod_recipe() -> dict:
     student_lm = {**TINY_LM, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3}
     return {
         "name": "test/llava_mod",
+        "compare": ["vqa_accuracy", "params_activated_m", "reward_accuracy"],
         "defaults": {
             "schedule": {"kind": "constant", "warmup_steps": 0},
             "optimizer": {"lr": 5.0e-3},
@@ -78,10 +79,13 @@ def tiny_llava_mod_recipe() -> dict:
     }
 
 
-def test_llava_mod_stages_through_cli(tmp_path):
+def test_llava_mod_stages_through_cli(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = write_recipe(tiny_llava_mod_recipe(), tmp_path / "r.yaml")
     assert main(["run", str(recipe), "--output", str(out)]) == 0
+    table = capsys.readouterr().out.split("Comparison (test/llava_mod)\n")[1].splitlines()
+    assert table[0].split() == ["stage", "vqa_accuracy", "params_activated_m", "reward_accuracy"]
+    assert [row.split()[0] for row in table[2:]] == ["teacher", "mimic_dense", "mimic_moe", "preference"]
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     for stage in ("mimic_dense", "mimic_moe"):
         assert metrics[f"{stage}/train_loss"] < metrics[f"{stage}/train_first_loss"] - 0.3, stage
@@ -118,3 +122,5 @@ def test_the_shipped_recipe_validates_and_its_teacher_is_llava_tiny():
     assert teacher == {s.name: s for s in llava.stages}
     distill = [s for s in recipe.stages if s.task.startswith("mllm_") and "distill" in s.task]
     assert distill and all(s.options["teacher"] == llava.stages[-1].name for s in distill)
+    shown = {"vqa_accuracy", "pope_adversarial_f1", "caption_chair_i", "params_activated_m"}
+    assert shown <= set(recipe.compare)

@@ -229,9 +229,10 @@ class Recipe:
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was loaded from (filled in by load_recipe)
+    compare: list[str] = field(default_factory=list)  # metrics shown side by side for every stage with them
 
 
-RECIPE_KEYS = ("name", "description", "defaults", "stages")
+RECIPE_KEYS = ("name", "description", "defaults", "stages", "compare")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -346,6 +347,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "") -> 
         defaults=defaults,
         stages=stages,
         source=source,
+        compare=_convert(list[str], raw.get("compare") or [], "compare"),
     )
 
 

@@ -106,7 +106,31 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
     if is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
         print(format_results(results))
+        if recipe.compare:
+            print(format_comparison(results, recipe.compare))
     return results
+
+
+def format_comparison(results: dict, metrics: list[str]) -> str:
+    """The recipe's ``compare`` metrics side by side: one row per stage that reports any of them."""
+    rows = [
+        (stage, [s["metrics"].get(m) for m in metrics])
+        for stage, s in results["stages"].items()
+        if any(m in s["metrics"] for m in metrics)
+    ]
+    name_width = max([len(stage) for stage, _ in rows] + [5])
+    widths = [max(len(m), 8) for m in metrics]
+    header = "  ".join(
+        [f"{'stage':<{name_width}}", *(f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True))]
+    )
+    lines = [f"Comparison ({results['recipe']})", header, "-" * len(header)]
+    for stage, values in rows:
+        cells = [
+            f"{'-' if v is None else f'{v:.2f}' if isinstance(v, float) else v:>{w}}"
+            for v, w in zip(values, widths, strict=True)
+        ]
+        lines.append("  ".join([f"{stage:<{name_width}}", *cells]))
+    return "\n".join(lines)
 
 
 def format_results(results: dict) -> str:
