@@ -5,6 +5,7 @@ import json
 import math
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,8 +17,8 @@ from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.models.vision import VisionTowerConfig, load_image_processor, load_vision_tower
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.image_text import tokenize_for_clip, zero_shot_prompts
-from mmfactory.world.scenes import COLORS, SHAPES, render_scene, scene_at
+from mmfactory.tasks.image_text import shape_twin, tokenize_for_clip, world_captions, zero_shot_prompts
+from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, render_scene, scene_at
 from tests.helpers import write_recipe
 
 TINY_CLIP = {
@@ -234,6 +235,56 @@ def test_zero_shot_labels_and_prompt_ensembles(tmp_path, monkeypatch):
     }
 
 
+def test_shape_twins_differ_only_in_shape():
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        scene = scene_at(0, "train", i)
+        twin = shape_twin(scene, rng)
+        assert twin.background == scene.background and len(twin.objects) == len(scene.objects)
+        for obj, other in zip(scene.objects, twin.objects, strict=True):
+            assert (obj.color, obj.size, obj.x, obj.y) == (other.color, other.size, other.x, other.y)
+            assert obj.shape != other.shape and (other.shape, other.color) not in HELD_OUT
+        assert len(twin.names()) == len(twin.objects)  # (shape, colour) pairs stay distinct
+
+
+def layout(sample):
+    return [(o.color, o.x, o.y) for o in sample["scene"].objects]
+
+
+def test_shape_twin_batches_hold_the_fraction_and_replay_with_the_seed(tmp_path):
+    data = {**WORLD_DATA, "world_shape_twins": 0.5, "world_languages": ["en", "zh"]}
+    task = make_task(tmp_path, data=data)
+    dataset = task.train_dataset()
+    samples = [dataset[i] for i in range(8)]
+    twinned = task.with_shape_twins(samples)
+    assert len(twinned) == 8 and twinned[:6] == samples[:6]  # 0.5 of 8 images: 2 pairs
+    for original, twin in zip(samples[:2], twinned[6:], strict=True):
+        scene = twin["scene"]
+        assert layout(twin) == layout(original)
+        assert all(a.shape != b.shape for a, b in zip(scene.objects, original["scene"].objects, strict=True))
+        index = original["caption_index"]
+        assert (
+            original["caption"]
+            == world_captions(original["scene"], ["en", "zh"], ["brief", "detailed"])[index]
+        )
+        assert twin["caption"] == world_captions(scene, ["en", "zh"], ["brief", "detailed"])[index]
+        assert (twin["image"] == render_scene(scene, 32)).all() and (twin["image"] != original["image"]).any()
+
+    def batch(seed):
+        torch.manual_seed(seed)
+        return task.collate([dataset[i] for i in range(8)])
+
+    first, again, other = batch(1), batch(1), batch(2)
+    assert first["pixel_values"].shape[0] == first["input_ids"].shape[0] == 8
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["pixel_values"], other["pixel_values"])
+    assert "scene" not in task.eval_dataset()[0]  # evaluation batches are left alone
+    single = make_task(tmp_path, data={**WORLD_DATA, "world_shape_twins": 1.0})
+    three = [single.train_dataset()[i] for i in range(3)]
+    twinned = single.with_shape_twins(three)  # 3 images hold one pair
+    assert twinned[:2] == three[:2] and layout(twinned[2]) == layout(three[0]) != layout(three[2])
+
+
 def _write_pairs(root, rows):
     for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
         Image.new("RGB", (40, 20), colour).save(root / f"{name}.png")
@@ -293,6 +344,12 @@ def test_file_sources_group_captions_by_image(tmp_path, source):
         ),
         ({"tiny": TINY_CLIP}, {"source": "pairs"}, "data.train: source pairs needs"),
         ({"tiny": TINY_CLIP}, {"max_text_length": 65}, "data.max_text_length: 65 exceeds"),
+        ({"tiny": TINY_CLIP}, {"world_shape_twins": 1.5}, "data.world_shape_twins: a fraction"),
+        (
+            {"tiny": TINY_CLIP},
+            {"source": "pairs", "train": "x.jsonl", "world_shape_twins": 0.5},
+            "data.world_shape_twins: needs the world's scenes",
+        ),
         ({}, WORLD_DATA, "model: set model.path, model.tiny or the stage's init_from"),
     ],
 )

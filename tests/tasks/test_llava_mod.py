@@ -17,8 +17,10 @@ from mmfactory.losses.moe_aux import moe_aux_losses
 from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
 from mmfactory.models.components.moe import moe_blocks, moe_param_counts
 from mmfactory.models.mllm import MultimodalLM
-from mmfactory.tasks import build_task
+from mmfactory.tasks import build_task, llava_mod
 from mmfactory.tasks.base import StageContext
+from mmfactory.tasks.llava_mod import judge_reply
+from mmfactory.world import World
 from tests.helpers import TINY_LM
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
@@ -262,3 +264,59 @@ def test_preference_adds_the_moe_aux_of_chosen_and_rejected(tmp_path, teacher_di
     torch.testing.assert_close(out["load_balancing"], (aux[0] + aux[1]).detach())
     pref.options.moe_aux_weight = 0.0
     torch.testing.assert_close(pref(batch)["loss"] + 0.5 * (aux[0] + aux[1]), out["loss"])
+
+
+def test_judge_reply_scores_answers_and_object_hallucination():
+    assert (
+        judge_reply("Two.", "2", is_question=True) == 1.0 and judge_reply("3", "2", is_question=True) == 0.0
+    )
+    truth = "A red star and a blue circle."
+    assert judge_reply("A blue circle and a red star.", truth, is_question=False) == 1.0
+    assert judge_reply("A red star.", truth, is_question=False) == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert judge_reply("A red star and a green ring.", truth, is_question=False) == pytest.approx(0.5)
+    assert judge_reply("Nothing to see.", truth, is_question=False) == 0.0
+
+
+def test_sampled_pairs_reject_the_worst_sample_and_prefer_the_truth_over_imperfect_ones(
+    tmp_path, teacher_dir, monkeypatch
+):
+    data = {
+        "world_pairs": "sampled",
+        "samples_per_prompt": 3,
+        "sample_max_new_tokens": 6,
+        "world_train_size": 6,
+        "world_eval_size": 0,
+        "world_image_size": 16,
+    }
+    task = build_task(
+        stage("mllm_preference_distill", {"teacher": str(teacher_dir)}, data),
+        0,
+        StageContext(tmp_path, tmp_path / "pref"),
+    )
+    scripted = iter([["2", "red", "no", "A red star.", "x", "y"], ["3", "blue", "no", "z", "x", "y"]] * 2)
+    replies = {}
+
+    def fake_generate(model, processor, conversations, images, cfg):
+        assert cfg.do_sample and len(conversations) == 6
+        out = next(scripted, ["x"] * 6)
+        replies.setdefault("rounds", []).append(out)
+        return out
+
+    monkeypatch.setattr(llava_mod, "generate_replies", fake_generate)
+    pairs = task.pairs("train")
+    assert len(replies["rounds"]) == 3
+    world = World(seed=0, image_size=16)
+    truths = [q["answer"] for q in world.vqa("train", 3)] + [
+        c["text"] for c in world.pairs("train", 3, "en", "brief")
+    ]
+    expected = []
+    for i, truth in enumerate(truths):
+        samples = [r[i] for r in replies["rounds"]]
+        scores = [judge_reply(s, truth, i < 3) for s in samples]
+        if min(scores) == 1.0:
+            continue
+        best = samples[scores.index(max(scores))] if max(scores) == 1.0 else truth
+        expected.append((best, samples[scores.index(min(scores))]))
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == expected and expected
+    assert all(p["prompt"].startswith("<image>\n") and p["image"] is not None for p in pairs)
+    assert task.counts["train/sampled_replies"] == 18

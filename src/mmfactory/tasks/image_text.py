@@ -13,6 +13,12 @@ caption per image per step, evaluation uses all), or image-text files: pairs JSO
 "text"}``) or webdataset shards; records that share an image file are one image with several captions. Images
 are not augmented.
 
+Shape twins (``world_shape_twins``, world only; off by default): hard negatives in the manner of NegCLIP. A
+fraction of every training batch is made of pairs of scenes that differ only in the shapes of their objects
+(same colours, sizes, positions and background), each with its own caption, so the loss can only tell the
+two apart by shape. In random batches colour and position already single out every image and caption, and a
+tower trained on them alone barely encodes shape.
+
 ``evaluate``: text->image and image->text retrieval over the held-out images and all their captions (R@1/5/10
 in percent, median and mean rank) and, on the world, zero-shot classification of the shape and the colour of
 single-object test scenes with CLIP's prompt ensembling (a class embedding is the mean of its prompts'
@@ -72,6 +78,7 @@ from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import TrainingTask
+from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, Scene, SceneObject, render_scene, scene_at
 
 # HF CLIP pools the text at argmax(input_ids) when eos_token_id is 2 (configs older than transformers#24773).
 LEGACY_EOS_ID = 2
@@ -233,6 +240,7 @@ class ImageTextDataConfig:
     world_image_size: int = 32  # rendered side; the image processor resizes to the tower's image_size
     world_languages: list[WorldLanguage] = field(default_factory=lambda: ["en"])
     world_details: list[WorldDetail] = field(default_factory=lambda: ["brief", "detailed"])
+    world_shape_twins: float = 0.0  # fraction of each training batch made of shape-twin pairs; 0: none
     on_bad_sample: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
@@ -244,6 +252,10 @@ class ImageTextDataConfig:
             raise ConfigError("world_languages: name at least one language and one detail level")
         if self.max_text_length is not None and self.max_text_length < 2:
             raise ConfigError(f"max_text_length: must be >= 2, got {self.max_text_length}")
+        if not 0.0 <= self.world_shape_twins <= 1.0:
+            raise ConfigError(f"world_shape_twins: a fraction in [0, 1], got {self.world_shape_twins}")
+        if self.world_shape_twins and self.source != "world":
+            raise ConfigError(f"world_shape_twins: needs the world's scenes, not source {self.source}")
 
 
 @dataclass
@@ -261,13 +273,33 @@ class ImageTextOptions:
 @dataclass
 class ImageCaptions:
     """Image ``i`` is ``image(i)`` (uint8 ``[H, W, 3]``, decoded on access; the callable is picklable for
-    DataLoader workers) and has the non-empty list ``captions[i]``."""
+    DataLoader workers) and has the non-empty list ``captions[i]``; world sources also keep its ``Scene``."""
 
     captions: list[list[str]]
     image: Callable[[int], np.ndarray]
+    scenes: list[Scene] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+def world_captions(scene: Scene, languages: Sequence[str], details: Sequence[str]) -> list[str]:
+    """The captions of a world scene, every language x detail level in that order."""
+    from mmfactory.world.captions import caption
+
+    return [caption(scene, lang, detail) for lang in languages for detail in details]
+
+
+def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """``scene`` with every object's shape redrawn uniformly among the others, colour, size, position and
+    background kept; the objects' (shape, colour) pairs stay distinct and outside ``HELD_OUT``, as in
+    every scene the world samples."""
+    objects: list[SceneObject] = []
+    for obj in scene.objects:
+        taken = {(o.shape, o.color) for o in objects} | HELD_OUT
+        choices = [s for s in SHAPES if s != obj.shape and (s, obj.color) not in taken]
+        objects.append(dataclasses.replace(obj, shape=choices[rng.integers(len(choices))]))
+    return Scene(tuple(objects), scene.background)
 
 
 def world_image_captions(
@@ -280,14 +312,12 @@ def world_image_captions(
 ) -> ImageCaptions:
     """Scenes ``0..n-1`` of a world split, each captioned in every language x detail level."""
     from mmfactory.world import World
-    from mmfactory.world.captions import caption
-    from mmfactory.world.scenes import render_scene
 
     world = World(seed=seed, image_size=image_size)
     scenes = [world.scene(split, i) for i in range(n)]
     images = [render_scene(scene, image_size) for scene in scenes]
-    captions = [[caption(s, lang, detail) for lang in languages for detail in details] for s in scenes]
-    return ImageCaptions(captions, partial(operator.getitem, images))
+    captions = [world_captions(s, languages, details) for s in scenes]
+    return ImageCaptions(captions, partial(operator.getitem, images), scenes)
 
 
 def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:
@@ -318,7 +348,8 @@ def file_image_captions(
 
 class ImageCaptionDataset(Dataset):
     """Item ``i``: ``{"image": uint8 [H, W, 3], "caption": str}`` of image ``indices[i]``. Training draws
-    the caption from torch's RNG (so resumed runs replay it); evaluation takes the first."""
+    the caption from torch's RNG (so resumed runs replay it); evaluation takes the first. Training items of
+    a world source also carry ``scene`` and ``caption_index`` (which of ``world_captions`` the caption is)."""
 
     def __init__(self, source: ImageCaptions, train: bool, indices: Sequence[int] | None = None):
         self.source, self.train = source, train
@@ -330,15 +361,17 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.indices[index]
         captions = self.source.captions[image]
-        caption = captions[int(torch.randint(len(captions), ()))] if self.train else captions[0]
-        return {"image": self.source.image(image), "caption": caption}
+        chosen = int(torch.randint(len(captions), ())) if self.train else 0
+        item = {"image": self.source.image(image), "caption": captions[chosen]}
+        if self.train and self.source.scenes is not None:
+            item.update(scene=self.source.scenes[image], caption_index=chosen)
+        return item
 
 
 def zero_shot_prompts(attribute: Literal["shape", "color"], lang: str) -> dict[str, list[str]]:
     """Class -> prompts: the world's brief captions of one object of that shape in every colour (or of that
     colour on every shape), leaving out the held-out compositional pairs."""
     from mmfactory.world.captions import brief_caption
-    from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, Scene, SceneObject
 
     prompts: dict[str, list[str]] = {}
     for shape in SHAPES:
@@ -417,8 +450,25 @@ class ImageTextContrastiveTask(TrainingTask):
             images = [pad_to_square(image, fill) for image in images]
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
+    def with_shape_twins(self, samples: list[dict]) -> list[dict]:
+        """The batch with its last ``floor(world_shape_twins * B) // 2`` samples replaced by the shape twins
+        of its first as many (each captioned like its original: same language and detail level); the
+        twins' shapes come from torch's RNG, so a step's batch is fixed by the seed and the step."""
+        pairs = int(self.data_cfg.world_shape_twins * len(samples)) // 2
+        cfg, twins = self.data_cfg, []
+        for sample in samples[:pairs]:
+            twin = shape_twin(sample["scene"], np.random.default_rng(int(torch.randint(2**62, ()))))
+            caption = world_captions(twin, cfg.world_languages, cfg.world_details)[sample["caption_index"]]
+            twins.append(
+                {"image": render_scene(twin, cfg.world_image_size), "caption": caption, "scene": twin}
+            )
+        return samples[: len(samples) - pairs] + twins
+
     def collate(self, samples: list[dict]) -> dict[str, Tensor]:
-        """``pixel_values`` ``[B, 3, S, S]``; the captions' ``input_ids``, ``attention_mask`` ``[B, L]``."""
+        """``pixel_values`` ``[B, 3, S, S]``; the captions' ``input_ids``, ``attention_mask`` ``[B, L]``.
+        Training batches of the world get their shape twins (``world_shape_twins``)."""
+        if self.data_cfg.world_shape_twins and "scene" in samples[0]:
+            samples = self.with_shape_twins(samples)
         return {
             "pixel_values": self.pixel_values([s["image"] for s in samples]),
             **tokenize_for_clip(self.tokenizer, [s["caption"] for s in samples], self.max_text_length),
@@ -502,8 +552,6 @@ class ImageTextContrastiveTask(TrainingTask):
     def zero_shot(self) -> dict[str, float]:
         """``zeroshot_{lang}_{shape|color}_acc`` and ``..._balanced_acc`` (percent) on ``zeroshot_size``
         single-object scenes of the world's test split."""
-        from mmfactory.world.scenes import render_scene, scene_at
-
         cfg = self.data_cfg
         scenes = [
             scene_at(cfg.world_seed, "test", i, max_objects=1) for i in range(self.options.zeroshot_size)

@@ -34,18 +34,23 @@ from transformers import AutoTokenizer
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
-from mmfactory.data.multimodal import MultimodalProcessor, MultimodalSample
+from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor, MultimodalSample
 from mmfactory.data.policy import BadSampleCounter
 from mmfactory.data.teacher_logits import TeacherTopK, fingerprint, open_teacher_topk, write_teacher_topk
+from mmfactory.eval.metrics import normalize_answer
+from mmfactory.eval.mllm import generate_replies
 from mmfactory.losses.distill import forward_kl, forward_kl_topk, generalized_jsd, reverse_kl, teacher_topk
 from mmfactory.losses.moe_aux import moe_aux_losses
 from mmfactory.losses.preference import sequence_logprobs
 from mmfactory.models.components.moe import upcycle
+from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.mllm import MultimodalSFTOptions, MultimodalSFTTask
 from mmfactory.tasks.preference import DPOOptions, preference_objective
+from mmfactory.world.captions import object_mentions
+from mmfactory.world.vqa import DESCRIBE
 
 LAYER_SELECTIONS = ("sparse", "first_half", "second_half", "dense")
 
@@ -121,11 +126,26 @@ class PreferenceDistillOptions(MoELossWeights, DPOOptions, MultimodalSFTOptions)
 
 @dataclass
 class MultimodalPreferenceDataConfig:
-    """Image preference pairs: the world's (``World.preference(source="image")``: faithful vs hallucinated
-    detailed descriptions, correct vs wrong short answers) or preference JSONL
-    (``{"id", "prompt", "chosen", "rejected", "image"}``, the prompt holding ``<image>``)."""
+    """Image preference pairs from the world or preference JSONL (``{"id", "prompt", "chosen", "rejected",
+    "image"}``, the prompt holding ``<image>``).
+
+    World pairs, ``world_pairs``:
+
+    * ``fixed``: ``World.preference(source="image")``, faithful vs hallucinated detailed descriptions
+      (a wrong attribute or an extra object) and correct vs wrong short answers;
+    * ``sampled`` (on-policy, RLAIF-V style): the student as the stage starts samples ``samples_per_prompt``
+      replies at ``sample_temperature`` to world questions and brief-description requests; each reply is
+      judged against the ground truth (a question: exact match after VQA normalisation; a description: the
+      F1 of the objects it names against the objects in the image, so a hallucinated object costs). The
+      rejected reply is the worst; the chosen one the best if it is perfect, else the ground truth. Prompts
+      whose replies are all perfect give no pair (counted as ``train/skipped_all_correct``).
+    """
 
     source: Literal["world", "jsonl"] = "world"
+    world_pairs: Literal["fixed", "sampled"] = "fixed"
+    samples_per_prompt: int = 4
+    sample_temperature: float = 1.0
+    sample_max_new_tokens: int = 32
     train: str | None = None
     eval: str | None = None
     world_train_size: int = 2000
@@ -141,6 +161,24 @@ class MultimodalPreferenceDataConfig:
     def validate(self) -> None:
         if self.source == "jsonl" and self.train is None:
             raise ConfigError("train: a preference JSONL file is required when source is jsonl")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"samples_per_prompt: at least 2 replies are needed, got {self.samples_per_prompt}"
+            )
+
+
+def judge_reply(reply: str, truth: str, is_question: bool) -> float:
+    """Score in [0, 1] of a sampled reply against the ground truth: a short answer by exact match after VQA
+    normalisation; a description by the F1 of the objects it names (every mention of an absent object lowers
+    precision) against those the true description names."""
+    if is_question:
+        return float(normalize_answer(reply) == normalize_answer(truth))
+    said, present = object_mentions(reply), set(object_mentions(truth))
+    if not said:
+        return 0.0
+    precision = sum(obj in present for obj in said) / len(said)
+    recall = len(set(said) & present) / len(present)
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def load_teacher(
@@ -346,9 +384,14 @@ class PreferenceDistillTask(MultimodalSFTTask):
             from mmfactory.world import World
 
             world = World(seed=cfg.world_seed, image_size=cfg.world_image_size)
-            if split == "train":
-                return world.preference("train", cfg.world_train_size, source="image")
-            return world.preference("val", cfg.world_eval_size, source="image") if cfg.world_eval_size else []
+            size, world_split = (
+                (cfg.world_train_size, "train") if split == "train" else (cfg.world_eval_size, "val")
+            )
+            if not size:
+                return []
+            if cfg.world_pairs == "sampled":
+                return self.sampled_pairs(world, world_split, size, split)
+            return world.preference(world_split, size, source="image")
         path = cfg.train if split == "train" else cfg.eval
         if path is None:
             return []
@@ -359,6 +402,53 @@ class PreferenceDistillTask(MultimodalSFTTask):
         missing = next((p["id"] for p in pairs if p["image"] is None), None)
         if missing is not None:
             raise ConfigError(f"data.{split}: record {missing!r} of {path} has no image")
+        return pairs
+
+    @torch.no_grad()
+    def sampled_pairs(self, world, world_split: str, size: int, split: str) -> list[dict]:
+        """On-policy pairs (class docstring of the data config): half questions, half descriptions."""
+        cfg = self.data_cfg
+        questions = world.vqa(world_split, size - size // 2)
+        captions = world.pairs(world_split, size // 2, detail="brief")
+        prompts = [(q["question"], q["answer"], q["image"]) for q in questions]
+        prompts += [(DESCRIBE["en"]["brief"], c["text"], c["image"]) for c in captions]
+        gen = GenerationConfig(
+            max_new_tokens=cfg.sample_max_new_tokens,
+            do_sample=True,
+            temperature=cfg.sample_temperature,
+            batch_size=self.options.eval_batch_size,
+        )
+        conversations = [[{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}] for q, _, _ in prompts]
+        images = [[image] for _, _, image in prompts]
+        torch.manual_seed(cfg.world_seed)
+        was_training = self.model.training
+        replies = [
+            generate_replies(self.model, self.processor, conversations, images, gen)
+            for _ in range(cfg.samples_per_prompt)
+        ]
+        self.model.train(was_training)
+
+        pairs = []
+        for i, (question, truth, image) in enumerate(prompts):
+            candidates = [r[i] for r in replies]
+            scores = [judge_reply(c, truth, i < len(questions)) for c in candidates]
+            worst, best = (
+                min(range(len(scores)), key=scores.__getitem__),
+                max(range(len(scores)), key=scores.__getitem__),
+            )
+            if scores[worst] == 1.0:
+                self.counts[f"{split}/skipped_all_correct"] += 1
+                continue
+            chosen = candidates[best] if scores[best] == 1.0 else truth
+            pairs.append(
+                {
+                    "prompt": f"{IMAGE_TOKEN}\n{question}",
+                    "chosen": chosen,
+                    "rejected": candidates[worst],
+                    "image": image,
+                }
+            )
+        self.counts[f"{split}/sampled_replies"] = len(prompts) * cfg.samples_per_prompt
         return pairs
 
     def _tokenized(self, split: str) -> list[tuple[MultimodalSample, MultimodalSample]]:
