@@ -294,7 +294,9 @@ class MimicDistillTask(MultimodalSFTTask):
         teacher.to(device)
 
         def topk_of_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-            batch = {k: v.to(teacher.device) for k, v in self.collate([dataset[i] for i in indices]).items()}
+            batch = {
+                name: t.to(teacher.device) for name, t in self.collate([dataset[i] for i in indices]).items()
+            }
             logprobs, ids = teacher_topk(self.response_logits(teacher, batch), k)  # [N, k] each
             rows = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
             return logprobs.cpu(), ids.cpu(), rows
