@@ -106,3 +106,10 @@ stages:
 """
     recipe = recipe_from_dict(yaml.safe_load(text), ["stages.a.train.max_steps=9"])
     assert [s.train.max_steps for s in recipe.stages] == [9, 4]
+
+
+def test_compare_lists_metric_names():
+    assert recipe_from_dict({**tiny_sft_recipe(), "compare": ["eval_loss"]}).compare == ["eval_loss"]
+    assert recipe_from_dict(tiny_sft_recipe()).compare == []
+    with pytest.raises(ConfigError, match=r"compare\[0\]: expected a string"):
+        recipe_from_dict({**tiny_sft_recipe(), "compare": [{"eval_loss": 1}]})
