@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessorPil
 
 import mmfactory.eval.mllm as eval_mllm
-from mmfactory.config import StageConfig, from_dict
+from mmfactory.config import OptimizerConfig, StageConfig, from_dict
 from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.data.multimodal import (
     ImageConversations,
@@ -32,7 +32,7 @@ from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.train.optim import select_trainable
+from mmfactory.train.optim import build_optimizer, select_trainable
 from mmfactory.world import world_tokenizer
 from tests.helpers import TINY_LM
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
@@ -315,3 +315,14 @@ def test_evaluation_generates_with_a_real_model_and_measures_it():
 
 def test_caption_tokens_drop_punctuation_and_case():
     assert caption_tokens("A red Circle, and a star.") == "a red circle and a star"
+
+
+def test_vision_lr_scale_applies_to_the_tower_only(tmp_path):
+    stage = tiny_stage(options={"vision_lr_scale": 0.1}, trainable=["*"])
+    task = build_task(stage, 0, StageContext(tmp_path, tmp_path / "s"))
+    select_trainable(task, stage.trainable, stage.frozen)
+    optimizer = build_optimizer(task, OptimizerConfig(lr=1e-3))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in task.named_parameters():
+        expected = 1e-4 if name.startswith("model.vision_tower.") else 1e-3
+        assert lr_of[id(param)] == pytest.approx(expected), name

@@ -98,6 +98,9 @@ class MultimodalSFTOptions:
     """
 
     lora: LoraOptions | None = None
+    # Multiplier of the stage's lr for the vision tower when ``trainable`` includes it (LLaVA-NeXT-style
+    # tower tuning uses about 1/10 of the LM's lr; LLaVA-1.5 keeps the tower frozen).
+    vision_lr_scale: float = 1.0
     eval_vqa: int = 200
     eval_pope: int = 100  # probes per POPE split
     eval_captions: int = 100
@@ -235,6 +238,9 @@ class MultimodalSFTTask(TrainingTask):
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def lr_scale(self, name: str) -> float:
+        return self.options.vision_lr_scale if name.startswith("model.vision_tower.") else 1.0
 
     # -- evaluation and output -------------------------------------------------------------------------
     def benchmarks(self) -> Benchmarks:
