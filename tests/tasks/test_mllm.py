@@ -33,7 +33,7 @@ from mmfactory.models.mllm import MultimodalLM
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.train.optim import build_optimizer, select_trainable
-from mmfactory.world import world_tokenizer
+from mmfactory.world import World, world_tokenizer
 from tests.helpers import TINY_LM
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
@@ -159,13 +159,28 @@ def test_pad_to_square_centres_on_the_fill_colour():
 
 
 def test_world_kinds_share_one_format():
-    for kind in ("captions", "vqa", "llava"):
+    for kind in ("captions", "vqa", "llava", "pope"):
         source = world_conversations(kind, "val", 3)
         assert len(source.messages) == 3 and source.num_images == [1, 1, 1]
         assert source.messages[0][0]["content"].startswith("<image>\n")
         assert source.images(2)[0].shape == (32, 32, 3)
     both = world_conversations("captions", "val", 2) + world_conversations("vqa", "val", 2)
     assert len(both.messages) == 4 and both.images(3)[0].shape == (32, 32, 3)
+
+
+def test_world_pope_probes_are_balanced_and_mix_negative_kinds():
+    source = world_conversations("pope", "val", 12)
+    answers = [m[1]["content"] for m in source.messages]
+    assert answers.count("yes") == answers.count("no") == 6
+    questions = [m[0]["content"] for m in source.messages]
+    assert all(q.startswith("<image>\nIs there ") for q in questions)
+    world = World(seed=0)
+    expected = [
+        world.pope("val", 4, kind)[i]["question"]
+        for i in range(4)
+        for kind in ("random", "popular", "adversarial")
+    ]
+    assert questions == ["<image>\n" + q for q in expected]
 
 
 def test_llava_json_files_are_read_and_bad_records_counted(tmp_path: Path):

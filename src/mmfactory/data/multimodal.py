@@ -43,7 +43,7 @@ from mmfactory.data.policy import BadSampleCounter, BadSamplePolicy
 from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 PROCESSOR_META = "mmfactory_processor.json"  # template and image settings, next to the model
-WorldKind = Literal["captions", "vqa", "llava"]
+WorldKind = Literal["captions", "vqa", "llava", "pope"]
 
 
 @dataclass
@@ -231,7 +231,8 @@ def world_conversations(
     """``n`` conversations of one image each from the built-in world.
 
     ``captions``: brief description requests (LLaVA's stage-1 data); ``vqa``: one short-answer question;
-    ``llava``: 1-3 turns mixing a brief or detailed description and questions.
+    ``llava``: 1-3 turns mixing a brief or detailed description and questions; ``pope``: yes/no object
+    probes, half present, half absent (random, popular and adversarial negatives in turn; English).
     """
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE
@@ -245,8 +246,14 @@ def world_conversations(
         turns = [(item["question"], item["answer"]) for item in items]
     elif kind == "llava":
         items = world.llava(split, n, lang)
+    elif kind == "pope":
+        from mmfactory.world.vqa import POPE_KINDS
+
+        per_kind = [world.pope(split, -(-n // len(POPE_KINDS)), k) for k in POPE_KINDS]
+        items = [probes[i] for i in range(len(per_kind[0])) for probes in per_kind][:n]
+        turns = [(item["question"], item["label"]) for item in items]
     else:
-        raise ValueError(f"unknown world kind {kind!r}; expected captions, vqa or llava")
+        raise ValueError(f"unknown world kind {kind!r}; expected captions, vqa, llava or pope")
     if kind == "llava":  # as read_llava returns them
         messages, images = [item["conversations"] for item in items], [item["images"] for item in items]
     else:
