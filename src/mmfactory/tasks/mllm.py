@@ -54,7 +54,8 @@ class MultimodalDataConfig:
     """Conversations with images: the built-in world or LLaVA JSON files.
 
     ``world_tasks`` picks the world's kinds (``captions``: brief captions, LLaVA stage 1; ``vqa``:
-    short-answer questions; ``llava``: multi-turn conversations), ``world_train_size`` images of each.
+    short-answer questions; ``llava``: multi-turn conversations; ``pope``: yes/no object probes),
+    ``world_train_size`` images of each.
     """
 
     source: Literal["world", "llava"] = "world"
