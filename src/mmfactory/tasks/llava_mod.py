@@ -46,7 +46,6 @@ from mmfactory.models.components.moe import upcycle
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.models.vision import load_image_processor
-from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.mllm import MultimodalSFTOptions, MultimodalSFTTask
 from mmfactory.tasks.preference import DPOOptions, preference_objective
 from mmfactory.world.captions import object_mentions
@@ -181,12 +180,9 @@ def judge_reply(reply: str, truth: str, is_question: bool) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-def load_teacher(
-    ctx: StageContext, name: str, student: MultimodalLM, processor: MultimodalProcessor
-) -> tuple[MultimodalLM, Path]:
-    """The frozen teacher (eval mode, no gradients) and its folder, after checking that it shares the
+def load_teacher(folder: Path, student: MultimodalLM, processor: MultimodalProcessor) -> MultimodalLM:
+    """The frozen teacher saved in ``folder`` (eval mode, no gradients), after checking that it shares the
     student's vocabulary, logit width and image tokens."""
-    folder = ctx.resolve_init(name)
     teacher = MultimodalLM.from_pretrained(folder, dtype=student.dtype)
     teacher.requires_grad_(False).eval()
     vocab, student_vocab = AutoTokenizer.from_pretrained(folder).get_vocab(), processor.tokenizer.get_vocab()
@@ -214,7 +210,7 @@ def load_teacher(
             f"its image processor, the student as {student.config.num_image_tokens}: the two must read the "
             "same inputs (use the teacher's vision tower and image size for the student)"
         )
-    return teacher, folder
+    return teacher
 
 
 class WithTeacherTopK(Dataset):
@@ -254,7 +250,7 @@ class MimicDistillTask(MultimodalSFTTask):
         self.teacher: MultimodalLM | None = None
         self.teacher_dir = ctx.resolve_init(options.teacher)
         if options.teacher_topk is None:  # the stored top-k replaces the teacher in training
-            self.teacher, self.teacher_dir = load_teacher(ctx, options.teacher, self.model, self.processor)
+            self.teacher = load_teacher(self.teacher_dir, self.model, self.processor)
 
     def train(self, mode: bool = True) -> MimicDistillTask:
         super().train(mode)
@@ -289,9 +285,9 @@ class MimicDistillTask(MultimodalSFTTask):
 
     @torch.no_grad()
     def _write_teacher_cache(self, dataset, folder: Path, k: int, key: str) -> None:
-        teacher, _ = load_teacher(self.ctx, self.options.teacher, self.model, self.processor)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        teacher.to(device)
+        teacher = load_teacher(self.teacher_dir, self.model, self.processor)
+        if torch.cuda.is_available():
+            teacher.to(torch.device("cuda", torch.cuda.current_device()))
 
         def topk_of_batch(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
             batch = {
@@ -369,7 +365,7 @@ class PreferenceDistillTask(MultimodalSFTTask):
 
     def __init__(self, stage, ctx, model_cfg, data_cfg, options: PreferenceDistillOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
-        self.teacher, _ = load_teacher(ctx, options.teacher, self.model, self.processor)
+        self.teacher = load_teacher(ctx.resolve_init(options.teacher), self.model, self.processor)
         self.bad_samples = BadSampleCounter()
         self._pairs: dict[str, list[tuple[MultimodalSample, MultimodalSample]]] = {}
 
