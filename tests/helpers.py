@@ -18,6 +18,20 @@ TINY_LM = {
 }
 
 
+def world_data(kinds: list[str], train: int, eval: int, image_size: int | None = None, **rest) -> dict:
+    """A stage's ``data`` reading world ``kinds``: ``train`` samples of each, ``eval`` from the val split."""
+    extra = {} if image_size is None else {"image_size": image_size}
+
+    def sources(split: str, size: int) -> list[dict]:
+        return (
+            [{"format": "world", "kind": k, "split": split, "size": size, **extra} for k in kinds]
+            if size
+            else []
+        )
+
+    return {"train": sources("train", train), "eval": sources("val", eval), **rest}
+
+
 def tiny_sft_recipe(**train) -> dict:
     """A one-stage SFT recipe (plain data) small enough for unit tests."""
     return {
@@ -32,7 +46,7 @@ def tiny_sft_recipe(**train) -> dict:
                 "name": "sft",
                 "task": "causal_lm_sft",
                 "model": {"tiny": dict(TINY_LM)},
-                "data": {"source": "world", "world_train_size": 96, "world_eval_size": 8, "max_length": 64},
+                "data": world_data(["chat"], 96, 8, max_length=64),
                 "options": {"eval_generate": 2, "max_new_tokens": 4},
             }
         ],

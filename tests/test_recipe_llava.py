@@ -21,17 +21,17 @@ from mmfactory.models.mllm import MultimodalLMSpec, build_multimodal_lm
 from mmfactory.models.vision import VisionTowerConfig
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
-from tests.helpers import TINY_LM, write_recipe
+from tests.helpers import TINY_LM, world_data, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP
 
-DATA = {
-    "source": "world",
-    "world_train_size": 48,
-    "world_eval_size": 8,
-    "world_image_size": 16,
-    "max_length": 160,
+EVAL = {
+    "eval_vqa": 4,
+    "eval_pope": 2,
+    "eval_captions": 2,
+    "max_new_tokens": 4,
+    "caption_max_new_tokens": 6,
+    "world_benchmarks": {"image_size": 16},
 }
-EVAL = {"eval_vqa": 4, "eval_pope": 2, "eval_captions": 2, "max_new_tokens": 4, "caption_max_new_tokens": 6}
 
 
 def tiny_llava_recipe() -> dict:
@@ -54,7 +54,7 @@ def tiny_llava_recipe() -> dict:
                 "name": "align",
                 "task": "mllm_sft",
                 "model": {"vision": {"path": "vision"}, "lm": {"tiny": dict(TINY_LM)}},
-                "data": {**DATA, "world_tasks": ["captions"]},
+                "data": world_data(["captions"], 48, 8, image_size=16, max_length=160),
                 "trainable": ["model.projector.*"],
                 "optimizer": {"lr": 1.0e-2},
                 "options": EVAL,
@@ -63,7 +63,7 @@ def tiny_llava_recipe() -> dict:
                 "name": "instruct",
                 "task": "mllm_sft",
                 "init_from": "align",
-                "data": {**DATA, "world_tasks": ["llava", "vqa"]},
+                "data": world_data(["llava", "vqa"], 48, 8, image_size=16, max_length=160),
                 "trainable": ["model.projector.*", "model.language_model.*"],
                 "optimizer": {"lr": 5.0e-3},
                 "options": EVAL,

@@ -121,15 +121,21 @@ def test_chat_jsonl_bad_lines_error_or_are_skipped_and_counted(tmp_path, capsys)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(lines) + "\n")
     recipe = tiny_sft_recipe(max_steps=2)
-    recipe["stages"][0]["data"] = {"source": "jsonl", "train": str(data), "max_length": 32}
-    path = write_recipe(recipe, tmp_path / "r.yaml")
+    for policy in ("error", "skip"):
+        source = {"format": "messages", "path": str(data), "on_bad_sample": policy}
+        recipe["stages"][0]["data"] = {"train": [source], "eval": [], "max_length": 32}
+        write_recipe(recipe, tmp_path / f"{policy}.yaml")
 
-    with pytest.raises(ValueError, match=r"chat.jsonl, line 4"):
-        main(["run", str(path), "--output", str(tmp_path / "strict")])
+    # one line naming file and line, no traceback
+    assert main(["run", str(tmp_path / "error.yaml"), "--output", str(tmp_path / "strict")]) == 2
+    assert "chat.jsonl, line 4: malformed JSON" in capsys.readouterr().err
 
     out = tmp_path / "lenient"
-    assert main(["run", str(path), "--output", str(out), "data.on_bad_sample=skip"]) == 0
+    assert main(["run", str(tmp_path / "skip.yaml"), "--output", str(out)]) == 0
     data_report = json.loads((out / "results.json").read_text())["stages"]["sft"]["data"]
     assert data_report["train/samples"] == 16
-    assert sum(v for k, v in data_report.items() if k.startswith("skipped/")) == 2
-    assert "sft data:" in capsys.readouterr().out
+    assert data_report["train/bad_malformed_json"] == data_report["train/bad_empty_text"] == 1
+    printed = capsys.readouterr()
+    assert "sft data:" in printed.out
+    # the skip report, with the examples' locations, is printed as soon as the file is read
+    assert "skipped 2 bad samples" in printed.err and "chat.jsonl, line 7" in printed.err

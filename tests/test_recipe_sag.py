@@ -38,7 +38,7 @@ def tinier_sag_recipe() -> dict:
         if "tiny" in stage.get("model", {}):
             stage["model"]["tiny"] = dict(TINY_LM)
         if stage["task"] == "causal_lm_sft":  # the stand-in LLM and the small LM
-            stage["data"].update(world_train_size=64, world_eval_size=4)
+            stage["data"]["train"][0]["size"], stage["data"]["eval"][0]["size"] = 64, 4
             stage["options"] = {"eval_generate": 2, "max_new_tokens": 8}
         else:
             stage["data"].update(SAG_DATA)

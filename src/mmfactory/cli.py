@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mmfactory.config import ConfigError
+from mmfactory.data.policy import BadSampleError, DataError
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"mmfactory: configuration error: {err}", file=sys.stderr)
+        return 2
+    except (BadSampleError, DataError) as err:
+        print(
+            f"mmfactory: bad data: {err} (set on_bad_sample: skip on the source to skip and count)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -21,15 +21,10 @@ from mmfactory.tasks import build_task, llava_mod
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.llava_mod import judge_reply
 from mmfactory.world import World
-from tests.helpers import TINY_LM
+from tests.helpers import TINY_LM, world_data
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
-DATA = {
-    "world_tasks": ["vqa", "captions"],
-    "world_train_size": 6,
-    "world_eval_size": 2,
-    "world_image_size": 16,
-}
+DATA = world_data(["vqa", "captions"], 6, 2, image_size=16)
 EVAL = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0}
 
 

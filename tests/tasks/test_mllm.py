@@ -34,7 +34,7 @@ from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.train.optim import build_optimizer, select_trainable
 from mmfactory.world import World, world_tokenizer
-from tests.helpers import TINY_LM
+from tests.helpers import TINY_LM, world_data
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
 P = 4  # placeholder tokens per image of the tiny tower
@@ -223,7 +223,7 @@ def tiny_stage(**overrides) -> StageConfig:
         "name": "instruct",
         "task": "mllm_sft",
         "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
-        "data": {"world_tasks": ["vqa"], "world_train_size": 8, "world_eval_size": 4, "world_image_size": 16},
+        "data": world_data(["vqa"], 8, 4, image_size=16),
         "options": {"eval_vqa": 2, "eval_pope": 2, "eval_captions": 2, "max_new_tokens": 3},
         **overrides,
     }

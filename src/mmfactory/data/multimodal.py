@@ -216,6 +216,22 @@ class ImageConversations:
             partial(_concatenated, self.images, other.images, len(self.messages)),
         )
 
+    def select(self, indices: Sequence[int]) -> ImageConversations:
+        """The conversations at ``indices`` (in that order; repeats allowed)."""
+        indices = list(indices)
+        return ImageConversations(
+            [self.messages[i] for i in indices],
+            [self.num_images[i] for i in indices],
+            partial(_selected, self.images, indices),
+        )
+
+    def first(self, n: int) -> ImageConversations:
+        return self if n >= len(self.messages) else self.select(range(n))
+
+
+def _selected(images: Callable, indices: list[int], index: int) -> list[np.ndarray]:
+    return images(indices[index])
+
 
 def _concatenated(first: Callable, second: Callable, split: int, index: int) -> list[np.ndarray]:
     return first(index) if index < split else second(index - split)

@@ -33,6 +33,10 @@ class BadReason(StrEnum):
     INVALID_RANKS = "invalid_ranks"
 
 
+class DataError(ValueError):
+    """The data as a whole is unusable (too many bad records); the message says which source and why."""
+
+
 class BadSampleError(ValueError):
     """A bad sample: ``"{file}, {record}: {problem}"``.
 
@@ -89,12 +93,14 @@ class BadSampleCounter:
         """``{reason: count}`` sorted by reason, for logs and run records."""
         return dict(sorted(self.counts.items()))
 
-    def report(self) -> str:
-        """One line, e.g. ``skipped 2 bad samples: missing_file 2 (e.g. a.jsonl, line 3)``."""
+    def report(self, examples: int = 1) -> str:
+        """One line, e.g. ``skipped 2 bad samples: missing_file 2 (e.g. a.jsonl, line 3)``, with up to
+        ``examples`` locations per reason."""
         if not self.counts:
             return "skipped 0 bad samples"
         parts = [
-            f"{reason} {count} (e.g. {self.examples[reason][0]})" for reason, count in self.summary().items()
+            f"{reason} {count} (e.g. {'; '.join(self.examples[reason][:examples])})"
+            for reason, count in self.summary().items()
         ]
         return f"skipped {self.total} bad sample{'s' * (self.total != 1)}: " + "; ".join(parts)
 

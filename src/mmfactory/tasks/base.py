@@ -48,12 +48,14 @@ class TrainingTask(nn.Module):
 
     Schemas (dataclasses) validate the stage's ``model``, ``data`` and ``options`` sections.
     ``loss_unit`` names what :meth:`loss_weight` counts (shown as throughput, e.g. ``tokens/s``).
+    ``sample_kind`` is the kind of sample the task reads from its sources (:mod:`mmfactory.data.sources`).
     """
 
     model_config: ClassVar[type]
     data_config: ClassVar[type]
     options_config: ClassVar[type]
     loss_unit: ClassVar[str] = "samples"
+    sample_kind: ClassVar[str | None] = None
 
     def __init__(self, stage: StageConfig, ctx: StageContext, model_cfg: Any, data_cfg: Any, options: Any):
         super().__init__()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
     IGNORE_INDEX,
     TEMPLATES,
@@ -21,8 +21,7 @@ from mmfactory.data.chat import (
     collate_chats,
     tokenize_chat,
 )
-from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.readers.chat import read_chat
+from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
@@ -33,19 +32,22 @@ CHAT_META = "mmfactory_chat.json"  # written next to the model: which template i
 
 @dataclass
 class ChatDataConfig:
-    """Conversations from the built-in world or chat JSONL files (``{"messages": [...]}`` per line)."""
+    """Text-only conversations from any ``chat`` sources (:mod:`mmfactory.data.sources`): the built-in
+    world (``kind: chat``), chat / messages / ShareGPT / alpaca files."""
 
-    source: Literal["world", "jsonl"] = "world"
-    train: str | None = None  # JSONL path when source = jsonl
-    eval: str | None = None
-    world_train_size: int = 2000
-    world_eval_size: int = 200
-    world_seed: int = 0
-    world_kinds: list[Literal["scene_qa", "brief_caption", "facts_to_draft", "draft_to_note"]] | None = None
+    train: list[SourceConfig] = field(default_factory=lambda: [SourceConfig("world", kind="chat", size=2000)])
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="chat", split="val", size=200)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     max_length: int = 256  # tokens; longer conversations are right-truncated and counted
     template: TemplateName = "chatml"
     pad_to_multiple_of: int | None = None
-    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -59,13 +61,13 @@ class CausalLMSFTTask(TrainingTask):
     data_config = ChatDataConfig
     options_config = SFTOptions
     loss_unit = "tokens"
+    sample_kind = "chat"
 
     def __init__(self, stage, ctx, model_cfg: CausalLMConfig, data_cfg: ChatDataConfig, options: SFTOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
         self.template = TEMPLATES[data_cfg.template]
         self.counts: Counter[str] = Counter()
-        self.bad_samples = BadSampleCounter()
         self._datasets: dict[str, list[TokenizedChat]] = {}
         self._conversations: dict[str, list[list[dict[str, str]]]] = {}
 
@@ -73,19 +75,16 @@ class CausalLMSFTTask(TrainingTask):
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         if split not in self._conversations:
             cfg = self.data_cfg
-            if cfg.source == "world":
-                from mmfactory.world.text import chat_samples
-
-                size = cfg.world_train_size if split == "train" else cfg.world_eval_size
-                records = chat_samples("train" if split == "train" else "val", size, seed=cfg.world_seed)
-                if cfg.world_kinds is not None:  # of the `size` drawn, keep these kinds only
-                    records = [r for r in records if r["kind"] in cfg.world_kinds]
-            else:
-                path = cfg.train if split == "train" else cfg.eval
-                if path is None:
-                    return []
-                records = read_chat(path, on_bad_sample=cfg.on_bad_sample, counter=self.bad_samples)
-            self._conversations[split] = [r["messages"] for r in records]
+            source = read_sources(
+                cfg.train if split == "train" else cfg.eval,
+                self.sample_kind,
+                self.counts,
+                split,
+                cfg.max_bad_fraction,
+                self.stage.train.seed,
+                report=self.ctx.is_main_process,
+            )
+            self._conversations[split] = [] if source is None else source.messages
         return self._conversations[split]
 
     def _tokenized(self, split: str) -> list[TokenizedChat]:
@@ -113,8 +112,7 @@ class CausalLMSFTTask(TrainingTask):
         return collate_chats(samples, self.tokenizer.pad_token_id, self.data_cfg.pad_to_multiple_of)
 
     def data_report(self) -> dict[str, int]:
-        skipped = {f"skipped/{reason}": n for reason, n in self.bad_samples.summary().items()}
-        return {**self.counts, **skipped}
+        return dict(self.counts)
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from functools import reduce
-from operator import add
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +28,8 @@ from transformers import AutoTokenizer
 
 from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
-from mmfactory.data.multimodal import (
-    ImageConversations,
-    MultimodalChatDataset,
-    MultimodalProcessor,
-    MultimodalSample,
-    WorldKind,
-    llava_file_conversations,
-    world_conversations,
-)
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.multimodal import MultimodalChatDataset, MultimodalProcessor, MultimodalSample
+from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.eval.mllm import Benchmarks, evaluate_mllm, world_benchmarks
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
@@ -51,31 +40,34 @@ from mmfactory.tasks.base import StageContext, TrainingTask
 
 @dataclass
 class MultimodalDataConfig:
-    """Conversations with images: the built-in world or LLaVA JSON files.
+    """Conversations with images from any ``image-chat`` sources (:mod:`mmfactory.data.sources`): the
+    built-in world (``kind``: ``captions``, brief captions for LLaVA stage 1; ``vqa``: short answers;
+    ``llava``: multi-turn conversations; ``pope``: yes/no object probes), LLaVA JSON, ShareGPT, messages."""
 
-    ``world_tasks`` picks the world's kinds (``captions``: brief captions, LLaVA stage 1; ``vqa``:
-    short-answer questions; ``llava``: multi-turn conversations; ``pope``: yes/no object probes),
-    ``world_train_size`` images of each.
-    """
-
-    source: Literal["world", "llava"] = "world"
-    world_tasks: list[WorldKind] = field(default_factory=lambda: ["llava"])
-    world_train_size: int = 2000
-    world_eval_size: int = 200
-    world_seed: int = 0
-    world_lang: Literal["en", "zh"] = "en"
-    world_image_size: int = 32
-    train: str | None = None  # LLaVA JSON when source = llava
-    eval: str | None = None
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="llava", size=2000)]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="llava", split="val", size=200)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     max_length: int = 256  # tokens, placeholders included
     template: TemplateName = "chatml"
     pad_square: bool = True  # LLaVA-1.5's image_aspect_ratio: pad
     pad_to_multiple_of: int | None = None
-    on_bad_sample: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
-        if self.source == "llava" and self.train is None:
-            raise ConfigError("train: a LLaVA JSON file is required when source is llava")
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
+
+
+@dataclass
+class WorldBenchmarkConfig:
+    """The built-in world's held-out ``test`` split as end-of-stage benchmarks (VQA, POPE, captions)."""
+
+    seed: int = 0
+    image_size: int = 32
 
 
 @dataclass
@@ -94,11 +86,12 @@ class LoraOptions:
 class MultimodalSFTOptions:
     """LoRA and the end-of-stage generation benchmarks (counts of 0 turn one off).
 
-    Benchmarks come from the world's held-out ``test`` split (``data.source: world``) or from files: VQA
-    and POPE JSONL (``eval_pope_files`` maps a split name to its file).
+    Benchmarks come from the world's held-out ``test`` split (``world_benchmarks``; null turns it off)
+    and from files: VQA and POPE JSONL (``eval_pope_files`` maps a split name to its file).
     """
 
     lora: LoraOptions | None = None
+    world_benchmarks: WorldBenchmarkConfig | None = field(default_factory=WorldBenchmarkConfig)
     # Multiplier of the stage's lr for the vision tower when ``trainable`` includes it (LLaVA-NeXT-style
     # tower tuning uses about 1/10 of the LM's lr; LLaVA-1.5 keeps the tower frozen).
     vision_lr_scale: float = 1.0
@@ -117,6 +110,7 @@ class MultimodalSFTTask(TrainingTask):
     data_config = MultimodalDataConfig
     options_config = MultimodalSFTOptions
     loss_unit = "tokens"
+    sample_kind = "image-chat"
 
     def __init__(
         self,
@@ -172,29 +166,18 @@ class MultimodalSFTTask(TrainingTask):
         return replace(spec, **resolved)
 
     # -- data ----------------------------------------------------------------------------------------
-    def _source(self, split: str) -> ImageConversations | None:
-        cfg = self.data_cfg
-        if cfg.source == "world":
-            size = cfg.world_train_size if split == "train" else cfg.world_eval_size
-            world_split = "train" if split == "train" else "val"
-            parts = [
-                world_conversations(
-                    kind, world_split, size, cfg.world_seed, cfg.world_lang, cfg.world_image_size
-                )
-                for kind in cfg.world_tasks
-            ]
-            return reduce(add, parts) if size and parts else None
-        path = cfg.train if split == "train" else cfg.eval
-        if path is None:
-            return None
-        counter = BadSampleCounter()
-        source = llava_file_conversations(path, cfg.on_bad_sample, counter)
-        self.counts.update({f"{split}/bad_{reason}": n for reason, n in counter.summary().items()})
-        return source
-
     def _dataset(self, split: str) -> MultimodalChatDataset | None:
         if split not in self._datasets:
-            source = self._source(split)
+            cfg = self.data_cfg
+            source = read_sources(
+                cfg.train if split == "train" else cfg.eval,
+                self.sample_kind,
+                self.counts,
+                split,
+                cfg.max_bad_fraction,
+                self.stage.train.seed,
+                report=self.ctx.is_main_process,
+            )
             self._datasets[split] = (
                 None
                 if source is None
@@ -246,24 +229,25 @@ class MultimodalSFTTask(TrainingTask):
     # -- evaluation and output -------------------------------------------------------------------------
     def benchmarks(self) -> Benchmarks:
         """The world's held-out test split, or the VQA / POPE files named in the options."""
-        o, cfg = self.options, self.data_cfg
-        if cfg.source == "world":
+        o = self.options
+        if o.world_benchmarks is not None:
+            w = o.world_benchmarks
             bench = world_benchmarks(
-                o.eval_vqa, o.eval_pope, o.eval_captions, cfg.world_seed, image_size=cfg.world_image_size
+                o.eval_vqa, o.eval_pope, o.eval_captions, w.seed, image_size=w.image_size
             )
         else:
             bench = Benchmarks()
         if o.eval_vqa_file is not None:
             from mmfactory.data.readers import read_vqa
 
-            vqa = read_vqa(o.eval_vqa_file, on_bad_sample=cfg.on_bad_sample)
+            vqa = read_vqa(o.eval_vqa_file)
             bench.vqa = [vqa[i] for i in range(min(o.eval_vqa, len(vqa)))]
         if o.eval_pope_files:
             from mmfactory.data.readers import read_pope
 
             bench.pope = {}
             for split, path in o.eval_pope_files.items():
-                probes = read_pope(path, on_bad_sample=cfg.on_bad_sample)
+                probes = read_pope(path)
                 bench.pope[split] = [probes[i] for i in range(min(o.eval_pope, len(probes)))]
         return bench
 

@@ -427,6 +427,7 @@ class SAGStylistSFTTask(_SAGTask, CausalLMSFTTask):
     model_config = SAGModelConfig
     data_config = SAGDataConfig
     options_config = SAGOptions
+    sample_kind = None  # reads articles through its SAG stage, not (yet) through the source layer
 
     def __init__(self, stage, ctx, model_cfg: SAGModelConfig, data_cfg: SAGDataConfig, options: SAGOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)

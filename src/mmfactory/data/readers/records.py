@@ -79,17 +79,20 @@ def read_annotation_file(
     counter: BadSampleCounter | None,
     check_media: bool,
     check: Callable[[Fields], Any] | None = None,
+    base_dir: str | Path | None = None,
 ) -> RecordDataset:
     """Read a JSON list (``json_list``) or JSONL file into a :class:`RecordDataset`.
 
     ``parse(raw, base_dir)`` validates one record and returns its fields (media paths resolved against
-    ``base_dir``, the file's folder); with ``check_media`` each record is also decoded once by
+    ``base_dir``: by default the file's folder); with ``check_media`` each record is also decoded once by
     ``check`` (default: ``decode``).
     """
     check_policy(on_bad_sample)
     path, counter = Path(path), counter if counter is not None else BadSampleCounter()
+    if not path.is_file():
+        raise BadSampleError("annotation file not found", reason=BadReason.MISSING_FILE, file=path)
     items = iter_json_list(path) if json_list else iter_jsonl(path, on_bad_sample, counter)
-    parse_here = partial(parse, base_dir=path.parent)
+    parse_here = partial(parse, base_dir=Path(base_dir) if base_dir is not None else path.parent)
     records = collect_records(
         path, items, parse_here, (check or decode) if check_media else None, on_bad_sample, counter
     )

@@ -1,0 +1,267 @@
+"""The data-source layer: a stage's ``data.train`` / ``data.eval`` list *sources*; one table maps formats
+to readers; a task asks for the *sample kind* it consumes, never for a file syntax.
+
+A source is ``{format, path | dataset, split, image_root, columns, weight, limit, on_bad_sample, ...}``
+(:class:`SourceConfig`). Every format in :data:`FORMATS` declares the kinds it yields; a task consuming a
+kind accepts any source yielding it, and several sources of one stage are mixed (:func:`mix`)::
+
+    data:
+      train:
+        - {format: world, kind: llava, size: 2000}
+        - {format: llava, path: /data/llava_v1_5_mix665k.json, image_root: /data/images, weight: 3}
+        - {format: hf, dataset: HuggingFaceH4/llava-instruct-mix-vsft, split: train, limit: 50000}
+
+Sample kinds and what a reader returns for them:
+
+* ``chat``: :class:`~mmfactory.data.multimodal.ImageConversations` with no images.
+* ``image-chat``: :class:`~mmfactory.data.multimodal.ImageConversations` — the conversations (with one
+  ``<image>`` per image) up front, images decoded lazily when a sample is drawn, so a large annotation
+  file costs one parse before step 1, not one decode per image (the existence of every media file is
+  checked at read time; a file that fails to decode later raises naming file and record).
+
+Bad records go through ``on_bad_sample`` (:mod:`mmfactory.data.policy`): an error naming file and record,
+or a counted skip; :func:`read_sources` prints the skip report (up to 5 examples each) as soon as a source
+is read, before anything can fail later, and stops the run when ``max_bad_fraction`` is exceeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+
+from mmfactory.config import ConfigError
+from mmfactory.data.multimodal import ImageConversations
+from mmfactory.data.policy import BadSampleCounter, DataError
+
+SampleKind = Literal[
+    "chat", "image-chat", "image-text", "video-text", "audio-text", "preference", "labelled-image", "ranking"
+]
+MissingImageToken = Literal["prepend", "skip", "error"]
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class SourceConfig:
+    """One source of samples. Which keys a format reads is in :data:`FORMATS` (and docs/formats.md).
+
+    ``path``: a file or folder (relative media paths resolve against ``image_root``, else the file's
+    folder); ``dataset``: a Hugging Face dataset id or ``save_to_disk`` folder (``hf``); ``split``: the
+    split to read (the world's: train, val, test, test_compositional; hf: any); ``columns`` renames the
+    file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
+    source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
+    the first N samples. World only: ``kind``, ``size``, ``seed``, ``languages``, ``image_size``,
+    ``chat_kinds`` (of the ``size`` chats drawn, keep these kinds).
+    """
+
+    format: str
+    path: str | None = None
+    dataset: str | None = None
+    name: str | None = None  # hf: the dataset's configuration
+    split: str = "train"
+    kind: str | None = None
+    image_root: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    streaming: bool = False
+    weight: float | None = None
+    limit: int | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+    missing_image_token: MissingImageToken = "prepend"  # llava: a row with an image but no <image>
+    size: int | None = None
+    seed: int = 0
+    languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
+    image_size: int = 32
+    chat_kinds: list[str] | None = None
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            close = difflib.get_close_matches(self.format, list(FORMATS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (formats: {', '.join(FORMATS)})"
+            raise ConfigError(f"format: unknown format {self.format!r}{hint}")
+        spec = FORMATS[self.format]
+        defaults = SourceConfig(format=self.format)
+        for f in dataclasses.fields(self):
+            unused = f.name not in spec.keys and f.name not in COMMON_KEYS
+            if unused and getattr(self, f.name) != getattr(defaults, f.name):
+                raise ConfigError(
+                    f"{f.name}: not read by format {self.format!r} (it reads: "
+                    f"{', '.join(sorted(spec.keys | COMMON_KEYS))})"
+                )
+        if spec.needs_path and self.path is None and (self.format != "hf" or self.dataset is None):
+            raise ConfigError(f"path: format {self.format!r} needs a path")
+        if self.format == "hf" and (self.path is None) == (self.dataset is None):
+            raise ConfigError(
+                "dataset: format 'hf' needs exactly one of dataset (id or folder) and path (files)"
+            )
+        if self.format == "world" and self.kind is None:
+            raise ConfigError(f"kind: format 'world' needs a kind ({', '.join(WORLD_KINDS)})")
+        if self.streaming:
+            raise ConfigError(
+                f"streaming: not supported yet for format {self.format!r}; sources are read as map-style "
+                "datasets so that the data position resumes exactly"
+            )
+        if self.weight is not None and not self.weight > 0:
+            raise ConfigError(f"weight: must be > 0, got {self.weight}")
+        for name in ("limit", "size", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name != "size" else 0):
+                raise ConfigError(f"{name}: must be >= {1 if name != 'size' else 0}, got {value}")
+
+    @property
+    def where(self) -> str:
+        """How the source is named in messages: its path, dataset id or world kind."""
+        return self.path or self.dataset or f"world:{self.kind}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The format table
+# --------------------------------------------------------------------------------------------------
+
+Reader = Callable[[SourceConfig, SampleKind, BadSampleCounter, Counter], ImageConversations]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A format: the sample kinds it yields, the source keys it reads, and its reader (imported on use)."""
+
+    kinds: tuple[SampleKind, ...]
+    keys: frozenset[str]
+    reader: str  # "module:function"
+    needs_path: bool = True
+
+    def read(self, source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
+        import importlib
+
+        module, function = self.reader.split(":")
+        return getattr(importlib.import_module(module), function)(source, kind, bad, counts)
+
+
+COMMON_KEYS = frozenset({"format", "weight", "limit", "on_bad_sample", "split"})
+CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
+WORLD_KINDS = ("captions", "vqa", "llava", "pope", "chat")
+_FILES = "mmfactory.data.readers.conversations"
+FORMATS: dict[str, Format] = {
+    "world": Format(
+        CHAT_KINDS,
+        frozenset({"kind", "size", "seed", "languages", "image_size", "chat_kinds"}),
+        "mmfactory.data.world_source:read_world",
+        needs_path=False,
+    ),
+    "llava": Format(
+        CHAT_KINDS, frozenset({"path", "image_root", "missing_image_token"}), f"{_FILES}:read_llava"
+    ),
+    "sharegpt": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_sharegpt"),
+    "messages": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_messages"),
+    "alpaca": Format(("chat",), frozenset({"path", "columns"}), f"{_FILES}:read_alpaca"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and mixing
+# --------------------------------------------------------------------------------------------------
+
+
+def read_sources(
+    sources: list[SourceConfig],
+    kind: SampleKind,
+    counts: Counter,
+    prefix: str,
+    max_bad_fraction: float | None = None,
+    seed: int = 0,
+    report: bool = True,
+) -> ImageConversations | None:
+    """Read and mix ``sources`` as samples of ``kind`` (None when there are none).
+
+    ``counts`` receives ``{prefix}/bad_{reason}`` for skipped records and the readers' own counts (e.g.
+    ``{prefix}/llava_image_token_prepended``); the skip report is printed (``report``) as each source is
+    read, and :class:`DataError` stops the run when skips exceed ``max_bad_fraction`` of a source.
+    """
+    parts, weights = [], []
+    for source in sources:
+        spec = FORMATS[source.format]
+        if kind not in spec.kinds:
+            raise ConfigError(
+                f"{prefix}: format {source.format!r} yields {', '.join(spec.kinds)} samples, "
+                f"this task reads {kind!r}"
+            )
+        bad, local = BadSampleCounter(max_examples=MAX_EXAMPLES), Counter()
+        part = spec.read(source, kind, bad, local)
+        if source.limit is not None:
+            part = part.first(source.limit)
+        counts.update({f"{prefix}/{key}": n for key, n in local.items()})
+        counts.update({f"{prefix}/bad_{reason}": n for reason, n in bad.summary().items()})
+        if bad.total and report:
+            print(f"[data] {source.where}: {bad.report(MAX_EXAMPLES)}", file=sys.stderr, flush=True)
+        seen = bad.total + len(part.messages)
+        if max_bad_fraction is not None and seen and bad.total / seen > max_bad_fraction:
+            raise DataError(
+                f"{source.where}: {bad.total} of {seen} records are bad "
+                f"({bad.total / seen:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
+                + bad.report(MAX_EXAMPLES)
+            )
+        if kind == "chat" and any(part.num_images):
+            raise ConfigError(f"{prefix}: {source.where} has images, but this task reads text-only chats")
+        parts.append(part)
+        weights.append(source.weight)
+    return mix(parts, weights, seed) if parts else None
+
+
+def check_fraction(max_bad_fraction: float | None) -> None:
+    """Refuse a ``max_bad_fraction`` outside [0, 1) (1 or more would never stop anything)."""
+    if max_bad_fraction is not None and not 0 <= max_bad_fraction < 1:
+        raise ConfigError(f"max_bad_fraction: must be in [0, 1), got {max_bad_fraction}")
+
+
+def mix(parts: list[ImageConversations], weights: list[float | None], seed: int = 0) -> ImageConversations:
+    """One collection from several, in source order.
+
+    With no weight set it is their concatenation. With weights (all set) it holds ``N = sum of sizes``
+    samples of which ``round(N * w_i / sum w)`` come from source ``i``: each source is walked in a seeded
+    permutation, repeated when it is shorter than its share, so proportions are exact and the result is
+    a plain map-style dataset (resumed exactly by the step sampler).
+    """
+    if all(w is None for w in weights):
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+    if any(w is None for w in weights):
+        raise ConfigError("weight: set it on every source of the stage or on none")
+    total = sum(len(p.messages) for p in parts)
+    shares = _shares(total, weights)
+    picked = []
+    for index, (part, share) in enumerate(zip(parts, shares, strict=True)):
+        size = len(part.messages)
+        if share and not size:
+            raise ConfigError(f"weight: source {index} has no samples to draw its share of {share} from")
+        gen = torch.Generator().manual_seed(seed + index)
+        reps = -(-share // size) if size else 0
+        order = torch.cat([torch.randperm(size, generator=gen) for _ in range(reps)]) if reps else None
+        picked.append(part.select(order[:share].tolist() if order is not None else []))
+    return mix(picked, [None] * len(picked))
+
+
+def _shares(total: int, weights: list[float]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders), summing exactly to ``total``."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: shares[i] - exact[i])
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def images_of(dataset: Any, index: int) -> list:
+    """``dataset[index]["images"]``: a picklable image accessor over a reader's dataset."""
+    return dataset[index]["images"]
+
+
+def lazy_images(dataset: Any) -> Callable[[int], list]:
+    return partial(images_of, dataset)

@@ -1,0 +1,68 @@
+"""Golden samples: every chat / image-chat stage of every shipped recipe reads exactly the conversations and
+images it read before the data-source layer (digests in ``golden/chat_sources.json``, taken from the
+per-task world switches that the layer replaced). Tokenisation, the sampler and the collators did not
+change, so equal samples mean equal batches."""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mmfactory.config import load_recipe, to_dict
+from mmfactory.data.sources import read_sources
+from mmfactory.recipes import list_recipes, resolve_recipe
+from mmfactory.tasks import validate_stage
+
+GOLDEN = Path(__file__).parent / "golden" / "chat_sources.json"
+FIRST, LAST = 24, 8  # images hashed: the first and last samples of each collection
+
+
+def _digest(messages: list, images: list) -> str:
+    h = hashlib.sha256()
+    for conversation, stage_images in zip(messages, images, strict=True):
+        h.update(json.dumps(conversation, ensure_ascii=False, sort_keys=True).encode())
+        for image in stage_images:
+            h.update(np.ascontiguousarray(image).tobytes())
+            h.update(str(image.shape).encode())
+    return h.hexdigest()
+
+
+def current_digests() -> dict[str, dict]:
+    out, cache = {}, {}
+    for name in list_recipes():
+        recipe = load_recipe(resolve_recipe(name))
+        for i, stage in enumerate(recipe.stages):
+            cls, _, data_cfg, _ = validate_stage(stage, i)
+            if cls.sample_kind not in ("chat", "image-chat"):
+                continue
+            for split in ("train", "eval"):
+                sources = data_cfg.train if split == "train" else data_cfg.eval
+                key = json.dumps([cls.sample_kind, to_dict(sources)], sort_keys=True)
+                if key not in cache:
+                    cache[key] = _digests(
+                        read_sources(sources, cls.sample_kind, Counter(), split), cls.sample_kind
+                    )
+                if cache[key] is not None:
+                    out[f"{name}:{stage.name}:{split}"] = cache[key]
+    return out
+
+
+def _digests(conversations, kind: str) -> dict | None:
+    if conversations is None:
+        return None
+    n = len(conversations.messages)
+    digest = {"n": n, "messages": _digest(conversations.messages, [[] for _ in range(n)])}
+    if kind == "image-chat":
+        indices = sorted(set(range(min(FIRST, n))) | set(range(max(0, n - LAST), n)))
+        digest["images"] = _digest([[] for _ in indices], [conversations.images(i) for i in indices])
+    return digest
+
+
+def test_every_shipped_chat_stage_reads_the_golden_samples():
+    golden = json.loads(GOLDEN.read_text())
+    current = current_digests()
+    assert sorted(current) == sorted(golden)
+    changed = [key for key in golden if current[key] != golden[key]]
+    assert not changed, f"stages whose samples changed: {changed}"
