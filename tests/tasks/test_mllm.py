@@ -21,11 +21,10 @@ from mmfactory.data.multimodal import (
     ImageConversations,
     MultimodalChatDataset,
     MultimodalProcessor,
-    llava_file_conversations,
     pad_to_square,
     world_conversations,
 )
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.sources import SourceConfig, read_sources
 from mmfactory.eval.mllm import caption_tokens, evaluate_mllm, world_benchmarks
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig
@@ -204,9 +203,12 @@ def test_llava_json_files_are_read_and_bad_records_counted(tmp_path: Path):
         },
     ]
     (tmp_path / "llava.json").write_text(json.dumps(records))
-    counter = BadSampleCounter()
-    source = llava_file_conversations(tmp_path / "llava.json", "skip", counter)
-    assert counter.summary() == {"missing_file": 1, "placeholder_mismatch": 1}
+    counts = Counter()
+    llava = SourceConfig(
+        "llava", path=str(tmp_path / "llava.json"), on_bad_sample="skip", missing_image_token="error"
+    )
+    source = read_sources([llava], "image-chat", counts, "train", report=False)
+    assert counts == {"train/bad_missing_file": 1, "train/bad_placeholder_mismatch": 1}
     dataset = MultimodalChatDataset(source, processor(), 64, Counter())
     sample = dataset[0]
     assert len(dataset) == 1 and sample.images[0].shape == (20, 12, 3)

@@ -39,7 +39,6 @@ from mmfactory.data.chat import (
     generation_prompt,
     tokenize_chat,
 )
-from mmfactory.data.policy import BadSampleCounter, BadSamplePolicy
 from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 PROCESSOR_META = "mmfactory_processor.json"  # template and image settings, next to the model
@@ -237,10 +236,6 @@ def _concatenated(first: Callable, second: Callable, split: int, index: int) -> 
     return first(index) if index < split else second(index - split)
 
 
-def _decoded_images(dataset: Dataset, index: int) -> list[np.ndarray]:
-    return dataset[index]["images"]
-
-
 def world_conversations(
     kind: WorldKind, split: str, n: int, seed: int = 0, lang: str = "en", image_size: int = 32
 ) -> ImageConversations:
@@ -279,21 +274,6 @@ def world_conversations(
         ]
         images = [[item["image"]] for item in items]
     return ImageConversations(messages, [len(i) for i in images], partial(operator.getitem, images))
-
-
-def llava_file_conversations(
-    path: str | Path, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
-) -> ImageConversations:
-    """A LLaVA JSON file (``[{"id", "image", "conversations": [{"from", "value"}]}]``); images are decoded
-    when a sample is drawn."""
-    from mmfactory.data.readers import read_llava
-
-    dataset = read_llava(path, on_bad_sample=on_bad_sample, counter=counter)
-    return ImageConversations(
-        [record.fields["conversations"] for record in dataset.records],
-        [len(record.fields["images"]) for record in dataset.records],
-        partial(_decoded_images, dataset),
-    )
 
 
 class MultimodalChatDataset(Dataset):

@@ -1,7 +1,7 @@
 """The data-source layer: a stage's ``data.train`` / ``data.eval`` list *sources*; one table maps formats
 to readers; a task asks for the *sample kind* it consumes, never for a file syntax.
 
-A source is ``{format, path | dataset, split, image_root, columns, weight, limit, on_bad_sample, ...}``
+A source is ``{format, path, split, image_root, columns, weight, limit, on_bad_sample, ...}``
 (:class:`SourceConfig`). Every format in :data:`FORMATS` declares the kinds it yields; a task consuming a
 kind accepts any source yielding it, and several sources of one stage are mixed (:func:`mix`)::
 
@@ -9,7 +9,7 @@ kind accepts any source yielding it, and several sources of one stage are mixed 
       train:
         - {format: world, kind: llava, size: 2000}
         - {format: llava, path: /data/llava_v1_5_mix665k.json, image_root: /data/images, weight: 3}
-        - {format: hf, dataset: HuggingFaceH4/llava-instruct-mix-vsft, split: train, limit: 50000}
+        - {format: sharegpt, path: /data/sharegpt.jsonl, limit: 50000}
 
 Sample kinds and what a reader returns for them:
 
@@ -52,9 +52,8 @@ MAX_EXAMPLES = 5
 class SourceConfig:
     """One source of samples. Which keys a format reads is in :data:`FORMATS` (and docs/formats.md).
 
-    ``path``: a file or folder (relative media paths resolve against ``image_root``, else the file's
-    folder); ``dataset``: a Hugging Face dataset id or ``save_to_disk`` folder (``hf``); ``split``: the
-    split to read (the world's: train, val, test, test_compositional; hf: any); ``columns`` renames the
+    ``path``: a file (relative media paths resolve against ``image_root``, else the file's folder);
+    ``split``: the split to read (the world's: train, val, test, test_compositional); ``columns`` renames the
     file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
     source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
     the first N samples. World only: ``kind``, ``size``, ``seed``, ``languages``, ``image_size``,
@@ -63,13 +62,10 @@ class SourceConfig:
 
     format: str
     path: str | None = None
-    dataset: str | None = None
-    name: str | None = None  # hf: the dataset's configuration
     split: str = "train"
     kind: str | None = None
     image_root: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
-    streaming: bool = False
     weight: float | None = None
     limit: int | None = None
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -94,19 +90,10 @@ class SourceConfig:
                     f"{f.name}: not read by format {self.format!r} (it reads: "
                     f"{', '.join(sorted(spec.keys | COMMON_KEYS))})"
                 )
-        if spec.needs_path and self.path is None and (self.format != "hf" or self.dataset is None):
+        if spec.needs_path and self.path is None:
             raise ConfigError(f"path: format {self.format!r} needs a path")
-        if self.format == "hf" and (self.path is None) == (self.dataset is None):
-            raise ConfigError(
-                "dataset: format 'hf' needs exactly one of dataset (id or folder) and path (files)"
-            )
         if self.format == "world" and self.kind is None:
             raise ConfigError(f"kind: format 'world' needs a kind ({', '.join(WORLD_KINDS)})")
-        if self.streaming:
-            raise ConfigError(
-                f"streaming: not supported yet for format {self.format!r}; sources are read as map-style "
-                "datasets so that the data position resumes exactly"
-            )
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
         for name in ("limit", "size", "image_size"):
@@ -116,8 +103,8 @@ class SourceConfig:
 
     @property
     def where(self) -> str:
-        """How the source is named in messages: its path, dataset id or world kind."""
-        return self.path or self.dataset or f"world:{self.kind}"
+        """How the source is named in messages: its path or world kind."""
+        return self.path or f"world:{self.kind}"
 
 
 # --------------------------------------------------------------------------------------------------
