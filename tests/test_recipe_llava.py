@@ -22,6 +22,7 @@ from mmfactory.models.vision import VisionTowerConfig
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
 from tests.helpers import TINY_LM, world_data, write_recipe
+from tests.models.test_mllm import TINY_VISION
 from tests.test_image_text_contrastive import TINY_CLIP
 
 EVAL = {
@@ -154,3 +155,47 @@ def test_the_shipped_recipe_validates():
         validate_stage(stage, i)
     assert recipe.stages[1].model["vision"] == {"path": "vision"}  # the tower pretrained in stage 0
     assert recipe.stages[1].trainable == ["model.projector.*"] and recipe.stages[2].init_from == "align"
+
+
+def test_a_llava_file_laid_out_as_llava_expects_trains_through_the_cli(tmp_path, capsys):
+    """LLaVA's layout: image paths relative to an image folder, some rows without ``<image>``. With
+    ``image_root`` every row is used (tokens prepended, counted); without it the skips are reported with
+    examples and the run stops with one line, not a traceback."""
+    (tmp_path / "images" / "coco").mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((12, 12, 3), 20 * i, np.uint8)).save(
+            tmp_path / "images" / "coco" / f"{i}.png"
+        )
+        question = "What colour is it?" if i % 3 else "<image>\nWhat colour is it?"
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": f"grey {i}"}]
+        rows.append({"id": str(i), "image": f"coco/{i}.png", "conversations": turns})
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "llava.json").write_text(json.dumps(rows))
+    llava = {"format": "llava", "path": str(tmp_path / "annotations" / "llava.json")}
+    recipe = {
+        "name": "test/llava-file",
+        "defaults": {"train": {"batch_size": 4, "max_steps": 2, "log_every": 1}},
+        "stages": [
+            {
+                "name": "instruct",
+                "task": "mllm_sft",
+                "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
+                "data": {"train": [{**llava, "image_root": str(tmp_path / "images")}], "eval": []},
+                "options": {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0, "world_benchmarks": None},
+            }
+        ],
+    }
+    path = write_recipe(recipe, tmp_path / "ok.yaml")
+    assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "results.json").read_text())["stages"]["instruct"]["data"]
+    assert report["train/samples"] == 12 and report["train/llava_image_token_prepended"] == 8
+
+    recipe["stages"][0]["data"]["train"] = [{**llava, "on_bad_sample": "skip"}]  # no image_root
+    path = write_recipe(recipe, tmp_path / "no_root.yaml")
+    capsys.readouterr()
+    assert main(["run", str(path), "--output", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "skipped 12 bad samples: missing_file 12" in err and "llava.json, index 0 (id '0')" in err
+    assert "mmfactory: bad data: dataset of 0 samples is smaller than one global batch" in err
+    assert "Traceback" not in err

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfactory.data.policy import DataError
+
 
 @dataclass
 class StepSampler:
@@ -28,7 +30,7 @@ class StepSampler:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"dataset of {self.num_samples} samples is smaller than one global batch of "
                 f"{self.global_batch} (batch_size {self.batch_size} x grad_accum {self.grad_accum} "
                 f"x {self.world_size} processes)"
