@@ -214,3 +214,62 @@ def test_a_task_refuses_a_format_that_does_not_yield_its_kind(files):
         read("image-chat", format="alpaca", path=str(files.jsonl("a.jsonl", [])))
     with pytest.raises(ConfigError, match="world kind 'vqa' has images"):
         read("chat", format="world", kind="vqa", size=2)
+
+
+def test_hf_parquet_written_by_pyarrow_and_a_saved_dataset_give_the_llava_files_samples(files):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files.png("a.png", seed=5)
+    files.png("b.png", seed=6)
+    rows = [llava_row(0, "a.png"), llava_row(1, "b.png"), llava_row(2, image=None)]
+    expected = read(format="llava", path=str(files.json("llava.json", rows)))[0]
+    sharegpt = [[{"from": t["from"], "value": t["value"]} for t in r["conversations"]] for r in rows]
+    # parquet with ShareGPT columns under other names and image paths relative to image_root
+    table = pa.table({"dialog": sharegpt, "pictures": [["a.png"], ["b.png"], []]})
+    pq.write_table(table, files.root / "data.parquet")
+    parquet = read(
+        format="hf",
+        path=str(files.root / "data.parquet"),
+        image_root=str(files.root),
+        columns={"conversations": "dialog", "images": "pictures"},
+    )[0]
+    # a datasets.Dataset with an Image feature (PNG bytes inside), saved to disk and loaded by its folder
+    messages = [
+        [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+        for turns in sharegpt
+    ]
+    features = datasets.Features(
+        {
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    images = [[str(files.root / "a.png")], [str(files.root / "b.png")], []]
+    saved = datasets.Dataset.from_dict({"messages": messages, "images": images}, features=features)
+    saved.save_to_disk(str(files.root / "saved"))
+    (files.root / "a.png").unlink()  # the saved dataset holds the bytes itself
+    from_disk = read(format="hf", dataset=str(files.root / "saved"))[0]
+    files.png("a.png", seed=5)
+    for conversations in (parquet, from_disk):
+        assert conversations.messages == expected.messages and conversations.num_images == [1, 1, 0]
+        for i in range(3):
+            for got, want in zip(conversations.images(i), expected.images(i), strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_hf_rows_that_do_not_fit_are_errors_naming_the_row_or_counted_skips(files):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    table = pa.table({"messages": [good, [{"role": "user", "content": "only"}], good]})
+    pq.write_table(table, files.root / "chat.parquet")
+    path = str(files.root / "chat.parquet")
+    with pytest.raises(BadSampleError, match=r"chat.parquet, row 1: 'messages' has no assistant turn"):
+        read("chat", format="hf", path=path)
+    conversations, counts = read("chat", format="hf", path=path, on_bad_sample="skip")
+    assert conversations.messages == [good, good] and counts == {"train/bad_invalid_record": 1}
+    with pytest.raises(ConfigError, match="has none of the columns messages, conversations, instruction"):
+        read("chat", format="hf", path=path, columns={"text": "messages"})

@@ -53,6 +53,8 @@ class SourceConfig:
     """One source of samples. Which keys a format reads is in :data:`FORMATS` (and docs/formats.md).
 
     ``path``: a file (relative media paths resolve against ``image_root``, else the file's folder);
+    ``dataset`` (format ``hf``): a Hugging Face hub id (cached, ``HF_HUB_OFFLINE`` honoured) or a
+    ``save_to_disk`` folder, ``name`` its configuration;
     ``split``: the split to read (the world's: train, val, test, test_compositional); ``columns`` renames the
     file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
     source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
@@ -62,6 +64,8 @@ class SourceConfig:
 
     format: str
     path: str | None = None
+    dataset: str | None = None  # hf: a hub id or a save_to_disk folder
+    name: str | None = None  # hf: the dataset's configuration
     split: str = "train"
     kind: str | None = None
     image_root: str | None = None
@@ -92,6 +96,10 @@ class SourceConfig:
                 )
         if spec.needs_path and self.path is None:
             raise ConfigError(f"path: format {self.format!r} needs a path")
+        if self.format == "hf" and (self.path is None) == (self.dataset is None):
+            raise ConfigError(
+                "dataset: format 'hf' reads a dataset (hub id or saved folder) or a path, one of them"
+            )
         if self.format == "world" and self.kind is None:
             raise ConfigError(f"kind: format 'world' needs a kind ({', '.join(WORLD_KINDS)})")
         if self.weight is not None and not self.weight > 0:
@@ -103,8 +111,8 @@ class SourceConfig:
 
     @property
     def where(self) -> str:
-        """How the source is named in messages: its path or world kind."""
-        return self.path or f"world:{self.kind}"
+        """How the source is named in messages: its path, dataset or world kind."""
+        return self.path or self.dataset or f"world:{self.kind}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +155,12 @@ FORMATS: dict[str, Format] = {
     "sharegpt": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_sharegpt"),
     "messages": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_messages"),
     "alpaca": Format(("chat",), frozenset({"path", "columns"}), f"{_FILES}:read_alpaca"),
+    "hf": Format(
+        CHAT_KINDS,
+        frozenset({"path", "dataset", "name", "image_root", "columns"}),
+        "mmfactory.data.readers.hf:read_hf",
+        needs_path=False,
+    ),
 }
 
 

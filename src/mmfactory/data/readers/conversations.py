@@ -95,17 +95,19 @@ def _images(raw: dict[str, Any], base_dir: Path, messages: list[dict[str, str]])
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list):
         raise BadSampleError("'images' must be a path or a list of paths", reason=BadReason.INVALID_RECORD)
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if placeholders != len(images):
-        problem = f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images"
-        raise BadSampleError(problem, reason=BadReason.PLACEHOLDER_MISMATCH)
+    check_placeholders(messages, len(images))
     return [media_file(base_dir, image, "image") for image in images]
 
 
-def _parse_sharegpt(raw: dict[str, Any], base_dir: Path, columns: dict[str, str]) -> Fields:
-    raw = _renamed(raw, columns)
-    messages = parse_messages(raw.get("conversations"), "from", "value", SHAREGPT_ROLES, "conversations")
-    return {"messages": messages, "images": _images(raw, base_dir, messages)}
+def check_placeholders(messages: list[dict[str, str]], num_images: int) -> None:
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != num_images:
+        problem = f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {num_images} images"
+        raise BadSampleError(problem, reason=BadReason.PLACEHOLDER_MISMATCH)
+
+
+def sharegpt_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
+    return parse_messages(raw.get("conversations"), "from", "value", SHAREGPT_ROLES, "conversations")
 
 
 def _flatten_parts(turns: Any) -> Any:
@@ -132,16 +134,12 @@ def _flatten_parts(turns: Any) -> Any:
     return out
 
 
-def _parse_messages(raw: dict[str, Any], base_dir: Path, columns: dict[str, str]) -> Fields:
-    raw = _renamed(raw, columns)
-    messages = parse_messages(
-        _flatten_parts(raw.get("messages")), "role", "content", MESSAGE_ROLES, "messages"
-    )
-    return {"messages": messages, "images": _images(raw, base_dir, messages)}
+def openai_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
+    turns = _flatten_parts(raw.get("messages"))
+    return parse_messages(turns, "role", "content", MESSAGE_ROLES, "messages")
 
 
-def _parse_alpaca(raw: dict[str, Any], base_dir: Path, columns: dict[str, str]) -> Fields:
-    raw = _renamed(raw, columns)
+def alpaca_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
     instruction, output = require_text(raw, "instruction"), require_text(raw, "output")
     extra = raw.get("input") or ""
     if not isinstance(extra, str):
@@ -158,8 +156,15 @@ def _parse_alpaca(raw: dict[str, Any], base_dir: Path, columns: dict[str, str]) 
             check_text(text, f"history[{position}]")
             messages.append({"role": role, "content": text})
     user = f"{instruction}\n{extra}" if extra.strip() else instruction
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    return {"messages": messages, "images": []}
+    return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _parse_row(
+    raw: dict[str, Any], base_dir: Path, columns: dict[str, str], messages_of: Callable[[dict], list]
+) -> Fields:
+    raw = _renamed(raw, columns)
+    messages = messages_of(raw)
+    return {"messages": messages, "images": _images(raw, base_dir, messages)}
 
 
 def _decode(fields: Fields) -> Fields:
@@ -167,11 +172,11 @@ def _decode(fields: Fields) -> Fields:
 
 
 def _read_rows(
-    source: SourceConfig, bad: BadSampleCounter, parse: Callable[..., Fields]
+    source: SourceConfig, bad: BadSampleCounter, messages_of: Callable[[dict], list]
 ) -> ImageConversations:
     dataset = read_annotation_file(
         source.path,
-        partial(parse, columns=source.columns),
+        partial(_parse_row, columns=source.columns, messages_of=messages_of),
         _decode,
         json_list=Path(source.path).suffix != ".jsonl",
         on_bad_sample=source.on_bad_sample,
@@ -185,16 +190,16 @@ def _read_rows(
 def read_sharegpt(
     source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter
 ) -> ImageConversations:
-    return _read_rows(source, bad, _parse_sharegpt)
+    return _read_rows(source, bad, sharegpt_messages)
 
 
 def read_messages(
     source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter
 ) -> ImageConversations:
-    return _read_rows(source, bad, _parse_messages)
+    return _read_rows(source, bad, openai_messages)
 
 
 def read_alpaca(
     source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter
 ) -> ImageConversations:
-    return _read_rows(source, bad, _parse_alpaca)
+    return _read_rows(source, bad, alpaca_messages)
