@@ -18,6 +18,17 @@ TINY_LM = {
 }
 
 
+# End-of-stage MLLM benchmarks small enough for CLI tests (world images of 16 pixels).
+TINY_EVAL = {
+    "eval_vqa": 4,
+    "eval_pope": 2,
+    "eval_captions": 2,
+    "max_new_tokens": 4,
+    "caption_max_new_tokens": 6,
+    "world_benchmarks": {"image_size": 16},
+}
+
+
 def world_data(kinds: list[str], train: int, eval: int, image_size: int | None = None, **rest) -> dict:
     """A stage's ``data`` reading world ``kinds``: ``train`` samples of each, ``eval`` from the val split."""
     extra = {} if image_size is None else {"image_size": image_size}

@@ -21,18 +21,11 @@ from mmfactory.models.mllm import MultimodalLMSpec, build_multimodal_lm
 from mmfactory.models.vision import VisionTowerConfig
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
-from tests.helpers import TINY_LM, world_data, write_recipe
+from tests.helpers import TINY_EVAL, TINY_LM, world_data, write_recipe
 from tests.models.test_mllm import TINY_VISION
 from tests.test_image_text_contrastive import TINY_CLIP
 
-EVAL = {
-    "eval_vqa": 4,
-    "eval_pope": 2,
-    "eval_captions": 2,
-    "max_new_tokens": 4,
-    "caption_max_new_tokens": 6,
-    "world_benchmarks": {"image_size": 16},
-}
+EVAL = TINY_EVAL
 
 
 def tiny_llava_recipe() -> dict:

@@ -13,18 +13,11 @@ from mmfactory.models.components.moe import moe_blocks
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
-from tests.helpers import TINY_LM, world_data, write_recipe
+from tests.helpers import TINY_EVAL, TINY_LM, world_data, write_recipe
 from tests.models.test_mllm import TINY_VISION
 
 DATA = world_data(["vqa", "captions"], 48, 8, image_size=16, max_length=128)
-EVAL = {
-    "eval_vqa": 4,
-    "eval_pope": 2,
-    "eval_captions": 2,
-    "max_new_tokens": 4,
-    "caption_max_new_tokens": 6,
-    "world_benchmarks": {"image_size": 16},
-}
+EVAL = TINY_EVAL
 MLLM_STAGE = {"trainable": ["model.projector.*", "model.language_model.*"], "data": DATA, "options": EVAL}
 
 

@@ -8,6 +8,7 @@ names a method.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,16 @@ class TrainingTask(nn.Module):
 
     def collate(self, samples: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def read_sources(self, split: str, counts: Counter):
+        """The stage's ``data.train`` / ``data.eval`` sources read as :attr:`sample_kind` samples and mixed
+        (:func:`mmfactory.data.sources.read_sources`); counts go to ``counts`` under ``{split}/``."""
+        from mmfactory.data.sources import read_sources
+
+        cfg = self.data_cfg
+        sources = cfg.train if split == "train" else cfg.eval
+        seed, report = self.stage.train.seed, self.ctx.is_main_process
+        return read_sources(sources, self.sample_kind, counts, split, cfg.max_bad_fraction, seed, report)
 
     def data_report(self) -> dict[str, int]:
         """Counts the data layer wants recorded (skipped samples by reason, truncations, ...)."""

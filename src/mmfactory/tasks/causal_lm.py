@@ -21,7 +21,7 @@ from mmfactory.data.chat import (
     collate_chats,
     tokenize_chat,
 )
-from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
+from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
@@ -74,16 +74,7 @@ class CausalLMSFTTask(TrainingTask):
     # -- data ----------------------------------------------------------------------------------------
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         if split not in self._conversations:
-            cfg = self.data_cfg
-            source = read_sources(
-                cfg.train if split == "train" else cfg.eval,
-                self.sample_kind,
-                self.counts,
-                split,
-                cfg.max_bad_fraction,
-                self.stage.train.seed,
-                report=self.ctx.is_main_process,
-            )
+            source = self.read_sources(split, self.counts)
             self._conversations[split] = [] if source is None else source.messages
         return self._conversations[split]
 

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
 from mmfactory.data.multimodal import MultimodalChatDataset, MultimodalProcessor, MultimodalSample
-from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
+from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.eval.mllm import Benchmarks, evaluate_mllm, world_benchmarks
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
@@ -168,16 +168,7 @@ class MultimodalSFTTask(TrainingTask):
     # -- data ----------------------------------------------------------------------------------------
     def _dataset(self, split: str) -> MultimodalChatDataset | None:
         if split not in self._datasets:
-            cfg = self.data_cfg
-            source = read_sources(
-                cfg.train if split == "train" else cfg.eval,
-                self.sample_kind,
-                self.counts,
-                split,
-                cfg.max_bad_fraction,
-                self.stage.train.seed,
-                report=self.ctx.is_main_process,
-            )
+            source = self.read_sources(split, self.counts)
             self._datasets[split] = (
                 None
                 if source is None
