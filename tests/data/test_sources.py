@@ -143,6 +143,9 @@ def test_bad_rows_are_errors_naming_file_and_line_or_counted_skips(files):
     conversations, counts = read("chat", format="messages", path=str(path), on_bad_sample="skip")
     assert len(conversations.messages) == 2
     assert counts == {"train/bad_malformed_json": 1, "train/bad_invalid_record": 1}
+    # the share is of the records read, whatever limit keeps afterwards
+    limited = source(format="messages", path=str(path), on_bad_sample="skip", limit=1)
+    assert len(read_sources([limited], "chat", Counter(), "train", 0.5, report=False).messages) == 1
     with pytest.raises(DataError, match=r"2 of 4 records are bad \(50.0% > max_bad_fraction 25.0%\)"):
         read_sources(
             [source(format="messages", path=str(path), on_bad_sample="skip")],

@@ -194,19 +194,19 @@ def read_sources(
             )
         bad, local = BadSampleCounter(max_examples=MAX_EXAMPLES), Counter()
         part = spec.read(source, kind, bad, local)
-        if source.limit is not None:
-            part = part.first(source.limit)
+        seen = bad.total + len(part.messages)  # records read, before the limit
         counts.update({f"{prefix}/{key}": n for key, n in local.items()})
         counts.update({f"{prefix}/bad_{reason}": n for reason, n in bad.summary().items()})
         if bad.total and report:
             print(f"[data] {source.where}: {bad.report(MAX_EXAMPLES)}", file=sys.stderr, flush=True)
-        seen = bad.total + len(part.messages)
         if max_bad_fraction is not None and seen and bad.total / seen > max_bad_fraction:
             raise DataError(
                 f"{source.where}: {bad.total} of {seen} records are bad "
                 f"({bad.total / seen:.1%} > max_bad_fraction {max_bad_fraction:.1%}); "
                 + bad.report(MAX_EXAMPLES)
             )
+        if source.limit is not None:
+            part = part.first(source.limit)
         if kind == "chat" and any(part.num_images):
             raise ConfigError(f"{prefix}: {source.where} has images, but this task reads text-only chats")
         parts.append(part)
