@@ -29,9 +29,17 @@ TINY_EVAL = {
 }
 
 
-def world_data(kinds: list[str], train: int, eval: int, image_size: int | None = None, **rest) -> dict:
+def world_data(
+    kinds: list[str],
+    train: int,
+    eval: int,
+    image_size: int | None = None,
+    languages: list | None = None,
+    **rest,
+) -> dict:
     """A stage's ``data`` reading world ``kinds``: ``train`` samples of each, ``eval`` from the val split."""
     extra = {} if image_size is None else {"image_size": image_size}
+    extra.update({} if languages is None else {"languages": languages})
 
     def sources(split: str, size: int) -> list[dict]:
         return (

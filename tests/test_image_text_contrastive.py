@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 
 from mmfactory.cli import main
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
+from mmfactory.data.world_source import world_captions
 from mmfactory.models.vision import VisionTowerConfig, load_image_processor, load_vision_tower
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.image_text import shape_twin, tokenize_for_clip, world_captions, zero_shot_prompts
+from mmfactory.tasks.image_text import shape_twin, tokenize_for_clip, zero_shot_prompts
 from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, render_scene, scene_at
-from tests.helpers import write_recipe
+from tests.helpers import world_data, write_recipe
 
 TINY_CLIP = {
     "text_config": {
@@ -39,7 +40,7 @@ TINY_CLIP = {
     },
     "projection_dim": 16,
 }
-WORLD_DATA = {"world_train_size": 8, "world_eval_size": 6}
+WORLD_DATA = world_data(["scenes"], 8, 6)
 
 
 def make_task(tmp_path, model=None, data=None, init_from=None, **options):
@@ -178,7 +179,7 @@ def test_a_text_config_that_would_not_pool_at_eos_is_refused(tmp_path):
 
 
 def test_retrieval_maps_every_caption_to_its_image(tmp_path, monkeypatch):
-    task = make_task(tmp_path, data={**WORLD_DATA, "world_languages": ["en", "zh"]}, eval_batch_size=5)
+    task = make_task(tmp_path, data=world_data(["scenes"], 8, 6, languages=["en", "zh"]), eval_batch_size=5)
     source = task.image_captions("eval")
     assert len(source) == 6 and all(len(c) == 4 for c in source.captions)  # en/zh x brief/detailed
     image_of = {text: i for i, captions in enumerate(source.captions) for text in captions}
@@ -201,7 +202,7 @@ def test_retrieval_maps_every_caption_to_its_image(tmp_path, monkeypatch):
 
 
 def test_zero_shot_labels_and_prompt_ensembles(tmp_path, monkeypatch):
-    task = make_task(tmp_path, zeroshot_size=40)
+    task = make_task(tmp_path, zeroshot={"size": 40})
     scenes = [scene_at(0, "test", i, max_objects=1) for i in range(40)]
     assert all(len(s.objects) == 1 for s in scenes)
     truth = {render_scene(s, 32).tobytes(): s.objects[0] for s in scenes}
@@ -252,7 +253,7 @@ def layout(sample):
 
 
 def test_shape_twin_batches_hold_the_fraction_and_replay_with_the_seed(tmp_path):
-    data = {**WORLD_DATA, "world_shape_twins": 0.5, "world_languages": ["en", "zh"]}
+    data = world_data(["scenes"], 8, 6, languages=["en", "zh"], shape_twins=0.5)
     task = make_task(tmp_path, data=data)
     dataset = task.train_dataset()
     samples = [dataset[i] for i in range(8)]
@@ -279,7 +280,7 @@ def test_shape_twin_batches_hold_the_fraction_and_replay_with_the_seed(tmp_path)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["pixel_values"], other["pixel_values"])
     assert "scene" not in task.eval_dataset()[0]  # evaluation batches are left alone
-    single = make_task(tmp_path, data={**WORLD_DATA, "world_shape_twins": 1.0})
+    single = make_task(tmp_path, data={**WORLD_DATA, "shape_twins": 1.0})
     three = [single.train_dataset()[i] for i in range(3)]
     twinned = single.with_shape_twins(three)  # 3 images hold one pair
     assert twinned[:2] == three[:2] and layout(twinned[2]) == layout(three[0]) != layout(three[2])
@@ -308,12 +309,13 @@ def test_file_sources_group_captions_by_image(tmp_path, source):
     ]
     _write_pairs(tmp_path, rows)
     path = str(tmp_path / ("pairs.jsonl" if source == "pairs" else "shard.tar"))
-    data = {"source": source, "train": path, "eval": path, "on_bad_sample": "skip", "pad_square": True}
+    files = [{"format": source, "path": path, "on_bad_sample": "skip"}]
+    data = {"train": files, "eval": files, "pad_square": True}
     task = make_task(tmp_path, data=data)
     train = task.image_captions("train")
     if source == "pairs":  # a webdataset member is its own image, so only the JSONL groups shared files
         assert train.captions == [["a red picture", "red everywhere"], ["a blue picture"]]
-        assert task.data_report()["skipped/missing_file"] == 1
+        assert task.data_report()["train/bad_missing_file"] == 1
     else:
         assert train.captions == [["a red picture"], ["a blue picture"], ["red everywhere"]]
     batch = task.collate([task.train_dataset()[i] for i in range(2)])
@@ -342,13 +344,17 @@ def test_file_sources_group_captions_by_image(tmp_path, source):
             WORLD_DATA,
             "model.tiny.text_config.eos_token_id: set from the tokenizer",
         ),
-        ({"tiny": TINY_CLIP}, {"source": "pairs"}, "data.train: source pairs needs"),
-        ({"tiny": TINY_CLIP}, {"max_text_length": 65}, "data.max_text_length: 65 exceeds"),
-        ({"tiny": TINY_CLIP}, {"world_shape_twins": 1.5}, "data.world_shape_twins: a fraction"),
         (
             {"tiny": TINY_CLIP},
-            {"source": "pairs", "train": "x.jsonl", "world_shape_twins": 0.5},
-            "data.world_shape_twins: needs the world's scenes",
+            {"train": [{"format": "pairs"}]},
+            r"data.train\[0\].path: format 'pairs' needs a path",
+        ),
+        ({"tiny": TINY_CLIP}, {"max_text_length": 65}, "data.max_text_length: 65 exceeds"),
+        ({"tiny": TINY_CLIP}, {"shape_twins": 1.5}, "data.shape_twins: a fraction"),
+        (
+            {"tiny": TINY_CLIP},
+            {"train": [{"format": "pairs", "path": "x.jsonl"}], "shape_twins": 0.5},
+            "data.shape_twins: needs the world's scenes",
         ),
         ({}, WORLD_DATA, "model: set model.path, model.tiny or the stage's init_from"),
     ],
@@ -366,11 +372,11 @@ def test_tiny_run_through_cli_learns(tmp_path):
                 "name": "clip",
                 "task": "image_text_contrastive",
                 "model": {"tiny": TINY_CLIP},
-                "data": {"world_train_size": 48, "world_eval_size": 16},
+                "data": world_data(["scenes"], 48, 16),
                 "optimizer": {"lr": 3.0e-3},
                 "schedule": {"kind": "constant", "warmup_steps": 0},
                 "train": {"batch_size": 16, "max_steps": 150, "log_every": 1, "seed": 0},
-                "options": {"zeroshot_size": 40},
+                "options": {"zeroshot": {"size": 40}},
             }
         ],
     }

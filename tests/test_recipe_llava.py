@@ -40,9 +40,9 @@ def tiny_llava_recipe() -> dict:
                 "name": "vision",
                 "task": "image_text_contrastive",
                 "model": {"tiny": TINY_CLIP},
-                "data": {"world_train_size": 32, "world_eval_size": 8, "world_image_size": 16},
+                "data": world_data(["scenes"], 32, 8, image_size=16),
                 "train": {"max_steps": 4},
-                "options": {"zeroshot_size": 0},
+                "options": {},
             },
             {
                 "name": "align",

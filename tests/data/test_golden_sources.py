@@ -1,6 +1,6 @@
-"""Golden samples: every chat / image-chat stage of every shipped recipe reads exactly the conversations and
-images it read before the data-source layer (digests in ``golden/chat_sources.json``, taken from the
-per-task world switches that the layer replaced). Tokenisation, the sampler and the collators did not
+"""Golden samples: every chat / image-chat / image-text stage of every shipped recipe reads exactly the
+samples it read before the data-source layer (digests in ``golden/*.json``, taken from the per-task world
+switches that the layer replaced). Tokenisation, the sampler and the collators did not
 change, so equal samples mean equal batches."""
 
 import hashlib
@@ -16,6 +16,7 @@ from mmfactory.recipes import list_recipes, resolve_recipe
 from mmfactory.tasks import validate_stage
 
 GOLDEN = Path(__file__).parent / "golden" / "chat_sources.json"
+GOLDEN_IMAGE_TEXT = Path(__file__).parent / "golden" / "image_text_sources.json"
 FIRST, LAST = 24, 8  # images hashed: the first and last samples of each collection
 
 
@@ -66,3 +67,34 @@ def test_every_shipped_chat_stage_reads_the_golden_samples():
     assert sorted(current) == sorted(golden)
     changed = [key for key in golden if current[key] != golden[key]]
     assert not changed, f"stages whose samples changed: {changed}"
+
+
+def image_text_digests() -> dict[str, dict]:
+    out = {}
+    for name in list_recipes():
+        recipe = load_recipe(resolve_recipe(name))
+        for i, stage in enumerate(recipe.stages):
+            cls, _, data_cfg, _ = validate_stage(stage, i)
+            if cls.sample_kind != "image-text":
+                continue
+            for split in ("train", "eval"):
+                sources = data_cfg.train if split == "train" else data_cfg.eval
+                images = read_sources(sources, "image-text", Counter(), split)
+                n = len(images)
+                indices = sorted(set(range(min(FIRST, n))) | set(range(max(0, n - LAST), n)))
+                pixels = hashlib.sha256()
+                for j in indices:
+                    pixels.update(np.ascontiguousarray(images.image(j)).tobytes())
+                out[f"{name}:{stage.name}:{split}"] = {
+                    "n": n,
+                    "captions": hashlib.sha256(
+                        json.dumps(images.captions, ensure_ascii=False).encode()
+                    ).hexdigest(),
+                    "images": pixels.hexdigest(),
+                    "scenes": hashlib.sha256(repr(images.scenes).encode()).hexdigest(),
+                }
+    return out
+
+
+def test_every_shipped_image_text_stage_reads_the_golden_samples():
+    assert image_text_digests() == json.loads(GOLDEN_IMAGE_TEXT.read_text())

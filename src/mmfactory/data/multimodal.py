@@ -215,6 +215,9 @@ class ImageConversations:
             partial(_concatenated, self.images, other.images, len(self.messages)),
         )
 
+    def __len__(self) -> int:
+        return len(self.messages)
+
     def select(self, indices: Sequence[int]) -> ImageConversations:
         """The conversations at ``indices`` (in that order; repeats allowed)."""
         indices = list(indices)

@@ -18,6 +18,7 @@ Sample kinds and what a reader returns for them:
   ``<image>`` per image) up front, images decoded lazily when a sample is drawn, so a large annotation
   file costs one parse before step 1, not one decode per image (the existence of every media file is
   checked at read time; a file that fails to decode later raises naming file and record).
+* ``image-text``: :class:`~mmfactory.data.image_text.ImageCaptions` — images with their captions.
 
 Bad records go through ``on_bad_sample`` (:mod:`mmfactory.data.policy`): an error naming file and record,
 or a counted skip; :func:`read_sources` prints the skip report (up to 5 examples each) as soon as a source
@@ -59,7 +60,8 @@ class SourceConfig:
     file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
     source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
     the first N samples. World only: ``kind``, ``size``, ``seed``, ``languages``, ``image_size``,
-    ``chat_kinds`` (of the ``size`` chats drawn, keep these kinds).
+    ``chat_kinds`` (of the ``size`` chats drawn, keep these kinds), ``details`` (caption levels of
+    ``kind: scenes``, every language x detail per image).
     """
 
     format: str
@@ -79,6 +81,7 @@ class SourceConfig:
     languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
     image_size: int = 32
     chat_kinds: list[str] | None = None
+    details: list[Literal["brief", "detailed"]] = field(default_factory=lambda: ["brief", "detailed"])
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -100,8 +103,11 @@ class SourceConfig:
             raise ConfigError(
                 "dataset: format 'hf' reads a dataset (hub id or saved folder) or a path, one of them"
             )
-        if self.format == "world" and self.kind is None:
-            raise ConfigError(f"kind: format 'world' needs a kind ({', '.join(WORLD_KINDS)})")
+        if self.format == "world" and self.kind not in WORLD_KINDS:
+            close = difflib.get_close_matches(str(self.kind), WORLD_KINDS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else ", ".join(WORLD_KINDS)
+            what = "needs a kind" if self.kind is None else f"has no kind {self.kind!r}"
+            raise ConfigError(f"kind: format 'world' {what} ({hint})")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
         for name in ("limit", "size", "image_size"):
@@ -118,8 +124,6 @@ class SourceConfig:
 # --------------------------------------------------------------------------------------------------
 # The format table
 # --------------------------------------------------------------------------------------------------
-
-Reader = Callable[[SourceConfig, SampleKind, BadSampleCounter, Counter], ImageConversations]
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,12 @@ class Format:
 
 COMMON_KEYS = frozenset({"format", "weight", "limit", "on_bad_sample", "split"})
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
-WORLD_KINDS = ("captions", "vqa", "llava", "pope", "chat")
+WORLD_KINDS = ("captions", "vqa", "llava", "pope", "chat", "scenes")
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(
-        CHAT_KINDS,
-        frozenset({"kind", "size", "seed", "languages", "image_size", "chat_kinds"}),
+        (*CHAT_KINDS, "image-text"),
+        frozenset({"kind", "size", "seed", "languages", "image_size", "chat_kinds", "details"}),
         "mmfactory.data.world_source:read_world",
         needs_path=False,
     ),
@@ -155,6 +159,10 @@ FORMATS: dict[str, Format] = {
     "sharegpt": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_sharegpt"),
     "messages": Format(CHAT_KINDS, frozenset({"path", "image_root", "columns"}), f"{_FILES}:read_messages"),
     "alpaca": Format(("chat",), frozenset({"path", "columns"}), f"{_FILES}:read_alpaca"),
+    "pairs": Format(("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_pairs_source"),
+    "webdataset": Format(
+        ("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_webdataset_source"
+    ),
     "hf": Format(
         CHAT_KINDS,
         frozenset({"path", "dataset", "name", "image_root", "columns"}),
@@ -177,7 +185,7 @@ def read_sources(
     max_bad_fraction: float | None = None,
     seed: int = 0,
     report: bool = True,
-) -> ImageConversations | None:
+) -> ImageConversations | Any | None:
     """Read and mix ``sources`` as samples of ``kind`` (None when there are none).
 
     ``counts`` receives ``{prefix}/bad_{reason}`` for skipped records and the readers' own counts (e.g.
@@ -194,7 +202,7 @@ def read_sources(
             )
         bad, local = BadSampleCounter(max_examples=MAX_EXAMPLES), Counter()
         part = spec.read(source, kind, bad, local)
-        seen = bad.total + len(part.messages)  # records read, before the limit
+        seen = bad.total + len(part)  # records read, before the limit
         counts.update({f"{prefix}/{key}": n for key, n in local.items()})
         counts.update({f"{prefix}/bad_{reason}": n for reason, n in bad.summary().items()})
         if bad.total and report:
@@ -220,8 +228,9 @@ def check_fraction(max_bad_fraction: float | None) -> None:
         raise ConfigError(f"max_bad_fraction: must be in [0, 1), got {max_bad_fraction}")
 
 
-def mix(parts: list[ImageConversations], weights: list[float | None], seed: int = 0) -> ImageConversations:
-    """One collection from several, in source order.
+def mix(parts: list, weights: list[float | None], seed: int = 0):
+    """One collection (:class:`ImageConversations`, :class:`~mmfactory.data.image_text.ImageCaptions`) from
+    several of one kind, in source order.
 
     With no weight set it is their concatenation. With weights (all set) it holds ``N = sum of sizes``
     samples of which ``round(N * w_i / sum w)`` come from source ``i``: each source is walked in a seeded
@@ -235,11 +244,11 @@ def mix(parts: list[ImageConversations], weights: list[float | None], seed: int 
         return out
     if any(w is None for w in weights):
         raise ConfigError("weight: set it on every source of the stage or on none")
-    total = sum(len(p.messages) for p in parts)
+    total = sum(len(p) for p in parts)
     shares = _shares(total, weights)
     picked = []
     for index, (part, share) in enumerate(zip(parts, shares, strict=True)):
-        size = len(part.messages)
+        size = len(part)
         if share and not size:
             raise ConfigError(f"weight: source {index} has no samples to draw its share of {share} from")
         gen = torch.Generator().manual_seed(seed + index)

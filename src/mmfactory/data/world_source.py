@@ -1,30 +1,66 @@
 """The built-in world as a source (``format: world``): the data layer's one door into :mod:`mmfactory.world`.
 
 Kinds: ``captions``, ``vqa``, ``llava``, ``pope`` (image-chat: one image per conversation, see
-:func:`mmfactory.data.multimodal.world_conversations`) and ``chat`` (text-only chats of
-:func:`mmfactory.world.text.chat_samples`, optionally filtered by ``chat_kinds``). ``size`` samples per
-language, languages in the order given (POPE probes are English only).
+:func:`mmfactory.data.multimodal.world_conversations`; ``size`` per language, in the order given; POPE
+probes are English only), ``chat`` (text-only chats of :func:`mmfactory.world.text.chat_samples`,
+optionally filtered by ``chat_kinds``) and ``scenes`` (image-text: scenes ``0..size-1`` of the split, each
+captioned in every language x detail level).
 """
 
 from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 
 from mmfactory.config import ConfigError
+from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import ImageConversations, world_conversations
 from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.sources import SampleKind, SourceConfig, mix
+from mmfactory.data.sources import WORLD_KINDS, SampleKind, SourceConfig, mix
 
 IMAGE_KINDS = ("captions", "vqa", "llava", "pope")
 DEFAULT_SIZE = 2000
 
 
-def read_world(
-    source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter
-) -> ImageConversations:
+def world_captions(scene, languages: Sequence[str], details: Sequence[str]) -> list[str]:
+    """The captions of a world scene, every language x detail level in that order."""
+    from mmfactory.world.captions import caption
+
+    return [caption(scene, lang, detail) for lang in languages for detail in details]
+
+
+def world_image_captions(
+    split: str,
+    n: int,
+    seed: int = 0,
+    image_size: int = 32,
+    languages: Sequence[str] = ("en",),
+    details: Sequence[str] = ("brief", "detailed"),
+) -> ImageCaptions:
+    """Scenes ``0..n-1`` of a world split, each captioned in every language x detail level."""
+    from mmfactory.world import World
+    from mmfactory.world.scenes import render_scene
+
+    world = World(seed=seed, image_size=image_size)
+    scenes = [world.scene(split, i) for i in range(n)]
+    images = [render_scene(scene, image_size) for scene in scenes]
+    captions = [world_captions(s, languages, details) for s in scenes]
+    return ImageCaptions(captions, partial(operator.getitem, images), scenes)
+
+
+def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
     size = DEFAULT_SIZE if source.size is None else source.size
+    if (kind == "image-text") != (source.kind == "scenes"):
+        raise ConfigError(
+            f"kind: world kind {source.kind!r} does not make {kind} samples "
+            f"({'scenes' if kind == 'image-text' else 'captions, vqa, llava, pope or chat'} do)"
+        )
+    if source.kind == "scenes":
+        return world_image_captions(
+            source.split, size, source.seed, source.image_size, source.languages, source.details
+        )
     if source.kind == "chat":
         from mmfactory.world.text import chat_samples
 
@@ -38,7 +74,7 @@ def read_world(
             messages, [0] * len(messages), partial(operator.getitem, [[]] * len(messages))
         )
     if source.kind not in IMAGE_KINDS:
-        raise ConfigError(f"kind: unknown world kind {source.kind!r} (kinds: {', '.join(IMAGE_KINDS)}, chat)")
+        raise ConfigError(f"kind: unknown world kind {source.kind!r} (kinds: {', '.join(WORLD_KINDS)})")
     if kind == "chat":
         raise ConfigError(
             f"kind: world kind {source.kind!r} has images; a text-only chat task reads kind: chat"

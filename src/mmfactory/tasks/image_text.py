@@ -8,15 +8,15 @@ tokenizer: the built-in world's, with an EOS appended to every caption) or loade
 ``final/`` holds the model, tokenizer and image processor, so a LLaVA stage loads its vision half with
 ``model.vision.path: <run>/<stage>/final`` and the same preprocessing.
 
-Data: the world's images with their captions (``world_languages`` x ``world_details``; training draws one
-caption per image per step, evaluation uses all), or image-text files: pairs JSONL (``{"id", "image",
-"text"}``) or webdataset shards; records that share an image file are one image with several captions. Images
-are not augmented.
+Data: ``image-text`` sources (docs/formats.md): the world's scenes with their captions (``languages`` x
+``details``; training draws one caption per image per step, evaluation uses all), or image-text files:
+pairs JSONL (``{"id", "image", "text"}``) or webdataset shards; records that share an image file are one
+image with several captions. Images are not augmented.
 
-Shape twins (``world_shape_twins``, world only; off by default): hard negatives in the manner of NegCLIP. A
-fraction of every training batch is made of pairs of scenes that differ only in the shapes of their objects
-(same colours, sizes, positions and background), each with its own caption, so the loss can only tell the
-two apart by shape. In random batches colour and position already single out every image and caption, and a
+Shape twins (``data.shape_twins``, world scenes only; off by default): hard negatives in the manner of
+NegCLIP. A fraction of every training batch is made of pairs of scenes that differ only in the shapes of
+their objects (same colours, sizes, positions and background), each with its own caption, so the loss can
+only tell the two apart by shape. In random batches colour and position already single out every image and caption, and a
 tower trained on them alone barely encodes shape.
 
 ``evaluate``: text->image and image->text retrieval over the held-out images and all their captions (R@1/5/10
@@ -37,7 +37,7 @@ A stage, e.g.::
           vision_config: {hidden_size: 96, intermediate_size: 192, num_hidden_layers: 3,
                           num_attention_heads: 4, image_size: 30, patch_size: 10}
           projection_dim: 64
-      data: {world_train_size: 4000, world_languages: [en, zh]}
+      data: {train: [{format: world, kind: scenes, size: 4000, languages: [en, zh]}]}
 
 The loss of a micro-batch depends on the negatives it holds, so gradient accumulation is not equivalent to a
 larger batch (as in CLIP): grow ``train.batch_size`` or the number of processes instead.
@@ -47,10 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import operator
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,8 +71,10 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from mmfactory.config import ConfigError
+from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import pad_to_square
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.world_source import world_captions
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.models.vision import load_image_processor
@@ -218,44 +219,49 @@ def tokenize_for_clip(
 # --------------------------------------------------------------------------------------------------
 
 WorldLanguage = Literal["en", "zh"]
-WorldDetail = Literal["brief", "detailed"]
 
 
 @dataclass
 class ImageTextDataConfig:
-    """Images with one or more captions: the built-in world, or files — ``source: pairs`` (one JSONL of
-    ``{"id", "image", "text"}``) or ``source: webdataset`` (tar shards of ``{key}.png`` + ``{key}.txt``);
-    ``train`` / ``eval`` name the file or the shards (``mmfactory world export`` writes both)."""
+    """Images with one or more captions from any ``image-text`` sources (:mod:`mmfactory.data.sources`):
+    the world (``kind: scenes``), pairs JSONL, webdataset shards."""
 
-    source: Literal["world", "pairs", "webdataset"] = "world"
-    train: str | list[str] | None = None
-    eval: str | list[str] | None = None
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="scenes", size=4000)]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="scenes", split="val", size=200)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     max_text_length: int | None = (
         None  # tokens with special ones; None: the text model's positions (77 in CLIP)
     )
     pad_square: bool = False  # pad to a square of the mean colour before the processor (LLaVA-1.5's "pad")
-    world_train_size: int = 4000  # images
-    world_eval_size: int = 200
-    world_seed: int = 0
-    world_image_size: int = 32  # rendered side; the image processor resizes to the tower's image_size
-    world_languages: list[WorldLanguage] = field(default_factory=lambda: ["en"])
-    world_details: list[WorldDetail] = field(default_factory=lambda: ["brief", "detailed"])
-    world_shape_twins: float = 0.0  # fraction of each training batch made of shape-twin pairs; 0: none
-    on_bad_sample: Literal["error", "skip"] = "error"
+    shape_twins: float = 0.0  # fraction of each training batch made of shape-twin pairs; 0: none
 
     def validate(self) -> None:
-        if self.source != "world" and self.train is None:
-            raise ConfigError(f"train: source {self.source} needs the path of the training data")
-        if self.source == "pairs" and not all(isinstance(p, str | None) for p in (self.train, self.eval)):
-            raise ConfigError("train: source pairs reads one JSONL file per split, not a list")
-        if not self.world_languages or not self.world_details:
-            raise ConfigError("world_languages: name at least one language and one detail level")
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
         if self.max_text_length is not None and self.max_text_length < 2:
             raise ConfigError(f"max_text_length: must be >= 2, got {self.max_text_length}")
-        if not 0.0 <= self.world_shape_twins <= 1.0:
-            raise ConfigError(f"world_shape_twins: a fraction in [0, 1], got {self.world_shape_twins}")
-        if self.world_shape_twins and self.source != "world":
-            raise ConfigError(f"world_shape_twins: needs the world's scenes, not source {self.source}")
+        if not 0.0 <= self.shape_twins <= 1.0:
+            raise ConfigError(f"shape_twins: a fraction in [0, 1], got {self.shape_twins}")
+        scenes = len(self.train) == 1 and (self.train[0].format, self.train[0].kind) == ("world", "scenes")
+        if self.shape_twins and not scenes:
+            raise ConfigError(
+                "shape_twins: needs the world's scenes as the one train source {format: world, kind: scenes}"
+            )
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot shape and colour classification of ``size`` single-object world test scenes."""
+
+    size: int = 400
+    seed: int = 0
+    image_size: int = 32
+    languages: list[WorldLanguage] = field(default_factory=lambda: ["en"])
 
 
 @dataclass
@@ -263,31 +269,11 @@ class ImageTextOptions:
     """What ``evaluate`` measures."""
 
     eval_batch_size: int = 256  # images or texts per encoder call
-    zeroshot_size: int = 400  # single-object world test scenes to classify by shape and colour; 0: none
+    zeroshot: ZeroShotConfig | None = None  # e.g. {size: 400}: world zero-shot; null: none
 
     def validate(self) -> None:
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
-
-
-@dataclass
-class ImageCaptions:
-    """Image ``i`` is ``image(i)`` (uint8 ``[H, W, 3]``, decoded on access; the callable is picklable for
-    DataLoader workers) and has the non-empty list ``captions[i]``; world sources also keep its ``Scene``."""
-
-    captions: list[list[str]]
-    image: Callable[[int], np.ndarray]
-    scenes: list[Scene] | None = None
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-def world_captions(scene: Scene, languages: Sequence[str], details: Sequence[str]) -> list[str]:
-    """The captions of a world scene, every language x detail level in that order."""
-    from mmfactory.world.captions import caption
-
-    return [caption(scene, lang, detail) for lang in languages for detail in details]
 
 
 def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -300,50 +286,6 @@ def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
         choices = [s for s in SHAPES if s != obj.shape and (s, obj.color) not in taken]
         objects.append(dataclasses.replace(obj, shape=choices[rng.integers(len(choices))]))
     return Scene(tuple(objects), scene.background)
-
-
-def world_image_captions(
-    split: str,
-    n: int,
-    seed: int = 0,
-    image_size: int = 32,
-    languages: Sequence[str] = ("en",),
-    details: Sequence[str] = ("brief", "detailed"),
-) -> ImageCaptions:
-    """Scenes ``0..n-1`` of a world split, each captioned in every language x detail level."""
-    from mmfactory.world import World
-
-    world = World(seed=seed, image_size=image_size)
-    scenes = [world.scene(split, i) for i in range(n)]
-    images = [render_scene(scene, image_size) for scene in scenes]
-    captions = [world_captions(s, languages, details) for s in scenes]
-    return ImageCaptions(captions, partial(operator.getitem, images), scenes)
-
-
-def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:
-    return dataset[record_of_image[index]]["image"]
-
-
-def file_image_captions(
-    source: Literal["pairs", "webdataset"],
-    path: str | list[str],
-    on_bad_sample: Literal["error", "skip"],
-    counter: BadSampleCounter,
-) -> ImageCaptions:
-    """Records read by :func:`~mmfactory.data.readers.read_pairs` / ``read_webdataset``, grouped by image
-    file (or tar member): one image with every caption that names it."""
-    from mmfactory.data.readers import read_pairs, read_webdataset
-
-    if source == "pairs":
-        dataset = read_pairs(path, on_bad_sample=on_bad_sample, counter=counter)
-    else:
-        dataset = read_webdataset(path, on_bad_sample=on_bad_sample, counter=counter)
-    records_of_image: dict[Any, list[int]] = {}
-    for index, record in enumerate(dataset.records):
-        records_of_image.setdefault(record.fields["image"], []).append(index)
-    groups = list(records_of_image.values())
-    captions = [[dataset.records[i].fields["text"] for i in group] for group in groups]
-    return ImageCaptions(captions, partial(_record_image, dataset, [group[0] for group in groups]))
 
 
 class ImageCaptionDataset(Dataset):
@@ -391,6 +333,7 @@ class ImageTextContrastiveTask(TrainingTask):
     model_config = CLIPSpec
     data_config = ImageTextDataConfig
     options_config = ImageTextOptions
+    sample_kind = "image-text"
 
     def __init__(
         self, stage, ctx, model_cfg: CLIPSpec, data_cfg: ImageTextDataConfig, options: ImageTextOptions
@@ -407,29 +350,13 @@ class ImageTextContrastiveTask(TrainingTask):
                 f"data.max_text_length: {self.max_text_length} exceeds the text model's "
                 f"max_position_embeddings ({positions})"
             )
-        self.counter = BadSampleCounter()
+        self.counts: Counter[str] = Counter()
         self._sources: dict[str, ImageCaptions] = {}
 
     # -- data ----------------------------------------------------------------------------------------
     def image_captions(self, split: Literal["train", "eval"]) -> ImageCaptions:
         if split not in self._sources:
-            cfg = self.data_cfg
-            if cfg.source == "world":
-                self._sources[split] = world_image_captions(
-                    "train" if split == "train" else "val",
-                    cfg.world_train_size if split == "train" else cfg.world_eval_size,
-                    cfg.world_seed,
-                    cfg.world_image_size,
-                    cfg.world_languages,
-                    cfg.world_details,
-                )
-            else:
-                path = cfg.train if split == "train" else cfg.eval
-                self._sources[split] = (
-                    ImageCaptions([], partial(operator.getitem, []))
-                    if path is None
-                    else file_image_captions(cfg.source, path, cfg.on_bad_sample, self.counter)
-                )
+            self._sources[split] = self.read_sources(split, self.counts) or ImageCaptions.empty()
         return self._sources[split]
 
     def train_dataset(self) -> ImageCaptionDataset:
@@ -451,23 +378,21 @@ class ImageTextContrastiveTask(TrainingTask):
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def with_shape_twins(self, samples: list[dict]) -> list[dict]:
-        """The batch with its last ``floor(world_shape_twins * B) // 2`` samples replaced by the shape twins
+        """The batch with its last ``floor(shape_twins * B) // 2`` samples replaced by the shape twins
         of its first as many (each captioned like its original: same language and detail level); the
         twins' shapes come from torch's RNG, so a step's batch is fixed by the seed and the step."""
-        pairs = int(self.data_cfg.world_shape_twins * len(samples)) // 2
-        cfg, twins = self.data_cfg, []
+        pairs = int(self.data_cfg.shape_twins * len(samples)) // 2
+        cfg, twins = self.data_cfg.train[0], []
         for sample in samples[:pairs]:
             twin = shape_twin(sample["scene"], np.random.default_rng(int(torch.randint(2**62, ()))))
-            caption = world_captions(twin, cfg.world_languages, cfg.world_details)[sample["caption_index"]]
-            twins.append(
-                {"image": render_scene(twin, cfg.world_image_size), "caption": caption, "scene": twin}
-            )
+            caption = world_captions(twin, cfg.languages, cfg.details)[sample["caption_index"]]
+            twins.append({"image": render_scene(twin, cfg.image_size), "caption": caption, "scene": twin})
         return samples[: len(samples) - pairs] + twins
 
     def collate(self, samples: list[dict]) -> dict[str, Tensor]:
         """``pixel_values`` ``[B, 3, S, S]``; the captions' ``input_ids``, ``attention_mask`` ``[B, L]``.
         Training batches of the world get their shape twins (``world_shape_twins``)."""
-        if self.data_cfg.world_shape_twins and "scene" in samples[0]:
+        if self.data_cfg.shape_twins and "scene" in samples[0]:
             samples = self.with_shape_twins(samples)
         return {
             "pixel_values": self.pixel_values([s["image"] for s in samples]),
@@ -479,8 +404,7 @@ class ImageTextContrastiveTask(TrainingTask):
         for split, source in self._sources.items():
             report[f"{split}/images"] = len(source)
             report[f"{split}/captions"] = sum(map(len, source.captions))
-        report.update({f"skipped/{reason}": count for reason, count in self.counter.summary().items()})
-        return report
+        return {**report, **self.counts}
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -528,7 +452,7 @@ class ImageTextContrastiveTask(TrainingTask):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         metrics = self.retrieval()
-        if self.data_cfg.source == "world" and self.options.zeroshot_size > 0:
+        if self.options.zeroshot is not None and self.options.zeroshot.size > 0:
             metrics.update(self.zero_shot())
         return metrics
 
@@ -550,15 +474,13 @@ class ImageTextContrastiveTask(TrainingTask):
 
     @torch.no_grad()
     def zero_shot(self) -> dict[str, float]:
-        """``zeroshot_{lang}_{shape|color}_acc`` and ``..._balanced_acc`` (percent) on ``zeroshot_size``
+        """``zeroshot_{lang}_{shape|color}_acc`` and ``..._balanced_acc`` (percent) on ``zeroshot.size``
         single-object scenes of the world's test split."""
-        cfg = self.data_cfg
-        scenes = [
-            scene_at(cfg.world_seed, "test", i, max_objects=1) for i in range(self.options.zeroshot_size)
-        ]
-        image_embeds = self.encode_images([render_scene(scene, cfg.world_image_size) for scene in scenes])
+        cfg = self.options.zeroshot
+        scenes = [scene_at(cfg.seed, "test", i, max_objects=1) for i in range(cfg.size)]
+        image_embeds = self.encode_images([render_scene(scene, cfg.image_size) for scene in scenes])
         metrics = {}
-        for lang in cfg.world_languages:
+        for lang in cfg.languages:
             for attribute in ("shape", "color"):
                 prompts = zero_shot_prompts(attribute, lang)
                 classes = list(prompts)

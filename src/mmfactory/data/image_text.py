@@ -1,0 +1,91 @@
+"""``image-text`` samples: images with one or more captions (CLIP-style contrastive data, reward models).
+
+:class:`ImageCaptions` is what every ``image-text`` source yields (see :mod:`mmfactory.data.sources`):
+``format: world`` (``kind: scenes``), ``pairs`` (JSONL ``{"id", "image", "text"}``) and ``webdataset`` (tar
+shards of ``{key}.png`` + ``{key}.txt``; ``path`` may be a glob). File records that share an image file
+are one image with several captions; images are decoded when a sample is drawn.
+"""
+
+from __future__ import annotations
+
+import glob
+import operator
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError
+
+
+@dataclass
+class ImageCaptions:
+    """Image ``i`` is ``image(i)`` (uint8 ``[H, W, 3]``, decoded on access; the callable is picklable for
+    DataLoader workers) and has the non-empty list ``captions[i]``; world sources also keep its ``Scene``."""
+
+    captions: list[list[str]]
+    image: Callable[[int], np.ndarray]
+    scenes: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __add__(self, other: ImageCaptions) -> ImageCaptions:
+        scenes = None if self.scenes is None or other.scenes is None else self.scenes + other.scenes
+        image = partial(_concatenated, self.image, other.image, len(self))
+        return ImageCaptions(self.captions + other.captions, image, scenes)
+
+    def select(self, indices: Sequence[int]) -> ImageCaptions:
+        """The images at ``indices`` (in that order; repeats allowed)."""
+        indices = list(indices)
+        scenes = None if self.scenes is None else [self.scenes[i] for i in indices]
+        return ImageCaptions(
+            [self.captions[i] for i in indices], partial(_selected, self.image, indices), scenes
+        )
+
+    def first(self, n: int) -> ImageCaptions:
+        return self if n >= len(self) else self.select(range(n))
+
+    @classmethod
+    def empty(cls) -> ImageCaptions:
+        return cls([], partial(operator.getitem, []))
+
+
+def _concatenated(first: Callable, second: Callable, split: int, index: int) -> np.ndarray:
+    return first(index) if index < split else second(index - split)
+
+
+def _selected(image: Callable, indices: list[int], index: int) -> np.ndarray:
+    return image(indices[index])
+
+
+def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:
+    return dataset[record_of_image[index]]["image"]
+
+
+def _grouped_by_image(dataset) -> ImageCaptions:
+    records_of_image: dict[Any, list[int]] = {}
+    for index, record in enumerate(dataset.records):
+        records_of_image.setdefault(record.fields["image"], []).append(index)
+    groups = list(records_of_image.values())
+    captions = [[dataset.records[i].fields["text"] for i in group] for group in groups]
+    return ImageCaptions(captions, partial(_record_image, dataset, [group[0] for group in groups]))
+
+
+def read_pairs_source(source, kind, bad: BadSampleCounter, counts: Counter) -> ImageCaptions:
+    from mmfactory.data.readers import read_pairs
+
+    return _grouped_by_image(read_pairs(source.path, on_bad_sample=source.on_bad_sample, counter=bad))
+
+
+def read_webdataset_source(source, kind, bad: BadSampleCounter, counts: Counter) -> ImageCaptions:
+    from mmfactory.data.readers import read_webdataset
+
+    shards = sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
+    if not shards:
+        raise BadSampleError("no shard matches", reason=BadReason.MISSING_FILE, file=source.path)
+    return _grouped_by_image(read_webdataset(shards, on_bad_sample=source.on_bad_sample, counter=bad))
