@@ -16,8 +16,8 @@ image with several captions. Images are not augmented.
 Shape twins (``data.shape_twins``, world scenes only; off by default): hard negatives in the manner of
 NegCLIP. A fraction of every training batch is made of pairs of scenes that differ only in the shapes of
 their objects (same colours, sizes, positions and background), each with its own caption, so the loss can
-only tell the two apart by shape. In random batches colour and position already single out every image and caption, and a
-tower trained on them alone barely encodes shape.
+only tell the two apart by shape. In random batches colour and position already single out every image and
+caption, and a tower trained on them alone barely encodes shape.
 
 ``evaluate``: text->image and image->text retrieval over the held-out images and all their captions (R@1/5/10
 in percent, median and mean rank) and, on the world, zero-shot classification of the shape and the colour of
