@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from mmfactory.data.multimodal import _concatenated, _selected
 from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError
 
 
@@ -53,14 +54,6 @@ class ImageCaptions:
     @classmethod
     def empty(cls) -> ImageCaptions:
         return cls([], partial(operator.getitem, []))
-
-
-def _concatenated(first: Callable, second: Callable, split: int, index: int) -> np.ndarray:
-    return first(index) if index < split else second(index - split)
-
-
-def _selected(image: Callable, indices: list[int], index: int) -> np.ndarray:
-    return image(indices[index])
 
 
 def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:

@@ -231,11 +231,13 @@ class ImageConversations:
         return self if n >= len(self.messages) else self.select(range(n))
 
 
-def _selected(images: Callable, indices: list[int], index: int) -> list[np.ndarray]:
-    return images(indices[index])
+def _selected(get: Callable, indices: list[int], index: int):
+    """Item ``index`` of a selection: ``get(indices[index])`` (picklable, for DataLoader workers)."""
+    return get(indices[index])
 
 
-def _concatenated(first: Callable, second: Callable, split: int, index: int) -> list[np.ndarray]:
+def _concatenated(first: Callable, second: Callable, split: int, index: int):
+    """Item ``index`` of two collections joined at ``split`` (picklable)."""
     return first(index) if index < split else second(index - split)
 
 

@@ -31,9 +31,7 @@ import dataclasses
 import difflib
 import sys
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -266,12 +264,3 @@ def _shares(total: int, weights: list[float]) -> list[int]:
     for i in by_remainder[: total - sum(shares)]:
         shares[i] += 1
     return shares
-
-
-def images_of(dataset: Any, index: int) -> list:
-    """``dataset[index]["images"]``: a picklable image accessor over a reader's dataset."""
-    return dataset[index]["images"]
-
-
-def lazy_images(dataset: Any) -> Callable[[int], list]:
-    return partial(images_of, dataset)

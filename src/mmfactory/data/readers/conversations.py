@@ -23,10 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mmfactory.data.media import load_image
 from mmfactory.data.multimodal import ImageConversations
 from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError
-from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER
+from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER, decode_images
 from mmfactory.data.readers.llava import read_llava as read_llava_file
 from mmfactory.data.readers.records import (
     Fields,
@@ -38,7 +37,7 @@ from mmfactory.data.readers.records import (
     require,
     require_text,
 )
-from mmfactory.data.sources import SampleKind, SourceConfig, lazy_images
+from mmfactory.data.sources import SampleKind, SourceConfig
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -53,7 +52,9 @@ MESSAGE_ROLES = {role: role for role in ("system", "user", "assistant")}
 def _conversations(dataset: RecordDataset, key: str) -> ImageConversations:
     records = dataset.records
     return ImageConversations(
-        [r.fields[key] for r in records], [len(r.fields["images"]) for r in records], lazy_images(dataset)
+        [r.fields[key] for r in records],
+        [len(r.fields["images"]) for r in records],
+        partial(_images_of, dataset),
     )
 
 
@@ -167,8 +168,8 @@ def _parse_row(
     return {"messages": messages, "images": _images(raw, base_dir, messages)}
 
 
-def _decode(fields: Fields) -> Fields:
-    return {**fields, "images": [load_image(image) for image in fields["images"]]}
+def _images_of(dataset: RecordDataset, index: int) -> list:
+    return dataset[index]["images"]
 
 
 def _read_rows(
@@ -177,7 +178,7 @@ def _read_rows(
     dataset = read_annotation_file(
         source.path,
         partial(_parse_row, columns=source.columns, messages_of=messages_of),
-        _decode,
+        decode_images,
         json_list=Path(source.path).suffix != ".jsonl",
         on_bad_sample=source.on_bad_sample,
         counter=bad,

@@ -51,7 +51,8 @@ def _parse_llava(raw: dict[str, Any], base_dir: Path, missing_image_token: str =
     }
 
 
-def _decode_llava(fields: Fields) -> Fields:
+def decode_images(fields: Fields) -> Fields:
+    """``fields`` with its ``images`` paths decoded to uint8 ``[H, W, 3]`` arrays."""
     return {**fields, "images": [load_image(image) for image in fields["images"]]}
 
 
@@ -77,7 +78,7 @@ def read_llava(
     return read_annotation_file(
         path,
         partial(_parse_llava, missing_image_token=missing_image_token),
-        _decode_llava,
+        decode_images,
         json_list=True,
         on_bad_sample=on_bad_sample,
         counter=counter,
