@@ -22,9 +22,9 @@ from mmfactory.data.multimodal import (
     MultimodalChatDataset,
     MultimodalProcessor,
     pad_to_square,
-    world_conversations,
 )
 from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.data.world_source import world_conversations
 from mmfactory.eval.mllm import caption_tokens, evaluate_mllm, world_benchmarks
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig

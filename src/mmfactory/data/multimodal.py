@@ -1,11 +1,11 @@
 """Multimodal chat data: conversations with images, one chat template, labels on assistant replies only.
 
-Every source becomes conversations (``[{"role", "content"}, ...]``) holding one ``<image>`` per image (LLaVA
-puts it at the start of the first user turn) plus the images as uint8 ``[H, W, 3]``: LLaVA JSON files
-(read by :func:`mmfactory.data.readers.read_llava`) and the built-in world's captions, VQA and LLaVA-style
-conversations. :class:`MultimodalProcessor` renders them with a template of :mod:`mmfactory.data.chat`,
-expands each ``<image>`` into the ``P`` placeholder tokens that the model fills with its visual tokens, and
-preprocesses images (LLaVA-1.5's pad-to-square with the mean colour, then the tower's image processor:
+Every source becomes conversations (``[{"role", "content"}, ...]``) holding one ``<image>`` per image
+(LLaVA puts it at the start of the first user turn) plus the images as uint8 ``[H, W, 3]``
+(:class:`ImageConversations`, made by the sources of :mod:`mmfactory.data.sources`).
+:class:`MultimodalProcessor` renders them with a template of :mod:`mmfactory.data.chat`, expands each
+``<image>`` into the ``P`` placeholder tokens that the model fills with its visual tokens, and preprocesses
+images (LLaVA-1.5's pad-to-square with the mean colour, then the tower's image processor:
 resize, centre-crop, normalise).
 
 A conversation longer than ``max_length`` is right-truncated and counted, unless the cut would fall in or
@@ -15,13 +15,11 @@ before an image span: then it is skipped and counted (a partial span can never b
 from __future__ import annotations
 
 import json
-import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -42,7 +40,6 @@ from mmfactory.data.chat import (
 from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 PROCESSOR_META = "mmfactory_processor.json"  # template and image settings, next to the model
-WorldKind = Literal["captions", "vqa", "llava", "pope"]
 
 
 @dataclass
@@ -239,46 +236,6 @@ def _selected(get: Callable, indices: list[int], index: int):
 def _concatenated(first: Callable, second: Callable, split: int, index: int):
     """Item ``index`` of two collections joined at ``split`` (picklable)."""
     return first(index) if index < split else second(index - split)
-
-
-def world_conversations(
-    kind: WorldKind, split: str, n: int, seed: int = 0, lang: str = "en", image_size: int = 32
-) -> ImageConversations:
-    """``n`` conversations of one image each from the built-in world.
-
-    ``captions``: brief description requests (LLaVA's stage-1 data); ``vqa``: one short-answer question;
-    ``llava``: 1-3 turns mixing a brief or detailed description and questions; ``pope``: yes/no object
-    probes, half present, half absent (random, popular and adversarial negatives in turn; English).
-    """
-    from mmfactory.world import World
-    from mmfactory.world.vqa import DESCRIBE
-
-    world = World(seed=seed, image_size=image_size)
-    if kind == "captions":
-        items = world.pairs(split, n, lang, detail="brief")
-        turns = [(DESCRIBE[lang]["brief"], item["text"]) for item in items]
-    elif kind == "vqa":
-        items = world.vqa(split, n, lang)
-        turns = [(item["question"], item["answer"]) for item in items]
-    elif kind == "llava":
-        items = world.llava(split, n, lang)
-    elif kind == "pope":
-        from mmfactory.world.vqa import POPE_KINDS
-
-        per_kind = [world.pope(split, -(-n // len(POPE_KINDS)), k) for k in POPE_KINDS]
-        items = [probes[i] for i in range(len(per_kind[0])) for probes in per_kind][:n]
-        turns = [(item["question"], item["label"]) for item in items]
-    else:
-        raise ValueError(f"unknown world kind {kind!r}; expected captions, vqa, llava or pope")
-    if kind == "llava":  # as read_llava returns them
-        messages, images = [item["conversations"] for item in items], [item["images"] for item in items]
-    else:
-        messages = [
-            [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}, {"role": "assistant", "content": a}]
-            for q, a in turns
-        ]
-        images = [[item["image"]] for item in items]
-    return ImageConversations(messages, [len(i) for i in images], partial(operator.getitem, images))
 
 
 class MultimodalChatDataset(Dataset):
