@@ -139,3 +139,17 @@ def test_chat_jsonl_bad_lines_error_or_are_skipped_and_counted(tmp_path, capsys)
     assert "sft data:" in printed.out
     # the skip report, with the examples' locations, is printed as soon as the file is read
     assert "skipped 2 bad samples" in printed.err and "chat.jsonl, line 7" in printed.err
+
+
+def test_a_source_of_the_wrong_kind_in_a_later_stage_is_refused_before_anything_trains(tmp_path, capsys):
+    recipe = tiny_sft_recipe(max_steps=2)
+    second = {**recipe["stages"][0], "name": "second", "init_from": "sft", "model": {}}
+    second["data"] = {**second["data"], "train": [{"format": "world", "kind": "vqa", "size": 8}]}
+    recipe["stages"].append(second)
+    path = write_recipe(recipe, tmp_path / "r.yaml")
+    assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 2
+    assert (
+        "stages[1].data.train[0]: world kind 'vqa' yields image-chat samples, this task reads 'chat'"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "sft").exists()

@@ -215,7 +215,9 @@ def test_a_task_refuses_a_format_that_does_not_yield_its_kind(files):
         ConfigError, match="format 'alpaca' yields chat samples, this task reads 'image-chat'"
     ):
         read("image-chat", format="alpaca", path=str(files.jsonl("a.jsonl", [])))
-    with pytest.raises(ConfigError, match="world kind 'vqa' has images"):
+    with pytest.raises(
+        ConfigError, match="world kind 'vqa' yields image-chat samples, this task reads 'chat'"
+    ):
         read("chat", format="world", kind="vqa", size=2)
 
 

@@ -106,6 +106,8 @@ class SourceConfig:
             hint = f"did you mean {close[0]!r}?" if close else ", ".join(WORLD_KINDS)
             what = "needs a kind" if self.kind is None else f"has no kind {self.kind!r}"
             raise ConfigError(f"kind: format 'world' {what} ({hint})")
+        if self.format == "world" and self.kind in ("chat", "pope") and self.languages != ["en"]:
+            raise ConfigError(f"languages: the world's {self.kind} samples are English only")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
         for name in ("limit", "size", "image_size"):
@@ -142,7 +144,12 @@ class Format:
 
 COMMON_KEYS = frozenset({"format", "weight", "limit", "on_bad_sample", "split"})
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
-WORLD_KINDS = ("captions", "vqa", "llava", "pope", "chat", "scenes")
+# world kind -> the sample kinds it yields
+WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
+    **{kind: ("image-chat",) for kind in ("captions", "vqa", "llava", "pope")},
+    "chat": CHAT_KINDS,
+    "scenes": ("image-text",),
+}
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(
@@ -190,14 +197,10 @@ def read_sources(
     ``{prefix}/llava_image_token_prepended``); the skip report is printed (``report``) as each source is
     read, and :class:`DataError` stops the run when skips exceed ``max_bad_fraction`` of a source.
     """
+    check_kinds(sources, kind, prefix)
     parts, weights = [], []
     for source in sources:
         spec = FORMATS[source.format]
-        if kind not in spec.kinds:
-            raise ConfigError(
-                f"{prefix}: format {source.format!r} yields {', '.join(spec.kinds)} samples, "
-                f"this task reads {kind!r}"
-            )
         bad, local = BadSampleCounter(max_examples=MAX_EXAMPLES), Counter()
         part = spec.read(source, kind, bad, local)
         seen = bad.total + len(part)  # records read, before the limit
@@ -218,6 +221,19 @@ def read_sources(
         parts.append(part)
         weights.append(source.weight)
     return mix(parts, weights, seed) if parts else None
+
+
+def check_kinds(sources: list[SourceConfig], kind: SampleKind, where: str) -> None:
+    """Refuse a source that does not yield ``kind`` (checked when the recipe is validated)."""
+    for index, source in enumerate(sources):
+        if source.format == "world":
+            what, yields = f"world kind {source.kind!r}", WORLD_KINDS[source.kind]
+        else:
+            what, yields = f"format {source.format!r}", FORMATS[source.format].kinds
+        if kind not in yields:
+            raise ConfigError(
+                f"{where}[{index}]: {what} yields {', '.join(yields)} samples, this task reads {kind!r}"
+            )
 
 
 def check_fraction(max_bad_fraction: float | None) -> None:

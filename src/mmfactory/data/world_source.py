@@ -14,13 +14,11 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
-from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.sources import WORLD_KINDS, SampleKind, SourceConfig, mix
+from mmfactory.data.sources import SampleKind, SourceConfig, mix
 
-IMAGE_KINDS = ("captions", "vqa", "llava", "pope")
 DEFAULT_SIZE = 2000
 
 
@@ -92,11 +90,6 @@ def world_conversations(
 
 def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
     size = DEFAULT_SIZE if source.size is None else source.size
-    if (kind == "image-text") != (source.kind == "scenes"):
-        raise ConfigError(
-            f"kind: world kind {source.kind!r} does not make {kind} samples "
-            f"({'scenes' if kind == 'image-text' else 'captions, vqa, llava, pope or chat'} do)"
-        )
     if source.kind == "scenes":
         return world_image_captions(
             source.split, size, source.seed, source.image_size, source.languages, source.details
@@ -104,8 +97,6 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
     if source.kind == "chat":
         from mmfactory.world.text import chat_samples
 
-        if source.languages != ["en"]:
-            raise ConfigError("languages: the world's text chats are English only")
         records = chat_samples(source.split, size, seed=source.seed)
         if source.chat_kinds is not None:  # of the `size` drawn, keep these kinds only
             records = [r for r in records if r["kind"] in source.chat_kinds]
@@ -113,14 +104,6 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         return ImageConversations(
             messages, [0] * len(messages), partial(operator.getitem, [[]] * len(messages))
         )
-    if source.kind not in IMAGE_KINDS:
-        raise ConfigError(f"kind: unknown world kind {source.kind!r} (kinds: {', '.join(WORLD_KINDS)})")
-    if kind == "chat":
-        raise ConfigError(
-            f"kind: world kind {source.kind!r} has images; a text-only chat task reads kind: chat"
-        )
-    if source.kind == "pope" and source.languages != ["en"]:
-        raise ConfigError("languages: the world's POPE probes are English only")
     parts = [
         world_conversations(source.kind, source.split, size, source.seed, lang, source.image_size)
         for lang in source.languages

@@ -6,6 +6,7 @@ import difflib
 import importlib
 
 from mmfactory.config import ConfigError, StageConfig, from_dict
+from mmfactory.data.sources import check_kinds
 from mmfactory.tasks.base import StageContext, TrainingTask
 
 # task name -> "module:Class", imported on use so a recipe only pays for the tasks it runs.
@@ -41,6 +42,9 @@ def validate_stage(stage: StageConfig, index: int) -> tuple[type[TrainingTask], 
     model_cfg = from_dict(cls.model_config, stage.model, f"stages[{index}].model")
     data_cfg = from_dict(cls.data_config, stage.data, f"stages[{index}].data")
     options = from_dict(cls.options_config, stage.options, f"stages[{index}].options")
+    if cls.sample_kind is not None:  # the task reads data.train / data.eval sources
+        for split in ("train", "eval"):
+            check_kinds(getattr(data_cfg, split), cls.sample_kind, f"stages[{index}].data.{split}")
     return cls, model_cfg, data_cfg, options
 
 

@@ -359,7 +359,7 @@ class PreferenceDistillTask(MultimodalSFTTask):
     """``mllm_preference_distill`` (module docstring). Batches hold the ``B`` chosen rows then the ``B``
     rejected rows (``[2B, T]``) and each pair's image twice (``pixel_values [2B, 3, S, S]``)."""
 
-    sample_kind = "preference"
+    sample_kind = None  # reads preference pairs through its own data config, not (yet) the source layer
     data_config = MultimodalPreferenceDataConfig
     options_config = PreferenceDistillOptions
     loss_unit = "pairs"
