@@ -13,7 +13,7 @@ from mmfactory.config import StageConfig, deep_merge, from_dict, load_recipe
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import build_task, validate_stage
 from mmfactory.tasks.base import StageContext
-from tests.helpers import write_recipe
+from tests.helpers import world_data, write_recipe
 
 ENCODER = {"hidden_size": 32, "num_layers": 2, "image_size": 16, "patch_size": 4}
 DECODER = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
@@ -24,12 +24,7 @@ def tiny_arm_recipe() -> dict:
         "name": "test/arm",
         "defaults": {
             "model": {"encoder": dict(ENCODER)},
-            "data": {
-                "source": "world",
-                "world_train_size": 64,
-                "world_eval_size": 16,
-                "world_label": "count",
-            },
+            "data": world_data(["labelled"], 64, 16, image_size=16),
             "optimizer": {"lr": 3.0e-3, "weight_decay": 0.05, "betas": [0.9, 0.95]},
             "schedule": {"kind": "constant", "warmup_steps": 0},
             "train": {"batch_size": 16, "max_steps": 16, "log_every": 1, "seed": 0, "max_grad_norm": 3.0},
@@ -48,7 +43,9 @@ def tiny_arm_recipe() -> dict:
                 "init_from": "ar",
                 "model": {"scans": ["forward", "backward"]},
                 "frozen": ["model.encoder.patch_embed.*"],
-                "data": {"world_train_size": 32},  # few enough to fit in a few dozen steps
+                "data": {
+                    "train": world_data(["labelled"], 32, 0, image_size=16)["train"]
+                },  # few enough to fit
                 "options": {"layer_decay": 0.9, "label_smoothing": 0.0},
                 "train": {"max_steps": 30},
             },
@@ -116,16 +113,7 @@ def test_shipped_recipes_validate(name):
     assert {s.init_from for s in recipe.stages[2:]} == {"pretrain_arm", "pretrain_mae", None}
 
 
-def test_fashion_mnist_recipe_without_the_data_names_the_missing_path(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match="data.train: '/nowhere/train-images-idx3-ubyte.gz' does not exist"
-    ):
-        main(
-            [
-                "run",
-                "arm/fashion_mnist",
-                "--output",
-                str(tmp_path),
-                "data.train=/nowhere/train-images-idx3-ubyte.gz",
-            ]
-        )
+def test_fashion_mnist_recipe_without_the_data_names_the_missing_path(tmp_path, capsys):
+    source = "{format: idx, path: /nowhere/train-images-idx3-ubyte.gz, labels: /nowhere/labels.gz}"
+    assert main(["run", "arm/fashion_mnist", "--output", str(tmp_path), f"data.train=[{source}]"]) == 2
+    assert "/nowhere/train-images-idx3-ubyte.gz: file not found" in capsys.readouterr().err

@@ -98,3 +98,77 @@ def image_text_digests() -> dict[str, dict]:
 
 def test_every_shipped_image_text_stage_reads_the_golden_samples():
     assert image_text_digests() == json.loads(GOLDEN_IMAGE_TEXT.read_text())
+
+
+GOLDEN_OTHER = Path(__file__).parent / "golden" / "other_sources.json"
+SAG_SPLITS = ("train", "eval", "benchmark", "self_improve")
+
+
+def _h(obj) -> str:
+    return hashlib.sha256(
+        json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+
+def _pixels(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(a.tobytes())
+        h.update(str(a.shape).encode())
+    return h.hexdigest()
+
+
+def _edges(n: int) -> list[int]:
+    return sorted(set(range(min(FIRST, n))) | set(range(max(0, n - LAST), n)))
+
+
+def other_digests(only: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Digests of the video-text, labelled-image, preference and article stages, as in
+    ``golden/other_sources.json`` (ARM images as the task fits them to its encoder)."""
+    from mmfactory.data.images import FittedImages
+    from mmfactory.data.video_text import video_clip
+
+    out = {}
+    for name in list_recipes():
+        if name == "arm/fashion_mnist":  # its IDX files are not on a test machine
+            continue
+        recipe = load_recipe(resolve_recipe(name))
+        for i, stage in enumerate(recipe.stages):
+            cls, model_cfg, data_cfg, _ = validate_stage(stage, i)
+            kind = cls.sample_kind
+            if kind not in ("video-text", "labelled-image", "preference", "article") or (
+                only and kind not in only
+            ):
+                continue
+            splits = SAG_SPLITS if kind == "article" else ("train", "eval")
+            for split in splits:
+                samples = read_sources(getattr(data_cfg, split), kind, Counter(), split)
+                n, items = len(samples), samples.items
+                if kind == "video-text":
+                    clips = [
+                        video_clip(samples.media(j), data_cfg.num_frames, "uniform", None) for j in _edges(n)
+                    ]
+                    digest = {"captions": _h([it["captions"] for it in items]), "clips": _pixels(clips)}
+                elif kind == "labelled-image":
+                    enc = model_cfg.encoder
+                    fitted = FittedImages(samples, enc.image_size, enc.in_channels)
+                    digest = {
+                        "classes": samples.classes,
+                        "labels": _h([it["label"] for it in items]),
+                        "images": _pixels([fitted[j]["image"] for j in _edges(n)]),
+                    }
+                elif kind == "preference":
+                    text = [[it["prompt"], it["chosen"], it["rejected"]] for it in items]
+                    digest = {"text": _h(text), "images": _pixels([samples.media(j)[0] for j in _edges(n)])}
+                else:
+                    digest = {"articles": _h(items)}
+                out[f"{name}:{stage.name}:{split}"] = {"n": n, **digest}
+    return out
+
+
+def test_every_shipped_video_labelled_preference_and_article_stage_reads_the_golden_samples():
+    golden = json.loads(GOLDEN_OTHER.read_text())
+    current = other_digests()
+    assert sorted(current) == sorted(golden)
+    assert [key for key in golden if current[key] != golden[key]] == []

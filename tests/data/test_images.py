@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from mmfactory.data.images import fit_image, read_idx, read_idx_file, read_image_folder, world_images
+from mmfactory.data.images import fit_image, read_idx, read_idx_file, read_image_folder
+from mmfactory.data.world_source import world_labelled_images
 from mmfactory.data.policy import BadSampleCounter
 
 PIXELS = bytes(range(0, 240, 20))  # three 2x2 images: [[0, 20], [40, 60]], [[80, 100], ...], ...
@@ -132,14 +133,15 @@ def test_world_images_are_labelled_from_their_scenes(label):
     from mmfactory.world import World
     from mmfactory.world.scenes import SHAPES
 
-    dataset, names = world_images("val", 6, label=label, image_size=24, max_objects=3, seed=2)
+    samples = world_labelled_images("val", 6, seed=2, image_size=24, label=label, max_objects=3)
+    names, labels = samples.classes, [item["label"] for item in samples.items]
     scenes = [World(seed=2, max_objects=3).scene("val", i) for i in range(6)]
     if label == "count":
         assert names == ["1", "2", "3"]
-        assert [dataset[i]["label"] + 1 for i in range(6)] == [len(s.objects) for s in scenes]
+        assert [y + 1 for y in labels] == [len(s.objects) for s in scenes]
     else:
         assert names == list(SHAPES)
-        for i, scene in enumerate(scenes):
+        for y, scene in zip(labels, scenes, strict=True):
             large = [o.shape for o in scene.objects if o.size == "large"]
-            assert names[dataset[i]["label"]] == (large or [scene.objects[0].shape])[0]
-    assert dataset[0]["image"].shape == (24, 24, 3)
+            assert names[y] == (large or [scene.objects[0].shape])[0]
+    assert samples.media(0).shape == (24, 24, 3)

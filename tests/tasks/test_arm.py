@@ -3,16 +3,19 @@ layer-wise lr decay groups, and fine-tuning initialised from a pretraining stage
 
 import pytest
 import torch
+from PIL import Image
 from accelerate.utils import set_seed
 
 from mmfactory.config import ConfigError, OptimizerConfig, StageConfig, TrainConfig
+from mmfactory.data.policy import BadSampleError, DataError
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.train.optim import build_optimizer
+from tests.helpers import world_data
 
 ENCODER = {"hidden_size": 32, "num_layers": 3, "image_size": 16, "patch_size": 4}
 DECODER = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
-DATA = {"source": "world", "world_train_size": 12, "world_eval_size": 4, "world_label": "count"}
+DATA = world_data(["labelled"], 12, 4, image_size=16)
 
 
 def _task(tmp_path, task: str, model: dict, options: dict | None = None, init_from=None, outputs=None):
@@ -141,16 +144,38 @@ def test_finetune_transfers_encoder_weights_from_a_pretraining_stage(tmp_path):
 
 
 def test_data_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="train_labels: source idx needs"):
-        _task_with_data(tmp_path, {"source": "idx", "train": "x.gz"})
-    with pytest.raises(FileNotFoundError, match="data.train: '/no/such/train-images.gz' does not exist"):
-        _task_with_data(tmp_path, {"source": "idx", "train": "/no/such/train-images.gz", "train_labels": "y"})
-    task = _task_with_data(
-        tmp_path, {**DATA, "max_train_samples": 5, "world_label": "shape", "world_max_objects": 1}
-    )
+    with pytest.raises(ConfigError, match=r"data.train\[0\].labels: format 'idx' needs the labels file"):
+        _task_with_data(tmp_path, {"train": [{"format": "idx", "path": "x.gz"}]})
+    missing = {"format": "idx", "path": "/no/such/train-images.gz", "labels": "y"}
+    with pytest.raises(BadSampleError, match="/no/such/train-images.gz: file not found"):
+        _task_with_data(tmp_path, {"train": [missing], "eval": []})
+    shapes = {"format": "world", "kind": "labelled", "label": "shape", "max_objects": 1, "image_size": 16}
+    data = {
+        "train": [{**shapes, "size": 12, "limit": 5, "subset": "random"}],
+        "eval": [{**shapes, "size": 4}],
+    }
+    task = _task_with_data(tmp_path, data)
     assert len(task.train_dataset()) == 5 and len(task.eval_dataset()) == 4
     assert task.model.head.out_features == 8  # eight shapes
     assert task.data_report() == {"train/images": 5, "eval/images": 4}
+
+
+def test_eval_labels_follow_the_training_classes_by_name(tmp_path):
+    """An eval folder read on its own lacks a class: its labels are mapped onto the training classes."""
+    for split, classes in (("train", ["cat", "dog", "fox"]), ("val", ["dog", "fox"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (len(name) * 20, 0, 0)).save(tmp_path / split / name / "a.png")
+    data = {
+        "train": [{"format": "folder", "path": str(tmp_path / "train")}],
+        "eval": [{"format": "folder", "path": str(tmp_path / "val")}],
+    }
+    task = _task_with_data(tmp_path, data)
+    assert [task.eval_dataset()[i]["label"] for i in range(2)] == [1, 2]  # dog, fox of cat/dog/fox
+    assert task.eval_dataset()[0]["image"].shape == (16, 16, 3)  # fitted to the encoder
+    (tmp_path / "val" / "owl").mkdir()
+    with pytest.raises(DataError, match=r"data.eval: classes \['owl'\] are not among"):
+        _task_with_data(tmp_path, data).eval_dataset()
 
 
 def _task_with_data(tmp_path, data: dict):

@@ -13,6 +13,7 @@ from mmfactory.losses.contrastive import clip_loss
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.contrastive import count_flops, fit_frames
+from tests.helpers import world_data
 
 TINY_MODEL = {
     "vision": {"image_size": 16, "patch_size": 4, "num_frames": 2, "hidden_size": 32, "num_layers": 1},
@@ -29,7 +30,7 @@ TINY_MODEL = {
     },
     "projection_dim": 16,
 }
-WORLD_DATA = {"num_frames": 2, "world_train_size": 8, "world_eval_size": 6, "world_video_size": 16}
+WORLD_DATA = world_data(["videos"], 8, 6, image_size=16, num_frames=2)
 
 
 def make_task(tmp_path, data=None, **options):
@@ -78,25 +79,25 @@ def test_training_masks_and_evaluation_sees_full_inputs(tmp_path):
 
 
 def test_frame_and_caption_sampling(tmp_path):
-    task = make_task(
-        tmp_path, data={**WORLD_DATA, "world_languages": ["en", "zh"], "frame_sampling": "random"}
-    )
-    video = task.videos("train")[0]
-    assert video["video"].shape == (8, 16, 16, 3) and len(video["captions"]) == 4  # 2 English + 2 Chinese
+    data = world_data(["videos"], 8, 6, image_size=16, languages=["en", "zh"], frame_sampling="random")
+    task = make_task(tmp_path, data={**data, "num_frames": 2})
+    videos = task.videos("train")
+    captions = videos.items[0]["captions"]
+    assert videos.media(0).shape == (8, 16, 16, 3) and len(captions) == 4  # 2 English + 2 Chinese
     torch.manual_seed(0)
     train_items = [task.train_dataset()[0] for _ in range(40)]
-    assert {item["caption"] for item in train_items} == set(video["captions"])
+    assert {item["caption"] for item in train_items} == set(captions)
     frame_sets = {tuple(item["video"].reshape(2, -1).sum(1).tolist()) for item in train_items}
     assert len(frame_sets) > 1  # random frames from the segments
     eval_item = task.eval_dataset()[0]
-    assert eval_item["caption"] == task.videos("eval")[0]["captions"][0]
-    assert np.array_equal(eval_item["video"], task.videos("eval")[0]["video"][[2, 6]])  # segment middles
+    assert eval_item["caption"] == task.videos("eval").items[0]["captions"][0]
+    assert np.array_equal(eval_item["video"], task.videos("eval").media(0)[[2, 6]])  # segment middles
 
 
 def test_retrieval_maps_every_caption_to_its_video(tmp_path, monkeypatch):
     task = make_task(tmp_path, eval_batch_size=4).eval()  # 6 videos, 12 captions: several encoder calls
     videos = task.videos("eval")
-    video_of_text = [i for i, v in enumerate(videos) for _ in v["captions"]]
+    video_of_text = [i for i, v in enumerate(videos.items) for _ in v["captions"]]
     calls = {"video": 0, "text": 0}
 
     def one_hot(indices):
@@ -171,8 +172,9 @@ def test_csv_videos_train_and_evaluate(tmp_path):
     rows.append(("missing", "a video that is not there"))
     with open(tmp_path / "train.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("video_id", "sentence"), *rows])
-    data = {"source": "csv", "train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "train.csv")}
-    task = make_task(tmp_path, data={**data, "num_frames": 2, "on_bad_sample": "skip"}, profile_steps=0)
+    source = {"format": "csv", "path": str(tmp_path / "train.csv"), "on_bad_sample": "skip"}
+    data = {"train": [source], "eval": [{**source, "split": "val"}], "num_frames": 2}
+    task = make_task(tmp_path, data=data, profile_steps=0)
     dataset = task.train_dataset()
     assert len(dataset) == 5
     batch = task.collate([dataset[i] for i in range(4)])
@@ -181,7 +183,13 @@ def test_csv_videos_train_and_evaluate(tmp_path):
     metrics = task.eval().evaluate()
     assert metrics["retrieval_videos"] == 5 and metrics["retrieval_captions"] == 10
     assert 0 <= metrics["t2v_R@1"] <= 100 and 1 <= metrics["v2t_MdR"] <= 5
-    assert task.data_report() == {"train/videos": 5, "eval/videos": 5, "skipped/missing_file": 2}
+    report = task.data_report()
+    assert report == {
+        "train/videos": 5,
+        "eval/videos": 5,
+        "train/bad_missing_file": 1,
+        "eval/bad_missing_file": 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -189,7 +197,8 @@ def test_csv_videos_train_and_evaluate(tmp_path):
     [
         ({"video_mask_ratio": 1.0}, WORLD_DATA, r"options.video_mask_ratio: must be in \[0, 1\)"),
         ({"video_mask_kind": "random"}, WORLD_DATA, "options.video_mask_kind"),
-        ({}, {"source": "csv"}, "data.train: source csv needs"),
+        ({}, {"train": [{"format": "csv"}]}, r"data.train\[0\].path: format 'csv' needs a path"),
+        ({}, {"train": [{"format": "world", "kind": "scenes"}]}, "world kind 'scenes' yields image-text"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, options, data, message):

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from mmfactory.data.multimodal import _concatenated, _selected
 from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError
+from mmfactory.data.samples import concatenated, selected
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ImageCaptions:
 
     def __add__(self, other: ImageCaptions) -> ImageCaptions:
         scenes = None if self.scenes is None or other.scenes is None else self.scenes + other.scenes
-        image = partial(_concatenated, self.image, other.image, len(self))
+        image = partial(concatenated, self.image, other.image, len(self))
         return ImageCaptions(self.captions + other.captions, image, scenes)
 
     def select(self, indices: Sequence[int]) -> ImageCaptions:
@@ -45,7 +45,7 @@ class ImageCaptions:
         indices = list(indices)
         scenes = None if self.scenes is None else [self.scenes[i] for i in indices]
         return ImageCaptions(
-            [self.captions[i] for i in indices], partial(_selected, self.image, indices), scenes
+            [self.captions[i] for i in indices], partial(selected, self.image, indices), scenes
         )
 
     def first(self, n: int) -> ImageCaptions:

@@ -1,13 +1,14 @@
-"""Labelled images for classification and pixel pretraining: image folders, IDX files, the world.
+"""Labelled images for classification and pixel pretraining: image folders and IDX files.
 
-Every reader returns ``(dataset, class_names)``; ``dataset[i]`` is ``{"image": uint8 [S, S, C], "label":
-int}`` with images fitted to the model's side ``S`` and channel count ``C`` by :func:`fit_image`.
+The readers return ``(dataset, class_names)``; ``dataset[i]`` is ``{"image": uint8 [S, S, C], "label":
+int}`` with images fitted to side ``S`` and channel count ``C`` by :func:`fit_image` (``S = None``: as
+stored). As ``labelled-image`` sources (``format: folder | idx``, :mod:`mmfactory.data.sources`) they
+yield :class:`~mmfactory.data.samples.Samples` of images as stored; :class:`FittedImages` fits them to
+the model; :func:`align_classes` maps an eval source's labels onto the training classes by name.
 
 * :func:`read_image_folder`: ImageNet / torchvision ``ImageFolder`` layout, ``root/<class>/<image>``; classes
   are the sorted sub-folder names, images the files with an image extension (others are ignored).
 * :func:`read_idx`: MNIST / Fashion-MNIST IDX files (optionally gzipped), images file + labels file.
-* :func:`world_images`: the built-in world's scenes labelled by the shape of their largest object or their
-  object count.
 
 Bad input follows the data policy (:mod:`mmfactory.data.policy`): a corrupt or missing image, or a record
 cut off by a truncated IDX file, raises :class:`BadSampleError` naming the file and record, or is skipped
@@ -20,22 +21,29 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mmfactory.data.media import load_image
-from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, BadSamplePolicy, check_policy
+from mmfactory.data.policy import (
+    BadReason,
+    BadSampleCounter,
+    BadSampleError,
+    BadSamplePolicy,
+    DataError,
+    check_policy,
+)
 from mmfactory.data.readers.records import Fields, RecordDataset, collect_records
+from mmfactory.data.samples import Samples
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT")
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-WorldLabel = Literal["shape", "count"]
 
 
 def fit_image(image: np.ndarray, size: int | None, channels: int) -> np.ndarray:
@@ -185,12 +193,12 @@ def read_idx(
     labels: str | Path,
     *,
     image_size: int | None = None,
-    channels: int = 1,
+    channels: int | None = 1,
     on_bad_sample: BadSamplePolicy = "error",
     counter: BadSampleCounter | None = None,
 ) -> tuple[ImageArrayDataset, list[str]]:
     """MNIST-format ``images`` (uint8 ``[N, H, W]`` or ``[N, H, W, C]``) and ``labels`` (``[N]``) IDX files,
-    gzipped or not -> samples and class names ``"0" .. str(max label)``."""
+    gzipped or not -> samples and class names ``"0" .. str(max label)`` (``channels=None``: as stored)."""
     check_policy(on_bad_sample)
     counter = counter if counter is not None else BadSampleCounter()
     pixels, image_count = read_idx_file(
@@ -214,38 +222,68 @@ def read_idx(
     n = min(len(pixels), len(targets))  # records cut from either file were counted above
     if n == 0:
         raise BadSampleError("no whole records", reason=BadReason.CORRUPT_IMAGE, file=images)
-    fitted = np.stack([fit_image(image, image_size, channels) for image in pixels[:n]])
+    if channels is None:
+        fitted = pixels[:n]
+    else:
+        fitted = np.stack([fit_image(image, image_size, channels) for image in pixels[:n]])
     class_names = [str(i) for i in range(int(targets[:n].max()) + 1)]
     return ImageArrayDataset(fitted, targets[:n]), class_names
 
 
 # --------------------------------------------------------------------------------------------------
-# The built-in world
+# As sources
 # --------------------------------------------------------------------------------------------------
 
 
-def world_images(
-    split: str,
-    n: int,
-    *,
-    label: WorldLabel = "shape",
-    seed: int = 0,
-    image_size: int = 32,
-    channels: int = 3,
-    max_objects: int = 1,
-) -> tuple[ImageArrayDataset, list[str]]:
-    """The first ``n`` scenes of a world split, labelled by ``shape`` (of the largest object; the first
-    in reading order among equals) or ``count`` (number of objects, class ``k - 1`` for ``k``)."""
-    from mmfactory.world import World
-    from mmfactory.world.scenes import RADIUS, SHAPES, render_scene
+def _dataset_image(dataset: Dataset, index: int) -> np.ndarray:
+    return dataset[index]["image"]
 
-    world = World(seed=seed, max_objects=max_objects)
-    scenes = [world.scene(split, i) for i in range(n)]
-    if label == "shape":
-        class_names = list(SHAPES)
-        labels = [SHAPES.index(max(s.objects, key=lambda o: RADIUS[o.size]).shape) for s in scenes]
-    else:
-        class_names = [str(k) for k in range(1, max_objects + 1)]
-        labels = [len(s.objects) - 1 for s in scenes]
-    images = np.stack([fit_image(render_scene(s, image_size), image_size, channels) for s in scenes])
-    return ImageArrayDataset(images, np.array(labels)), class_names
+
+def _as_samples(dataset: Dataset, classes: list[str]) -> Samples:
+    labels = dataset.labels.tolist() if isinstance(dataset, ImageArrayDataset) else None
+    if labels is None:
+        labels = [record.fields["label"] for record in dataset.records]
+    return Samples([{"label": int(y)} for y in labels], partial(_dataset_image, dataset), classes)
+
+
+def read_folder_source(source, kind, bad: BadSampleCounter, counts: Counter) -> Samples:
+    """``format: folder``: RGB images as stored; ``check_media`` decodes each once when read."""
+    dataset, classes = read_image_folder(
+        source.path, on_bad_sample=source.on_bad_sample, counter=bad, check_media=source.check_media
+    )
+    return _as_samples(dataset, classes)
+
+
+def read_idx_source(source, kind, bad: BadSampleCounter, counts: Counter) -> Samples:
+    """``format: idx``: ``path`` the images file, ``labels`` the labels file; images as stored."""
+    dataset, classes = read_idx(
+        source.path, source.labels, channels=None, on_bad_sample=source.on_bad_sample, counter=bad
+    )
+    return _as_samples(dataset, classes)
+
+
+class FittedImages(Dataset):
+    """``{"image": uint8 [size, size, channels], "label": int}`` of ``labelled-image`` samples."""
+
+    def __init__(self, samples: Samples, size: int, channels: int):
+        self.samples, self.size, self.channels = samples, size, channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        image = fit_image(self.samples.media(index), self.size, self.channels)
+        return {"image": image, "label": self.samples.items[index]["label"]}
+
+
+def align_classes(samples: Samples, classes: list[str], where: str) -> Samples:
+    """``samples`` relabelled onto ``classes`` by class name (an eval set read on its own may lack
+    classes or number them otherwise); a class that ``classes`` does not name is an error."""
+    if samples.classes == classes:
+        return samples
+    unknown = sorted(set(samples.classes) - set(classes))
+    if unknown:
+        raise DataError(f"{where}: classes {unknown} are not among the training classes {classes}")
+    index = {name: classes.index(name) for name in samples.classes}
+    items = [{**item, "label": index[samples.classes[item["label"]]]} for item in samples.items]
+    return Samples(items, samples.media, classes)

@@ -38,6 +38,7 @@ from mmfactory.data.chat import (
     tokenize_chat,
 )
 from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from mmfactory.data.samples import concatenated, selected
 
 PROCESSOR_META = "mmfactory_processor.json"  # template and image settings, next to the model
 
@@ -209,7 +210,7 @@ class ImageConversations:
         return ImageConversations(
             self.messages + other.messages,
             self.num_images + other.num_images,
-            partial(_concatenated, self.images, other.images, len(self.messages)),
+            partial(concatenated, self.images, other.images, len(self.messages)),
         )
 
     def __len__(self) -> int:
@@ -221,21 +222,11 @@ class ImageConversations:
         return ImageConversations(
             [self.messages[i] for i in indices],
             [self.num_images[i] for i in indices],
-            partial(_selected, self.images, indices),
+            partial(selected, self.images, indices),
         )
 
     def first(self, n: int) -> ImageConversations:
         return self if n >= len(self.messages) else self.select(range(n))
-
-
-def _selected(get: Callable, indices: list[int], index: int):
-    """Item ``index`` of a selection: ``get(indices[index])`` (picklable, for DataLoader workers)."""
-    return get(indices[index])
-
-
-def _concatenated(first: Callable, second: Callable, split: int, index: int):
-    """Item ``index`` of two collections joined at ``split`` (picklable)."""
-    return first(index) if index < split else second(index - split)
 
 
 class MultimodalChatDataset(Dataset):

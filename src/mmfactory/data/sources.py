@@ -19,6 +19,17 @@ Sample kinds and what a reader returns for them:
   file costs one parse before step 1, not one decode per image (the existence of every media file is
   checked at read time; a file that fails to decode later raises naming file and record).
 * ``image-text``: :class:`~mmfactory.data.image_text.ImageCaptions` — images with their captions.
+* The other kinds: :class:`~mmfactory.data.samples.Samples` — light fields in ``items``, the heavy part
+  from ``media(i)`` when a sample is drawn:
+
+  - ``video-text``: ``{"video_id", "captions"}``; media: the video (frames or file,
+    :func:`mmfactory.data.video_text.video_clip` decodes it);
+  - ``labelled-image``: ``{"label": int}`` (``classes`` names them); media: uint8 ``[H, W]`` or
+    ``[H, W, C]`` as stored (the task fits size and channels);
+  - ``preference``: ``{"id", "prompt", "chosen", "rejected"}`` (paired) or ``{"id", "prompt",
+    "completion", "label": bool}`` (TRL's unpaired KTO rows); media: the list of images (0 or 1);
+  - ``article``: ``{"id", "lang", "facts", "draft", "reference"}`` (SAG; world articles also carry
+    ``"variants"``); no media.
 
 Bad records go through ``on_bad_sample`` (:mod:`mmfactory.data.policy`): an error naming file and record,
 or a counted skip; :func:`read_sources` prints the skip report (up to 5 examples each) as soon as a source
@@ -41,7 +52,15 @@ from mmfactory.data.multimodal import ImageConversations
 from mmfactory.data.policy import BadSampleCounter, DataError
 
 SampleKind = Literal[
-    "chat", "image-chat", "image-text", "video-text", "audio-text", "preference", "labelled-image", "ranking"
+    "chat",
+    "image-chat",
+    "image-text",
+    "video-text",
+    "audio-text",
+    "preference",
+    "labelled-image",
+    "ranking",
+    "article",
 ]
 MissingImageToken = Literal["prepend", "skip", "error"]
 MAX_EXAMPLES = 5
@@ -57,9 +76,14 @@ class SourceConfig:
     ``split``: the split to read (the world's: train, val, test, test_compositional); ``columns`` renames the
     file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
     source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
-    the first N samples. World only: ``kind``, ``size``, ``seed``, ``languages``, ``image_size``,
-    ``chat_kinds`` (of the ``size`` chats drawn, keep these kinds), ``details`` (caption levels of
-    ``kind: scenes``, every language x detail per image).
+    the first N samples (``subset: random``: N drawn at random with ``seed``, kept in file order).
+    ``video_root`` (csv): the folder of ``{video_id}.mp4`` (default: ``videos/`` beside the file);
+    ``labels`` (idx): the labels file; ``check_media`` (folder): decode every image once when read.
+    World only: ``kind``, ``size``, ``seed``, ``offset`` (the first item's index), ``languages``,
+    ``image_size`` (pixels of images and video frames), ``chat_kinds`` (of the ``size`` chats drawn, keep
+    these kinds), ``details`` (caption levels of ``kind: scenes``, every language x detail per image),
+    ``label`` and ``max_objects`` (``kind: labelled``: scenes of 1..max_objects objects labelled by the
+    ``shape`` of the largest or their ``count``). ``languages`` also filters ``format: articles``.
     """
 
     format: str
@@ -72,14 +96,21 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)
     weight: float | None = None
     limit: int | None = None
+    subset: Literal["first", "random"] = "first"
     on_bad_sample: Literal["error", "skip"] = "error"
     missing_image_token: MissingImageToken = "prepend"  # llava: a row with an image but no <image>
+    video_root: str | None = None
+    labels: str | None = None
+    check_media: bool = False
     size: int | None = None
     seed: int = 0
+    offset: int = 0
     languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
     image_size: int = 32
     chat_kinds: list[str] | None = None
     details: list[Literal["brief", "detailed"]] = field(default_factory=lambda: ["brief", "detailed"])
+    label: Literal["shape", "count"] = "count"
+    max_objects: int | None = None
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -97,6 +128,8 @@ class SourceConfig:
                 )
         if spec.needs_path and self.path is None:
             raise ConfigError(f"path: format {self.format!r} needs a path")
+        if self.format == "idx" and self.labels is None:
+            raise ConfigError("labels: format 'idx' needs the labels file beside the images file")
         if self.format == "hf" and (self.path is None) == (self.dataset is None):
             raise ConfigError(
                 "dataset: format 'hf' reads a dataset (hub id or saved folder) or a path, one of them"
@@ -106,14 +139,20 @@ class SourceConfig:
             hint = f"did you mean {close[0]!r}?" if close else ", ".join(WORLD_KINDS)
             what = "needs a kind" if self.kind is None else f"has no kind {self.kind!r}"
             raise ConfigError(f"kind: format 'world' {what} ({hint})")
-        if self.format == "world" and self.kind in ("chat", "pope") and self.languages != ["en"]:
+        if self.format == "world" and self.kind in ENGLISH_ONLY and self.languages != ["en"]:
             raise ConfigError(f"languages: the world's {self.kind} samples are English only")
+        if self.format == "world" and self.offset and self.kind != "articles":
+            raise ConfigError(f"offset: only the world's articles start at an offset, not its {self.kind}")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
-        for name in ("limit", "size", "image_size"):
+        for name, least in (("limit", 1), ("size", 0), ("image_size", 1), ("offset", 0), ("max_objects", 1)):
             value = getattr(self, name)
-            if value is not None and value < (1 if name != "size" else 0):
-                raise ConfigError(f"{name}: must be >= {1 if name != 'size' else 0}, got {value}")
+            if value is not None and value < least:
+                raise ConfigError(f"{name}: must be >= {least}, got {value}")
+        if self.subset == "random" and self.limit is None:
+            raise ConfigError("subset: random draws `limit` samples; set limit")
+        if not self.languages:
+            raise ConfigError("languages: name at least one of en, zh")
 
     @property
     def where(self) -> str:
@@ -142,19 +181,37 @@ class Format:
         return getattr(importlib.import_module(module), function)(source, kind, bad, counts)
 
 
-COMMON_KEYS = frozenset({"format", "weight", "limit", "on_bad_sample", "split"})
+COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_sample", "split"})
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
 # world kind -> the sample kinds it yields
 WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     **{kind: ("image-chat",) for kind in ("captions", "vqa", "llava", "pope")},
     "chat": CHAT_KINDS,
     "scenes": ("image-text",),
+    "videos": ("video-text",),
+    "labelled": ("labelled-image",),
+    "preference": ("preference",),  # image pairs: faithful vs hallucinated descriptions and answers
+    "article_preference": ("preference",),  # SAG C-DPO notes, languages in turn
+    "articles": ("article",),
 }
+ENGLISH_ONLY = ("chat", "pope", "labelled", "preference")
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(
-        (*CHAT_KINDS, "image-text"),
-        frozenset({"kind", "size", "seed", "languages", "image_size", "chat_kinds", "details"}),
+        tuple(dict.fromkeys(k for kinds in WORLD_KINDS.values() for k in kinds)),
+        frozenset(
+            {
+                "kind",
+                "size",
+                "offset",
+                "languages",
+                "image_size",
+                "chat_kinds",
+                "details",
+                "label",
+                "max_objects",
+            }
+        ),
         "mmfactory.data.world_source:read_world",
         needs_path=False,
     ),
@@ -167,6 +224,21 @@ FORMATS: dict[str, Format] = {
     "pairs": Format(("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_pairs_source"),
     "webdataset": Format(
         ("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_webdataset_source"
+    ),
+    "csv": Format(
+        ("video-text",), frozenset({"path", "video_root"}), "mmfactory.data.video_text:read_csv_source"
+    ),
+    "folder": Format(
+        ("labelled-image",), frozenset({"path", "check_media"}), "mmfactory.data.images:read_folder_source"
+    ),
+    "idx": Format(
+        ("labelled-image",), frozenset({"path", "labels"}), "mmfactory.data.images:read_idx_source"
+    ),
+    "preference": Format(
+        ("preference",), frozenset({"path", "image_root"}), "mmfactory.data.preference:read_preference_source"
+    ),
+    "articles": Format(
+        ("article",), frozenset({"path", "languages"}), "mmfactory.data.articles:read_articles_source"
     ),
     "hf": Format(
         CHAT_KINDS,
@@ -215,12 +287,20 @@ def read_sources(
                 + bad.report(MAX_EXAMPLES)
             )
         if source.limit is not None:
-            part = part.first(source.limit)
+            part = _subset(part, source)
         if kind == "chat" and any(part.num_images):
             raise ConfigError(f"{prefix}: {source.where} has images, but this task reads text-only chats")
         parts.append(part)
         weights.append(source.weight)
     return mix(parts, weights, seed) if parts else None
+
+
+def _subset(part, source: SourceConfig):
+    """The first ``limit`` samples, or (``subset: random``) ``limit`` drawn with ``seed``, in order."""
+    if source.subset == "first" or source.limit >= len(part):
+        return part.first(source.limit)
+    gen = torch.Generator().manual_seed(source.seed)
+    return part.select(sorted(torch.randperm(len(part), generator=gen)[: source.limit].tolist()))
 
 
 def check_kinds(sources: list[SourceConfig], kind: SampleKind, where: str) -> None:

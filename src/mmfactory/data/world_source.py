@@ -3,8 +3,12 @@
 Kinds: ``captions``, ``vqa``, ``llava``, ``pope`` (image-chat: one image per conversation, see
 :func:`world_conversations`; ``size`` per language, in the order given; POPE
 probes are English only), ``chat`` (text-only chats of :func:`mmfactory.world.text.chat_samples`,
-optionally filtered by ``chat_kinds``) and ``scenes`` (image-text: scenes ``0..size-1`` of the split, each
-captioned in every language x detail level).
+optionally filtered by ``chat_kinds``), ``scenes`` (image-text: scenes ``0..size-1`` of the split, each
+captioned in every language x detail level), ``videos`` (video-text: clips with their captions in every
+language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects labelled by ``shape`` or
+``count``), ``preference`` (image pairs: faithful vs hallucinated descriptions and answers),
+``article_preference`` (text pairs: SAG's faithful vs hallucinated notes, languages in turn) and
+``articles`` (SAG fact sets, each in every language). Items ``offset .. offset + size - 1``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from functools import partial
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SampleKind, SourceConfig, mix
 
 DEFAULT_SIZE = 2000
@@ -88,8 +93,77 @@ def world_conversations(
     return ImageConversations(messages, [len(i) for i in images], partial(operator.getitem, images))
 
 
+CAPTION_KEYS = {"en": "captions", "zh": "captions_zh"}  # of a world video
+
+
+def world_videos(split: str, n: int, seed: int, frame_size: int, languages: Sequence[str]) -> Samples:
+    """Clips ``0..n-1`` of a world split with their captions in every language (in that order)."""
+    from mmfactory.world import World
+
+    videos = World(seed=seed, video_size=frame_size).videos(split, n)
+    items = [
+        {"video_id": v["video_id"], "captions": [c for lang in languages for c in v[CAPTION_KEYS[lang]]]}
+        for v in videos
+    ]
+    return Samples(items, partial(operator.getitem, [v["video"] for v in videos]))
+
+
+def world_labelled_images(
+    split: str, n: int, seed: int, image_size: int, label: str, max_objects: int | None
+) -> Samples:
+    """Scenes ``0..n-1`` labelled by the ``shape`` of their largest object (the first in reading order
+    among equals) or their object ``count`` (class ``k - 1`` for ``k`` objects)."""
+    from mmfactory.world import World
+    from mmfactory.world.scenes import RADIUS, SHAPES, render_scene
+
+    world = World(seed=seed) if max_objects is None else World(seed=seed, max_objects=max_objects)
+    scenes = [world.scene(split, i) for i in range(n)]
+    if label == "shape":
+        classes = list(SHAPES)
+        labels = [SHAPES.index(max(s.objects, key=lambda o: RADIUS[o.size]).shape) for s in scenes]
+    else:
+        classes = [str(k) for k in range(1, world.max_objects + 1)]
+        labels = [len(s.objects) - 1 for s in scenes]
+    images = [render_scene(s, image_size) for s in scenes]
+    return Samples([{"label": y} for y in labels], partial(operator.getitem, images), classes)
+
+
+def world_preference(kind: str, split: str, n: int, seed: int, image_size: int, languages) -> Samples:
+    """``preference``: image pairs (:meth:`mmfactory.world.World.preference`); ``article_preference``: SAG
+    notes for a draft, pair ``i`` in ``languages[i % len(languages)]``."""
+    from mmfactory.world import World
+
+    if kind == "preference":
+        pairs = World(seed=seed, image_size=image_size).preference(split, n, source="image")
+        images = [[p.pop("image")] for p in pairs]
+        return Samples(pairs, partial(operator.getitem, images))
+    from mmfactory.world.articles import article_preference
+
+    pairs = [article_preference(seed, split, i, languages[i % len(languages)]) for i in range(n)]
+    return Samples(pairs, partial(operator.getitem, [[]] * n))
+
+
+def world_articles(split: str, n: int, seed: int, languages: Sequence[str], offset: int = 0) -> Samples:
+    """Articles ``offset .. offset + n - 1`` of a split, each in every language (language innermost)."""
+    from mmfactory.world.articles import article
+
+    return Samples([article(seed, split, i, lang) for i in range(offset, offset + n) for lang in languages])
+
+
 def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
     size = DEFAULT_SIZE if source.size is None else source.size
+    if source.kind == "videos":
+        return world_videos(source.split, size, source.seed, source.image_size, source.languages)
+    if source.kind == "labelled":
+        return world_labelled_images(
+            source.split, size, source.seed, source.image_size, source.label, source.max_objects
+        )
+    if source.kind in ("preference", "article_preference"):
+        return world_preference(
+            source.kind, source.split, size, source.seed, source.image_size, source.languages
+        )
+    if source.kind == "articles":
+        return world_articles(source.split, size, source.seed, source.languages, source.offset)
     if source.kind == "scenes":
         return world_image_captions(
             source.split, size, source.seed, source.image_size, source.languages, source.details

@@ -7,14 +7,15 @@ it is compared with, and classification fine-tuning (see :mod:`mmfactory.models.
   ``init_from`` a pretraining (or fine-tuning) stage whose encoder weights are transferred; extra scan
   directions start as copies of the forward one. Eval reports top-1 accuracy (``eval_accuracy``).
 
-Images come from the built-in world, an image folder or IDX files (:mod:`mmfactory.data.images`), fitted
-to the encoder's ``image_size`` and ``in_channels``; pretraining uses the images only. Throughput is logged
+Images come from ``labelled-image`` sources (the world, image folders, IDX files), fitted to the encoder's
+``image_size`` and ``in_channels``; pretraining uses the images only. Throughput is logged
 as ``images_per_s``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
-from mmfactory.data.images import WorldLabel, read_idx, read_image_folder, world_images
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.images import FittedImages, align_classes
+from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,
     MaskedPretrainingModel,
@@ -44,34 +45,23 @@ from mmfactory.tasks.base import TrainingTask
 
 @dataclass
 class ImageDataConfig:
-    """Labelled images. ``source: folder``: ``train``/``eval`` are ``root/<class>/<image>`` folders;
-    ``source: idx``: ``train``/``eval`` are IDX image files and ``train_labels``/``eval_labels`` their
-    label files (MNIST layout, gzipped or not); ``source: world``: rendered world scenes labelled by
-    ``world_label``. ``max_train_samples``/``max_eval_samples`` keep a fixed random subset."""
+    """Labelled images from any ``labelled-image`` sources (:mod:`mmfactory.data.sources`): the world
+    (``kind: labelled``), image folders (``format: folder``), IDX files (``format: idx``). Images are fitted
+    to the encoder's ``image_size`` and ``in_channels``; eval labels are mapped onto the training classes
+    by name."""
 
-    source: Literal["world", "folder", "idx"] = "world"
-    train: str | None = None
-    train_labels: str | None = None
-    eval: str | None = None
-    eval_labels: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    subset_seed: int = 0
-    world_train_size: int = 2000
-    world_eval_size: int = 500
-    world_seed: int = 0
-    world_label: WorldLabel = "count"
-    world_max_objects: int = 4
-    check_media: bool = True  # folders: decode every image once up front (bad files found before training)
-    on_bad_sample: Literal["error", "skip"] = "error"
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="labelled", size=2000, max_objects=4)]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="labelled", split="val", size=500, max_objects=4)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
 
     def validate(self) -> None:
-        if self.source != "world" and self.train is None:
-            raise ConfigError(f"train: source {self.source} needs the training data's path")
-        if self.source == "idx" and self.train_labels is None:
-            raise ConfigError("train_labels: source idx needs the training labels' IDX file")
-        if self.source == "idx" and self.eval is not None and self.eval_labels is None:
-            raise ConfigError("eval_labels: source idx needs the eval labels' IDX file")
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -129,73 +119,31 @@ class FinetuneOptions:
             raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
 
 
-def _existing(path: str, key: str) -> Path:
-    if not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"data.{key}: {path!r} does not exist (see the recipe's header for the data)")
-    return Path(path).expanduser()
-
-
 class _ImageTask(TrainingTask):
     """Shared data handling: ``{"images": uint8 [B, S, S, C], "labels": int64 [B]}`` batches."""
 
     loss_unit = "images"
+    sample_kind = "labelled-image"
     encoder_config: VisionMambaConfig  # set by the subclass before data is read
 
     def _setup_data(self) -> None:
-        self.counter = BadSampleCounter()
+        self.counts: Counter = Counter()
         self._data: dict[str, tuple[Dataset, list[str]] | None] = {}
 
     def labelled(self, split: Literal["train", "eval"]) -> tuple[Dataset, list[str]] | None:
-        """``(dataset, class_names)`` of a split, or None when the config names no eval data."""
+        """``(dataset, class_names)`` of a split (eval labels on the training classes), or None when the
+        split names no sources."""
         if split not in self._data:
-            self._data[split] = self._read(split)
+            samples = self.read_sources(split, self.counts)
+            if samples is not None and split == "eval":
+                samples = align_classes(samples, self.labelled("train")[1], "data.eval")
+            enc = self.encoder_config
+            self._data[split] = (
+                None
+                if samples is None
+                else (FittedImages(samples, enc.image_size, enc.in_channels), samples.classes)
+            )
         return self._data[split]
-
-    def _read(self, split: Literal["train", "eval"]) -> tuple[Dataset, list[str]] | None:
-        cfg, enc = self.data_cfg, self.encoder_config
-        size, channels = enc.image_size, enc.in_channels
-        if cfg.source == "world":
-            world_split, n = (
-                ("train", cfg.world_train_size) if split == "train" else ("val", cfg.world_eval_size)
-            )
-            dataset, names = world_images(
-                world_split,
-                n,
-                label=cfg.world_label,
-                seed=cfg.world_seed,
-                image_size=size,
-                channels=channels,
-                max_objects=cfg.world_max_objects,
-            )
-        else:
-            path = cfg.train if split == "train" else cfg.eval
-            if path is None:
-                return None
-            policy = {"on_bad_sample": cfg.on_bad_sample, "counter": self.counter}
-            if cfg.source == "folder":
-                train_names = None if split == "train" else self.labelled("train")[1]
-                dataset, names = read_image_folder(
-                    _existing(path, split),
-                    image_size=size,
-                    channels=channels,
-                    class_names=train_names,
-                    check_media=cfg.check_media,
-                    **policy,
-                )
-            else:
-                labels = cfg.train_labels if split == "train" else cfg.eval_labels
-                dataset, names = read_idx(
-                    _existing(path, split),
-                    _existing(labels, f"{split}_labels"),
-                    image_size=size,
-                    channels=channels,
-                    **policy,
-                )
-        limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
-        if limit is not None and limit < len(dataset):
-            keep = np.sort(np.random.default_rng(cfg.subset_seed).permutation(len(dataset))[:limit])
-            dataset = Subset(dataset, keep.tolist())
-        return dataset, names
 
     def train_dataset(self) -> Dataset:
         return self.labelled("train")[0]
@@ -212,7 +160,7 @@ class _ImageTask(TrainingTask):
 
     def data_report(self) -> dict[str, int]:
         report = {f"{split}/images": len(data[0]) for split, data in self._data.items() if data is not None}
-        return {**report, **{f"skipped/{k}": v for k, v in self.counter.summary().items()}}
+        return {**report, **self.counts}
 
     def save_pretrained(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)

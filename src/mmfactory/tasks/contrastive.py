@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,46 +29,43 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from mmfactory.config import ConfigError
-from mmfactory.data.media import FrameSampling, frame_indices
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.media import FrameSampling
+from mmfactory.data.samples import Samples
+from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.video_text import video_clip
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.models.components.vit import MaskKind
 from mmfactory.models.dual_encoder import DualEncoderSpec, TextMaskMode, load_dual_encoder, tokenize_captions
 from mmfactory.tasks.base import TrainingTask
 
-WORLD_CAPTION_KEYS = {"en": "captions", "zh": "captions_zh"}
-
 
 @dataclass
 class VideoTextDataConfig:
-    """Videos with several captions each: the built-in world, or MSR-VTT-style CSV files (``source: csv``;
-    ``train`` / ``eval`` name ``{split}.csv`` files of ``video_id,sentence`` rows beside ``videos/*.mp4``)."""
+    """Videos with several captions each from any ``video-text`` sources (:mod:`mmfactory.data.sources`):
+    the world (``kind: videos``), MSR-VTT-style CSV (``format: csv``, videos at ``{video_root}/{id}.mp4``)."""
 
-    source: Literal["world", "csv"] = "world"
-    train: str | None = None
-    eval: str | None = None
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="videos", size=512)]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="videos", split="val", size=64)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     num_frames: int = 4  # frames per clip, chosen by frame_indices (TSN segments)
     frame_sampling: FrameSampling = "uniform"  # training clips; evaluation always takes segment middles
     max_text_length: int = 32  # tokens including [CLS] and [SEP]
-    world_train_size: int = 512  # videos
-    world_eval_size: int = 64
-    world_seed: int = 0
-    world_video_size: int = 32  # pixels; clips of another size are resized to the ViT's image_size
-    world_languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
-    on_bad_sample: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
-        if self.source == "csv" and self.train is None:
-            raise ConfigError("train: source csv needs the path of the training CSV")
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
         if self.num_frames < 1:
             raise ConfigError(f"num_frames: must be >= 1, got {self.num_frames}")
-        if not self.world_languages:
-            raise ConfigError("world_languages: name at least one of en, zh")
 
 
 @dataclass
@@ -128,11 +126,12 @@ def fit_frames(frames: Tensor, size: int) -> Tensor:
 
 
 class VideoCaptions(Dataset):
-    """Item ``i``: ``{"video": uint8 [num_frames, H, W, 3], "caption": str}`` from ``videos[i]`` (a dict with
-    ``video`` and ``captions``). Training draws the caption (and, with ``random`` sampling, the frames) from
-    torch's RNG, so resumed runs replay it; otherwise the first caption and the segment-middle frames."""
+    """Item ``i``: ``{"video": uint8 [num_frames, H, W, 3], "caption": str}`` of video ``i`` of ``videos``
+    (``video-text`` :class:`~mmfactory.data.samples.Samples`). Training draws the caption (and, with
+    ``random`` sampling, the frames) from torch's RNG, so resumed runs replay it; otherwise the first
+    caption and the segment-middle frames."""
 
-    def __init__(self, videos: Sequence[dict], num_frames: int, sampling: FrameSampling, train: bool):
+    def __init__(self, videos: Samples, num_frames: int, sampling: FrameSampling, train: bool):
         self.videos, self.num_frames, self.train = videos, num_frames, train
         self.sampling: FrameSampling = sampling if train else "uniform"
 
@@ -140,18 +139,18 @@ class VideoCaptions(Dataset):
         return len(self.videos)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.videos[index]
-        frames, captions = sample["video"], sample["captions"]
+        captions = self.videos.items[index]["captions"]
         rng = np.random.default_rng(int(torch.randint(2**62, ()))) if self.sampling == "random" else None
-        chosen = frame_indices(len(frames), self.num_frames, self.sampling, rng)
+        frames = video_clip(self.videos.media(index), self.num_frames, self.sampling, rng)
         caption = captions[int(torch.randint(len(captions), ()))] if self.train else captions[0]
-        return {"video": frames[chosen], "caption": caption}
+        return {"video": frames, "caption": caption}
 
 
 class VideoTextContrastiveTask(TrainingTask):
     model_config = DualEncoderSpec
     data_config = VideoTextDataConfig
     options_config = ContrastiveOptions
+    sample_kind = "video-text"
 
     def __init__(
         self,
@@ -163,43 +162,15 @@ class VideoTextContrastiveTask(TrainingTask):
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model, self.tokenizer = load_dual_encoder(model_cfg, ctx.resolve_init(stage.init_from))
-        self.counter = BadSampleCounter()
-        self._videos: dict[str, Sequence[dict]] = {}
+        self.counts: Counter = Counter()
+        self._videos: dict[str, Samples] = {}
 
     # -- data ----------------------------------------------------------------------------------------
-    def videos(self, split: Literal["train", "eval"]) -> Sequence[dict]:
-        """Sample dicts with ``video`` (uint8 ``[T, H, W, 3]``) and ``captions`` (list of str)."""
+    def videos(self, split: Literal["train", "eval"]) -> Samples:
+        """The split's ``video-text`` samples (empty when it names no sources)."""
         if split not in self._videos:
-            read = self._world_videos if self.data_cfg.source == "world" else self._csv_videos
-            self._videos[split] = read(split)
+            self._videos[split] = self.read_sources(split, self.counts) or Samples([])
         return self._videos[split]
-
-    def _world_videos(self, split: str) -> list[dict]:
-        from mmfactory.world import World
-
-        cfg = self.data_cfg
-        world = World(seed=cfg.world_seed, video_size=cfg.world_video_size)
-        if split == "train":
-            items = world.videos("train", cfg.world_train_size)
-        else:
-            items = world.videos("val", cfg.world_eval_size)
-        keys = [WORLD_CAPTION_KEYS[lang] for lang in cfg.world_languages]
-        return [{"video": item["video"], "captions": [c for k in keys for c in item[k]]} for item in items]
-
-    def _csv_videos(self, split: str) -> Sequence[dict]:
-        from mmfactory.data.readers import read_video_captions
-
-        cfg = self.data_cfg
-        path = cfg.train if split == "train" else cfg.eval
-        if path is None:
-            return []
-        return read_video_captions(
-            path,
-            num_frames=cfg.num_frames,
-            sampling=cfg.frame_sampling if split == "train" else "uniform",
-            on_bad_sample=cfg.on_bad_sample,
-            counter=self.counter,
-        )
 
     def train_dataset(self) -> VideoCaptions:
         return VideoCaptions(
@@ -214,7 +185,7 @@ class VideoTextContrastiveTask(TrainingTask):
         usable = len(videos) // processes * processes
         if not usable:
             return None
-        return VideoCaptions(Subset(videos, range(usable)), self.data_cfg.num_frames, "uniform", False)
+        return VideoCaptions(videos.first(usable), self.data_cfg.num_frames, "uniform", False)
 
     def _clips(self, videos: list[np.ndarray]) -> Tensor:
         size = self.model.vision_model.config.image_size
@@ -232,9 +203,7 @@ class VideoTextContrastiveTask(TrainingTask):
         }
 
     def data_report(self) -> dict[str, int]:
-        report = {f"{split}/videos": len(videos) for split, videos in self._videos.items()}
-        report.update({f"skipped/{reason}": count for reason, count in self.counter.summary().items()})
-        return report
+        return {**{f"{split}/videos": len(videos) for split, videos in self._videos.items()}, **self.counts}
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -264,21 +233,21 @@ class VideoTextContrastiveTask(TrainingTask):
         return metrics
 
     @torch.no_grad()
-    def retrieval(self, videos: Sequence[dict] | None = None) -> dict[str, float]:
-        """``t2v_*`` and ``v2t_*`` R@1/5/10, MdR, MnR over ``videos`` (sample dicts as :meth:`videos` gives;
-        default: the eval set) and all their captions, full inputs, segment-middle frames."""
+    def retrieval(self, videos: Samples | None = None) -> dict[str, float]:
+        """``t2v_*`` and ``v2t_*`` R@1/5/10, MdR, MnR over ``videos`` (``video-text`` samples; default: the
+        eval set) and all their captions, full inputs, segment-middle frames."""
         videos = self.videos("eval") if videos is None else videos
         if not len(videos):
             return {}
         device, batch, num_frames = self.model.device, self.options.eval_batch_size, self.data_cfg.num_frames
         video_embeds, captions, video_of_text = [], [], []
         for lo in range(0, len(videos), batch):
-            samples = [videos[i] for i in range(lo, min(lo + batch, len(videos)))]
-            clips = [s["video"][frame_indices(len(s["video"]), num_frames, "uniform")] for s in samples]
+            indices = range(lo, min(lo + batch, len(videos)))
+            clips = [video_clip(videos.media(i), num_frames, "uniform", None) for i in indices]
             video_embeds.append(self.model.encode_video(self._clips(clips).to(device)))
-            for offset, sample in enumerate(samples):
-                captions += sample["captions"]
-                video_of_text += [lo + offset] * len(sample["captions"])
+            for i in indices:
+                captions += videos.items[i]["captions"]
+                video_of_text += [i] * len(videos.items[i]["captions"])
         text_embeds = []
         for lo in range(0, len(captions), batch):
             tokens = {k: v.to(device) for k, v in self._captions(captions[lo : lo + batch]).items()}
