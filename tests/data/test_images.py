@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mmfactory.data.images import fit_image, read_idx, read_idx_file, read_image_folder
-from mmfactory.data.world_source import world_labelled_images
 from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.world_source import world_labelled_images
 
 PIXELS = bytes(range(0, 240, 20))  # three 2x2 images: [[0, 20], [40, 60]], [[80, 100], ...], ...
 

@@ -3,8 +3,8 @@ layer-wise lr decay groups, and fine-tuning initialised from a pretraining stage
 
 import pytest
 import torch
-from PIL import Image
 from accelerate.utils import set_seed
+from PIL import Image
 
 from mmfactory.config import ConfigError, OptimizerConfig, StageConfig, TrainConfig
 from mmfactory.data.policy import BadSampleError, DataError
