@@ -51,6 +51,29 @@ def world_data(
     return {"train": sources("train", train), "eval": sources("val", eval), **rest}
 
 
+def sag_world(train: int, eval: int, benchmark: int, self_improve: int = 0, **rest) -> dict:
+    """A SAG stage's ``data``: world articles in English and Chinese, ``self_improve`` of them 100k into
+    the training split (none: the train sources)."""
+
+    def articles(split: str, size: int, offset: int = 0) -> list[dict]:
+        source = {
+            "format": "world",
+            "kind": "articles",
+            "split": split,
+            "size": size,
+            "languages": ["en", "zh"],
+        }
+        return [{**source, "offset": offset}] if offset else [source]
+
+    return {
+        "train": articles("train", train),
+        "eval": articles("val", eval) if eval else [],
+        "benchmark": articles("test", benchmark) if benchmark else [],
+        "self_improve": articles("train", self_improve, 100_000) if self_improve else None,
+        **rest,
+    }
+
+
 def tiny_sft_recipe(**train) -> dict:
     """A one-stage SFT recipe (plain data) small enough for unit tests."""
     return {

@@ -65,7 +65,7 @@ def tiny_llava_mod_recipe() -> dict:
                 "task": "mllm_preference_distill",
                 "init_from": "mimic_moe",
                 **MLLM_STAGE,
-                "data": {"world_train_size": 24, "world_eval_size": 4, "world_image_size": 16},
+                "data": world_data(["preference"], 24, 4, image_size=16),
                 "train": {"batch_size": 4, "max_steps": 6},
                 "options": {**EVAL, "teacher": "teacher", "loss": "kto_pair"},
             },

@@ -17,17 +17,10 @@ from safetensors.torch import load_file
 from mmfactory.cli import main
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.recipes import resolve_recipe
-from tests.helpers import TINY_LM, write_recipe
+from tests.helpers import TINY_LM, sag_world, write_recipe
 
 STEPS = {"llm": 20, "slm": 20, "stylist_alone": 15, "s_sft": 15, "c_dpo": 8, "self_improve": 6}
-SAG_DATA = {
-    "world_train_size": 24,
-    "world_eval_size": 2,
-    "world_benchmark_size": 3,
-    "world_self_improve_size": 3,
-    "style_scorer_texts": 40,
-    "style_scorer": {"max_features": 256},
-}
+SAG_DATA = sag_world(24, 2, 3, 3, style_scorer_texts=40, style_scorer={"max_features": 256})
 
 
 def tinier_sag_recipe() -> dict:

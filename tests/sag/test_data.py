@@ -5,13 +5,15 @@ import json
 import pytest
 
 from mmfactory.data.policy import BadSampleCounter, BadSampleError
-from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article, read_styled_articles, world_articles
+from mmfactory.data.readers import read_articles
+from mmfactory.data.world_source import world_articles
+from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
 from mmfactory.sag.pipeline import stylist_prompts, write_drafts
 from mmfactory.world import extract_claims
 
 
 def test_world_negatives_add_or_contradict_a_fact():
-    articles = world_articles(0, "train", 4, ["en", "zh"])
+    articles = world_articles("train", 4, 0, ["en", "zh"]).items
     for i, a in enumerate(articles):
         claims = extract_claims(hallucinated_article(a, i, articles), a["lang"])
         extra = set(claims) - set(a["facts"])
@@ -40,12 +42,13 @@ def test_styled_articles_jsonl(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counter = BadSampleCounter()
-    articles = read_styled_articles(path, on_bad_sample="skip", counter=counter)
+    records = read_articles(path, on_bad_sample="skip", counter=counter)
+    articles = [records[i] for i in range(len(records))]
     assert [a["id"] for a in articles] == ["1", "b"]
     assert articles[0]["draft"] is None and articles[0]["facts"] == {}
     assert counter.summary() == {"empty_text": 1, "invalid_record": 1}
     with pytest.raises(BadSampleError, match="line 3"):
-        read_styled_articles(path)
+        read_articles(path)
 
 
 class _EchoLM:
@@ -60,7 +63,7 @@ class _EchoLM:
 
 
 def test_drafts_come_from_the_llm_and_feed_the_stylist():
-    articles = world_articles(0, "test", 1, ["en", "zh"])
+    articles = world_articles("test", 1, 0, ["en", "zh"]).items
     prompts = SAGPrompts()
     llm = _EchoLM("draft")
     drafts = write_drafts(llm, articles, prompts, "facts", cfg=None)

@@ -9,24 +9,17 @@ import torch
 from accelerate.utils import set_seed
 
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
+from mmfactory.data.world_source import world_articles
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.runner import _make_accelerator
 from mmfactory.sag import pipeline
-from mmfactory.sag.data import world_articles
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.sag import DrafterConfig, load_drafter, notebench_file
 from mmfactory.train.loop import train_stage
-from tests.helpers import TINY_LM
+from tests.helpers import TINY_LM, sag_world
 
-SAG_DATA = {
-    "world_train_size": 12,
-    "world_eval_size": 2,
-    "world_benchmark_size": 2,
-    "style_scorer_texts": 24,
-    "style_scorer": {"max_features": 128},
-    "max_length": 96,
-}
+SAG_DATA = sag_world(12, 2, 2, style_scorer_texts=24, style_scorer={"max_features": 128}, max_length=96)
 SHORT = {"draft_max_new_tokens": 12, "article_max_new_tokens": 12}
 
 
@@ -104,7 +97,7 @@ def test_missing_drafter_is_a_clear_error(tmp_path):
 
 
 def test_notebench_on_an_article_file(tmp_path):
-    articles = world_articles(0, "test", 2, ["en", "zh"])
+    articles = world_articles("test", 2, 0, ["en", "zh"]).items
     path = tmp_path / "articles.jsonl"
     keys = ("id", "lang", "facts", "draft", "reference")
     path.write_text("".join(json.dumps({k: a[k] for k in keys}, ensure_ascii=False) + "\n" for a in articles))
@@ -130,11 +123,12 @@ def test_style_data_from_styled_articles_alone(tmp_path):
     path = tmp_path / "styled.jsonl"
     rows = [
         {"id": f"n{i}", "lang": "en", "reference": a["reference"]}
-        for i, a in enumerate(world_articles(0, "train", 3, ["en"]))
+        for i, a in enumerate(world_articles("train", 3, 0, ["en"]).items)
     ]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     set_seed(0)
-    stage, ctx = _sft_stage(tmp_path, source="jsonl", train=str(path), draft_source="article")
+    articles = [{"format": "articles", "path": str(path)}]
+    stage, ctx = _sft_stage(tmp_path, train=articles, eval=[], benchmark=[], draft_source="article")
     stage.options["systems"] = []
     task = build_task(stage, 0, ctx)
     conversations = task.conversations("train")
@@ -146,4 +140,4 @@ def test_style_data_from_styled_articles_alone(tmp_path):
     for conversation, row, draft in zip(conversations, rows, drafts, strict=True):
         assert conversation[0]["content"] == f"Rewrite in note style:\n{draft['draft']}"
         assert conversation[1]["content"] == row["reference"]
-    assert task.evaluate() == {}  # no benchmark file: nothing to score
+    assert task.evaluate() == {}  # no benchmark sources: nothing to score

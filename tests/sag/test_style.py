@@ -4,7 +4,7 @@ and that it scores style markers rather than wording."""
 import numpy as np
 import torch
 
-from mmfactory.sag.data import world_articles
+from mmfactory.data.world_source import world_articles
 from mmfactory.sag.style import StyleScorer, StyleScorerConfig, char_ngrams, logistic_objective
 
 
@@ -37,7 +37,7 @@ def test_char_ngrams():
 
 
 def test_fit_is_optimal_scores_style_and_round_trips(tmp_path):
-    train = world_articles(0, "train", 60, ["en", "zh"])
+    train = world_articles("train", 60, 0, ["en", "zh"]).items
     styled = [a["reference"] for a in train]
     neutral = [a["draft"] for a in train] + [a["variants"]["off_style"] for a in train]
     cfg = StyleScorerConfig(max_features=512)
@@ -51,7 +51,7 @@ def test_fit_is_optimal_scores_style_and_round_trips(tmp_path):
     grads = torch.autograd.grad(logistic_objective(weight, bias, features, labels, cfg.l2), [weight, bias])
     assert max(g.abs().max().item() for g in grads) < 1e-4  # (about 0.1 at the start)
 
-    test = world_articles(0, "test", 30, ["en", "zh"])
+    test = world_articles("test", 30, 0, ["en", "zh"]).items
     styled_scores = scorer.score([a["reference"] for a in test])
     # Same words, style markers (emoji, line breaks, hashtags) removed: scored as neutral.
     off_style_scores = scorer.score([a["variants"]["off_style"] for a in test])

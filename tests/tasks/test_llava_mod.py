@@ -11,6 +11,7 @@ from tokenizers import AddedToken
 
 from mmfactory.config import ConfigError, StageConfig, from_dict
 from mmfactory.data.chat import IGNORE_INDEX
+from mmfactory.data.world_source import world_object_mentions
 from mmfactory.losses.distill import forward_kl, generalized_jsd, reverse_kl, shift_for_next_token
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.losses.moe_aux import moe_aux_losses
@@ -208,7 +209,7 @@ def test_a_stored_top_k_supports_only_forward_kl(tmp_path, teacher_dir):
 
 def preference(tmp_path, teacher_dir, **options):
     torch.manual_seed(0)
-    data = {"world_train_size": 6, "world_eval_size": 2, "world_image_size": 16}
+    data = world_data(["preference"], 6, 2, image_size=16)
     return build_task(
         stage("mllm_preference_distill", {"teacher": str(teacher_dir), **options}, data),
         0,
@@ -242,7 +243,7 @@ def test_preference_adds_the_moe_aux_of_chosen_and_rejected(tmp_path, teacher_di
         stage(
             "mllm_preference_distill",
             {"teacher": str(teacher_dir), "moe_aux_weight": 0.5},
-            {"world_train_size": 4, "world_eval_size": 0, "world_image_size": 16},
+            world_data(["preference"], 4, 0, image_size=16),
             model={},
             init_from=str(tmp_path / "moe"),
         ),
@@ -261,27 +262,21 @@ def test_preference_adds_the_moe_aux_of_chosen_and_rejected(tmp_path, teacher_di
 
 
 def test_judge_reply_scores_answers_and_object_hallucination():
-    assert (
-        judge_reply("Two.", "2", is_question=True) == 1.0 and judge_reply("3", "2", is_question=True) == 0.0
-    )
+    judge = partial(judge_reply, mentions=world_object_mentions)
+    assert judge("Two.", "2") == 1.0 and judge("3", "2") == 0.0  # a truth naming no object: a short answer
     truth = "A red star and a blue circle."
-    assert judge_reply("A blue circle and a red star.", truth, is_question=False) == 1.0
-    assert judge_reply("A red star.", truth, is_question=False) == pytest.approx(2 * 1 * 0.5 / 1.5)
-    assert judge_reply("A red star and a green ring.", truth, is_question=False) == pytest.approx(0.5)
-    assert judge_reply("Nothing to see.", truth, is_question=False) == 0.0
+    assert judge("A blue circle and a red star.", truth) == 1.0
+    assert judge("A red star.", truth) == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert judge("A red star and a green ring.", truth) == pytest.approx(0.5)
+    assert judge("Nothing to see.", truth) == 0.0
 
 
 def test_sampled_pairs_reject_the_worst_sample_and_prefer_the_truth_over_imperfect_ones(
     tmp_path, teacher_dir, monkeypatch
 ):
-    data = {
-        "world_pairs": "sampled",
-        "samples_per_prompt": 3,
-        "sample_max_new_tokens": 6,
-        "world_train_size": 6,
-        "world_eval_size": 0,
-        "world_image_size": 16,
-    }
+    prompts = world_data(["vqa", "captions"], 3, 0, image_size=16)["train"]
+    on_policy = {"samples_per_prompt": 3, "max_new_tokens": 6}
+    data = {"train": [], "eval": [], "prompts": prompts, "on_policy": on_policy}
     task = build_task(
         stage("mllm_preference_distill", {"teacher": str(teacher_dir)}, data),
         0,
@@ -306,7 +301,7 @@ def test_sampled_pairs_reject_the_worst_sample_and_prefer_the_truth_over_imperfe
     expected = []
     for i, truth in enumerate(truths):
         samples = [r[i] for r in replies["rounds"]]
-        scores = [judge_reply(s, truth, i < 3) for s in samples]
+        scores = [judge_reply(s, truth, world_object_mentions) for s in samples]
         if min(scores) == 1.0:
             continue
         best = samples[scores.index(max(scores))] if max(scores) == 1.0 else truth

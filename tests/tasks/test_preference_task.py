@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.data.chat import IGNORE_INDEX
@@ -14,7 +15,7 @@ from mmfactory.runner import _make_accelerator
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.train.loop import train_stage
-from tests.helpers import TINY_LM
+from tests.helpers import TINY_LM, world_data
 
 
 def _stage(tmp_path, options=None, model=None, data=None, **train) -> tuple[StageConfig, StageContext]:
@@ -23,9 +24,7 @@ def _stage(tmp_path, options=None, model=None, data=None, **train) -> tuple[Stag
         task="causal_lm_dpo",
         model=model or {"tiny": dict(TINY_LM)},
         data={
-            "source": "world",
-            "world_train_size": 24,
-            "world_eval_size": 4,
+            **world_data(["article_preference"], 24, 4, languages=["en", "zh"]),
             "max_length": 96,
             **(data or {}),
         },
@@ -136,10 +135,25 @@ def test_jsonl_pairs_and_refusals(tmp_path):
     pairs = [{"id": i, "prompt": f"Say {i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs) + "{not json\n")
-    stage, ctx = _stage(tmp_path, data={"source": "jsonl", "train": str(path), "on_bad_sample": "skip"})
+    source = {"format": "preference", "path": str(path), "on_bad_sample": "skip"}
+    stage, ctx = _stage(tmp_path, data={"train": [source], "eval": []})
     task = build_task(stage, 0, ctx)
     assert len(task.train_dataset()) == 3 and task.eval_dataset() is None
-    assert task.data_report()["skipped/malformed_json"] == 1
+    assert task.data_report()["train/bad_malformed_json"] == 1
 
     with pytest.raises(ConfigError, match="label_smoothing"):
         build_task(_stage(tmp_path, options={"loss": "kto_pair", "label_smoothing": 0.1})[0], 0, ctx)
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    refused = [
+        ({**pairs[0], "image": "a.png"}, "sample 0 has an image; this task reads text pairs"),
+        (
+            {"id": "k", "prompt": "Hi", "completion": "Hello", "label": True},
+            "sample 'k' is an unpaired KTO row",
+        ),
+    ]
+    for record, message in refused:
+        path.write_text(json.dumps(record) + "\n")
+        task = build_task(_stage(tmp_path, data={"train": [source], "eval": []})[0], 0, ctx)
+        with pytest.raises(ConfigError, match=message):
+            task.train_dataset()

@@ -105,7 +105,7 @@ class SourceConfig:
     size: int | None = None
     seed: int = 0
     offset: int = 0
-    languages: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en"])
+    languages: list[Literal["en", "zh"]] | None = None  # world: unset is English; articles: every one
     image_size: int = 32
     chat_kinds: list[str] | None = None
     details: list[Literal["brief", "detailed"]] = field(default_factory=lambda: ["brief", "detailed"])
@@ -139,7 +139,7 @@ class SourceConfig:
             hint = f"did you mean {close[0]!r}?" if close else ", ".join(WORLD_KINDS)
             what = "needs a kind" if self.kind is None else f"has no kind {self.kind!r}"
             raise ConfigError(f"kind: format 'world' {what} ({hint})")
-        if self.format == "world" and self.kind in ENGLISH_ONLY and self.languages != ["en"]:
+        if self.format == "world" and self.kind in ENGLISH_ONLY and self.languages not in (None, ["en"]):
             raise ConfigError(f"languages: the world's {self.kind} samples are English only")
         if self.format == "world" and self.offset and self.kind != "articles":
             raise ConfigError(f"offset: only the world's articles start at an offset, not its {self.kind}")
@@ -151,8 +151,13 @@ class SourceConfig:
                 raise ConfigError(f"{name}: must be >= {least}, got {value}")
         if self.subset == "random" and self.limit is None:
             raise ConfigError("subset: random draws `limit` samples; set limit")
-        if not self.languages:
+        if self.languages is not None and not self.languages:
             raise ConfigError("languages: name at least one of en, zh")
+
+    @property
+    def world_languages(self) -> list[str]:
+        """The languages of a world source: ``languages``, English where unset."""
+        return self.languages or ["en"]
 
     @property
     def where(self) -> str:

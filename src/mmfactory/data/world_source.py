@@ -153,20 +153,20 @@ def world_articles(split: str, n: int, seed: int, languages: Sequence[str], offs
 def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
     size = DEFAULT_SIZE if source.size is None else source.size
     if source.kind == "videos":
-        return world_videos(source.split, size, source.seed, source.image_size, source.languages)
+        return world_videos(source.split, size, source.seed, source.image_size, source.world_languages)
     if source.kind == "labelled":
         return world_labelled_images(
             source.split, size, source.seed, source.image_size, source.label, source.max_objects
         )
     if source.kind in ("preference", "article_preference"):
         return world_preference(
-            source.kind, source.split, size, source.seed, source.image_size, source.languages
+            source.kind, source.split, size, source.seed, source.image_size, source.world_languages
         )
     if source.kind == "articles":
-        return world_articles(source.split, size, source.seed, source.languages, source.offset)
+        return world_articles(source.split, size, source.seed, source.world_languages, source.offset)
     if source.kind == "scenes":
         return world_image_captions(
-            source.split, size, source.seed, source.image_size, source.languages, source.details
+            source.split, size, source.seed, source.image_size, source.world_languages, source.details
         )
     if source.kind == "chat":
         from mmfactory.world.text import chat_samples
@@ -180,6 +180,23 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         )
     parts = [
         world_conversations(source.kind, source.split, size, source.seed, lang, source.image_size)
-        for lang in source.languages
+        for lang in source.world_languages
     ]
     return mix(parts, [None] * len(parts))
+
+
+def world_claims(text: str, lang: str) -> dict[str, str]:
+    """The product facts (attribute -> value) a text states, read with the world's product vocabulary
+    (:func:`mmfactory.world.articles.extract_claims`; NoteBench's claim extractor for world articles)."""
+    from mmfactory.world.articles import extract_claims
+
+    return extract_claims(text, lang)
+
+
+def world_object_mentions(text: str) -> list[str]:
+    """The world objects (``"red star"``) an English text names, in order, repeats kept
+    (:func:`mmfactory.world.captions.object_mentions`): the object vocabulary of CHAIR and of the
+    on-policy judge on world data."""
+    from mmfactory.world.captions import object_mentions
+
+    return object_mentions(text)

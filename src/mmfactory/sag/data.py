@@ -1,5 +1,5 @@
-"""SAG articles and prompts: where articles come from and how facts, drafts and styled articles become
-the user turns of the frozen LLM and of the stylist.
+"""SAG prompts: how the facts, drafts and styled articles of ``article`` samples (read by the data-source
+layer) become the user turns of the frozen LLM and of the stylist, and C-DPO's hallucinated negatives.
 
 An article is ``{"id", "lang", "facts": {attribute: value}, "draft", "reference"}`` (the JSONL format of
 docs/formats.md; world articles also carry ``"variants"``). ``draft`` is the neutral text and
@@ -10,12 +10,9 @@ from the reference) and ``facts`` out (no fact check or C-DPO negatives are poss
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mmfactory.config import ConfigError
-from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, BadSamplePolicy
-from mmfactory.data.readers.records import check_text, read_annotation_file, require, require_text
 
 LANGS: tuple[str, ...] = ("en", "zh")
 
@@ -79,52 +76,6 @@ def fill(templates: dict[str, str], article: dict[str, Any], /, **fields: str) -
     if "{facts}" in template:
         fields["facts"] = render_facts(article["facts"])
     return template.format(**fields)
-
-
-def world_articles(
-    seed: int, split: str, size: int, langs: list[str], offset: int = 0
-) -> list[dict[str, Any]]:
-    """World articles ``offset .. offset + size - 1`` of ``split``, each in every language of ``langs``."""
-    from mmfactory.world.articles import article
-
-    return [article(seed, split, i, lang) for i in range(offset, offset + size) for lang in langs]
-
-
-def _parse_styled_article(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    lang = require(raw, "lang", str)
-    if lang not in LANGS:
-        raise BadSampleError(f"'lang' must be one of {LANGS}, got {lang!r}", reason=BadReason.INVALID_RECORD)
-    facts = raw.get("facts", {})
-    if not isinstance(facts, dict) or not all(isinstance(v, str) for v in facts.values()):
-        raise BadSampleError("'facts' must map strings to strings", reason=BadReason.INVALID_RECORD)
-    for value in facts.values():
-        check_text(value, "a fact value")
-    draft = raw.get("draft")
-    if draft is not None:
-        draft = require_text(raw, "draft")
-    return {
-        "id": str(require(raw, "id", (str, int))),
-        "lang": lang,
-        "facts": facts,
-        "draft": draft,
-        "reference": require_text(raw, "reference"),
-    }
-
-
-def read_styled_articles(
-    path: str | Path, *, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
-) -> list[dict[str, Any]]:
-    """Articles JSONL where ``draft`` and ``facts`` may be absent (``None`` / ``{}``), validated."""
-    records = read_annotation_file(
-        path,
-        _parse_styled_article,
-        dict,
-        json_list=False,
-        on_bad_sample=on_bad_sample,
-        counter=counter,
-        check_media=False,
-    )
-    return [records[i] for i in range(len(records))]
 
 
 def hallucinated_article(article: dict[str, Any], index: int, pool: list[dict[str, Any]]) -> str | None:

@@ -42,9 +42,9 @@ def validate_stage(stage: StageConfig, index: int) -> tuple[type[TrainingTask], 
     model_cfg = from_dict(cls.model_config, stage.model, f"stages[{index}].model")
     data_cfg = from_dict(cls.data_config, stage.data, f"stages[{index}].data")
     options = from_dict(cls.options_config, stage.options, f"stages[{index}].options")
-    if cls.sample_kind is not None:  # the task reads data.train / data.eval sources
-        for split in ("train", "eval"):
-            check_kinds(getattr(data_cfg, split), cls.sample_kind, f"stages[{index}].data.{split}")
+    kinds = {"train": cls.sample_kind, "eval": cls.sample_kind} if cls.sample_kind else {}
+    for name, kind in {**kinds, **cls.extra_sources}.items():
+        check_kinds(getattr(data_cfg, name) or [], kind, f"stages[{index}].data.{name}")
     return cls, model_cfg, data_cfg, options
 
 

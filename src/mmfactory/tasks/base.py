@@ -49,7 +49,9 @@ class TrainingTask(nn.Module):
 
     Schemas (dataclasses) validate the stage's ``model``, ``data`` and ``options`` sections.
     ``loss_unit`` names what :meth:`loss_weight` counts (shown as throughput, e.g. ``tokens/s``).
-    ``sample_kind`` is the kind of sample the task reads from its sources (:mod:`mmfactory.data.sources`).
+    ``sample_kind`` is the kind of sample the task reads from its ``data.train`` / ``data.eval`` sources
+    (:mod:`mmfactory.data.sources`), ``extra_sources`` the kinds of its other source lists (data field ->
+    kind); both are checked when the recipe is validated.
     """
 
     model_config: ClassVar[type]
@@ -57,6 +59,7 @@ class TrainingTask(nn.Module):
     options_config: ClassVar[type]
     loss_unit: ClassVar[str] = "samples"
     sample_kind: ClassVar[str | None] = None
+    extra_sources: ClassVar[dict[str, str]] = {}
 
     def __init__(self, stage: StageConfig, ctx: StageContext, model_cfg: Any, data_cfg: Any, options: Any):
         super().__init__()

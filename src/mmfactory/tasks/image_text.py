@@ -385,7 +385,7 @@ class ImageTextContrastiveTask(TrainingTask):
         cfg, twins = self.data_cfg.train[0], []
         for sample in samples[:pairs]:
             twin = shape_twin(sample["scene"], np.random.default_rng(int(torch.randint(2**62, ()))))
-            caption = world_captions(twin, cfg.languages, cfg.details)[sample["caption_index"]]
+            caption = world_captions(twin, cfg.world_languages, cfg.details)[sample["caption_index"]]
             twins.append({"image": render_scene(twin, cfg.image_size), "caption": caption, "scene": twin})
         return samples[: len(samples) - pairs] + twins
 

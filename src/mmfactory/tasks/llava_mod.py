@@ -13,8 +13,8 @@ Two tasks, both with a frozen teacher (a saved :class:`~mmfactory.models.mllm.Mu
   training then reads them and never loads the teacher (forward KL only).
 * ``mllm_preference_distill``: DPO (sigmoid) or KTO-pair with the **teacher as the reference model**,
   sequence log-probs summed over reply tokens, plus the MoE aux losses of chosen and rejected (added).
-  Pairs are the world's faithful vs hallucinated descriptions and answers of an image, or preference JSONL
-  with images.
+  Pairs come from ``preference`` sources (the world's faithful vs hallucinated descriptions and answers
+  of an image, or preference JSONL with images), or are sampled on-policy and judged.
 
 Teacher and student must share the tokenizer (the same token ids, the same logit width) and see the same
 image tokens; the tasks check it and say which differs. The teacher is frozen and stays in eval mode.
@@ -23,7 +23,8 @@ Evaluation is :mod:`mmfactory.eval.mllm` (VQA, POPE, captions with CHAIR, parame
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +35,11 @@ from transformers import AutoTokenizer
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
-from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor, MultimodalSample
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.multimodal import MultimodalProcessor, MultimodalSample
+from mmfactory.data.preference import preference_pairs
+from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.data.teacher_logits import TeacherTopK, fingerprint, open_teacher_topk, write_teacher_topk
+from mmfactory.data.world_source import world_object_mentions
 from mmfactory.eval.metrics import normalize_answer
 from mmfactory.eval.mllm import generate_replies
 from mmfactory.losses.distill import forward_kl, forward_kl_topk, generalized_jsd, reverse_kl, teacher_topk
@@ -48,8 +51,6 @@ from mmfactory.models.mllm import MultimodalLM
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.mllm import MultimodalSFTOptions, MultimodalSFTTask
 from mmfactory.tasks.preference import DPOOptions, preference_objective
-from mmfactory.world.captions import object_mentions
-from mmfactory.world.vqa import DESCRIBE
 
 LAYER_SELECTIONS = ("sparse", "first_half", "second_half", "dense")
 
@@ -124,55 +125,68 @@ class PreferenceDistillOptions(MoELossWeights, DPOOptions, MultimodalSFTOptions)
 
 
 @dataclass
-class MultimodalPreferenceDataConfig:
-    """Image preference pairs from the world or preference JSONL (``{"id", "prompt", "chosen", "rejected",
-    "image"}``, the prompt holding ``<image>``).
+class OnPolicySampling:
+    """On-policy pairs (RLAIF-V style): the student as the stage starts samples ``samples_per_prompt``
+    replies at ``temperature`` to each single-turn prompt of ``data.prompts`` (``image-chat`` sources whose
+    assistant turn is the ground truth); each reply is judged against it (:func:`judge_reply`). The
+    rejected reply is the worst; the chosen one the best if it is perfect, else the ground truth. Prompts
+    whose replies are all perfect give no pair (counted as ``train/skipped_all_correct``)."""
 
-    World pairs, ``world_pairs``:
-
-    * ``fixed``: ``World.preference(source="image")``, faithful vs hallucinated detailed descriptions
-      (a wrong attribute or an extra object) and correct vs wrong short answers;
-    * ``sampled`` (on-policy, RLAIF-V style): the student as the stage starts samples ``samples_per_prompt``
-      replies at ``sample_temperature`` to world questions and brief-description requests; each reply is
-      judged against the ground truth (a question: exact match after VQA normalisation; a description: the
-      F1 of the objects it names against the objects in the image, so a hallucinated object costs). The
-      rejected reply is the worst; the chosen one the best if it is perfect, else the ground truth. Prompts
-      whose replies are all perfect give no pair (counted as ``train/skipped_all_correct``).
-    """
-
-    source: Literal["world", "jsonl"] = "world"
-    world_pairs: Literal["fixed", "sampled"] = "fixed"
     samples_per_prompt: int = 4
-    sample_temperature: float = 1.0
-    sample_max_new_tokens: int = 32
-    train: str | None = None
-    eval: str | None = None
-    world_train_size: int = 2000
-    world_eval_size: int = 100
-    world_seed: int = 0
-    world_image_size: int = 32
-    max_length: int = 192
-    template: TemplateName = "chatml"
-    pad_square: bool = True
-    pad_to_multiple_of: int | None = None
-    on_bad_sample: Literal["error", "skip"] = "error"
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    seed: int = 0
 
     def validate(self) -> None:
-        if self.source == "jsonl" and self.train is None:
-            raise ConfigError("train: a preference JSONL file is required when source is jsonl")
         if self.samples_per_prompt < 2:
             raise ConfigError(
                 f"samples_per_prompt: at least 2 replies are needed, got {self.samples_per_prompt}"
             )
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0 to sample, got {self.temperature}")
 
 
-def judge_reply(reply: str, truth: str, is_question: bool) -> float:
-    """Score in [0, 1] of a sampled reply against the ground truth: a short answer by exact match after VQA
-    normalisation; a description by the F1 of the objects it names (every mention of an absent object lowers
-    precision) against those the true description names."""
-    if is_question:
+@dataclass
+class MultimodalPreferenceDataConfig:
+    """Image preference pairs from any ``preference`` sources (:mod:`mmfactory.data.sources`): the world
+    (``kind: preference``: faithful vs hallucinated detailed descriptions — a wrong attribute or an extra
+    object — and correct vs wrong short answers) or preference JSONL with images (the prompt holding
+    ``<image>``). With ``on_policy`` set the training pairs are sampled instead (:class:`OnPolicySampling`)
+    from the ``prompts`` sources; evaluation still reads the ``eval`` pairs."""
+
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="preference", size=2000)]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig("world", kind="preference", split="val", size=100)]
+    )
+    on_policy: OnPolicySampling | None = None
+    prompts: list[SourceConfig] = field(default_factory=list)  # image-chat prompts for on_policy
+    max_bad_fraction: float | None = None
+    max_length: int = 192
+    template: TemplateName = "chatml"
+    pad_square: bool = True
+    pad_to_multiple_of: int | None = None
+
+    def validate(self) -> None:
+        check_fraction(self.max_bad_fraction)
+        if self.on_policy is not None and not self.prompts:
+            raise ConfigError("prompts: on_policy sampling needs image-chat prompt sources")
+        if self.on_policy is None and self.prompts:
+            raise ConfigError("prompts: only read with on_policy sampling; set on_policy or drop prompts")
+        if self.on_policy is None and not self.train:
+            raise ConfigError("train: at least one source is required")
+
+
+def judge_reply(reply: str, truth: str, mentions: Callable[[str], list[str]]) -> float:
+    """Score in [0, 1] of a sampled reply against the ground truth. A truth naming objects (by
+    ``mentions``) is a description: the F1 of the objects the reply names (every mention of an absent
+    object lowers precision) against those of the truth; any other truth is a short answer: exact match
+    after VQA normalisation."""
+    present = set(mentions(truth))
+    if not present:
         return float(normalize_answer(reply) == normalize_answer(truth))
-    said, present = object_mentions(reply), set(object_mentions(truth))
+    said = mentions(reply)
     if not said:
         return 0.0
     precision = sum(obj in present for obj in said) / len(said)
@@ -359,7 +373,8 @@ class PreferenceDistillTask(MultimodalSFTTask):
     """``mllm_preference_distill`` (module docstring). Batches hold the ``B`` chosen rows then the ``B``
     rejected rows (``[2B, T]``) and each pair's image twice (``pixel_values [2B, 3, S, S]``)."""
 
-    sample_kind = None  # reads preference pairs through its own data config, not (yet) the source layer
+    sample_kind = "preference"
+    extra_sources = {"prompts": "image-chat"}
     data_config = MultimodalPreferenceDataConfig
     options_config = PreferenceDistillOptions
     loss_unit = "pairs"
@@ -367,7 +382,6 @@ class PreferenceDistillTask(MultimodalSFTTask):
     def __init__(self, stage, ctx, model_cfg, data_cfg, options: PreferenceDistillOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.teacher = load_teacher(ctx.resolve_init(options.teacher), self.model, self.processor)
-        self.bad_samples = BadSampleCounter()
         self._pairs: dict[str, list[tuple[MultimodalSample, MultimodalSample]]] = {}
 
     def train(self, mode: bool = True) -> PreferenceDistillTask:
@@ -378,76 +392,61 @@ class PreferenceDistillTask(MultimodalSFTTask):
     # -- data ----------------------------------------------------------------------------------------
     def pairs(self, split: str) -> list[dict]:
         """``[{"prompt", "chosen", "rejected", "image"}]`` of ``split`` (``train`` or ``eval``)."""
-        cfg = self.data_cfg
-        if cfg.source == "world":
-            from mmfactory.world import World
-
-            world = World(seed=cfg.world_seed, image_size=cfg.world_image_size)
-            size, world_split = (
-                (cfg.world_train_size, "train") if split == "train" else (cfg.world_eval_size, "val")
-            )
-            if not size:
-                return []
-            if cfg.world_pairs == "sampled":
-                return self.sampled_pairs(world, world_split, size, split)
-            return world.preference(world_split, size, source="image")
-        path = cfg.train if split == "train" else cfg.eval
-        if path is None:
-            return []
-        from mmfactory.data.readers.preference import read_preference
-
-        records = read_preference(path, on_bad_sample=cfg.on_bad_sample, counter=self.bad_samples)
-        pairs = [records[i] for i in range(len(records))]
-        missing = next((p["id"] for p in pairs if p["image"] is None), None)
-        if missing is not None:
-            raise ConfigError(f"data.{split}: record {missing!r} of {path} has no image")
-        return pairs
+        if split == "train" and self.data_cfg.on_policy is not None:
+            return self.sampled_pairs()
+        samples = self.read_sources(split, self.counts)
+        return [] if samples is None else preference_pairs(samples, f"data.{split}", images=True)
 
     @torch.no_grad()
-    def sampled_pairs(self, world, world_split: str, size: int, split: str) -> list[dict]:
-        """On-policy pairs (class docstring of the data config): half questions, half descriptions."""
-        cfg = self.data_cfg
-        questions = world.vqa(world_split, size - size // 2)
-        captions = world.pairs(world_split, size // 2, detail="brief")
-        prompts = [(q["question"], q["answer"], q["image"]) for q in questions]
-        prompts += [(DESCRIBE["en"]["brief"], c["text"], c["image"]) for c in captions]
+    def sampled_pairs(self) -> list[dict]:
+        """On-policy training pairs (:class:`OnPolicySampling`) from the single-turn ``data.prompts``."""
+        cfg, sampling = self.data_cfg, self.data_cfg.on_policy
+        prompts = read_sources(
+            cfg.prompts,
+            "image-chat",
+            self.counts,
+            "prompts",
+            cfg.max_bad_fraction,
+            report=self.ctx.is_main_process,
+        )
+        conversations, truths, images = [], [], []
+        for i, messages in enumerate(prompts.messages):
+            if len(messages) != 2 or [m["role"] for m in messages] != ["user", "assistant"]:
+                raise ConfigError(f"data.prompts: conversation {i} is not one user turn and its answer")
+            conversations.append(messages[:1])
+            truths.append(messages[1]["content"])
+            images.append(prompts.images(i))
         gen = GenerationConfig(
-            max_new_tokens=cfg.sample_max_new_tokens,
+            max_new_tokens=sampling.max_new_tokens,
             do_sample=True,
-            temperature=cfg.sample_temperature,
+            temperature=sampling.temperature,
             batch_size=self.options.eval_batch_size,
         )
-        conversations = [[{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}"}] for q, _, _ in prompts]
-        images = [[image] for _, _, image in prompts]
-        torch.manual_seed(cfg.world_seed)
+        torch.manual_seed(sampling.seed)
         was_training = self.model.training
         replies = [
             generate_replies(self.model, self.processor, conversations, images, gen)
-            for _ in range(cfg.samples_per_prompt)
+            for _ in range(sampling.samples_per_prompt)
         ]
         self.model.train(was_training)
 
         pairs = []
-        for i, (question, truth, image) in enumerate(prompts):
+        for i, truth in enumerate(truths):
             candidates = [r[i] for r in replies]
-            scores = [judge_reply(c, truth, i < len(questions)) for c in candidates]
+            scores = [judge_reply(c, truth, world_object_mentions) for c in candidates]
             worst, best = (
                 min(range(len(scores)), key=scores.__getitem__),
                 max(range(len(scores)), key=scores.__getitem__),
             )
             if scores[worst] == 1.0:
-                self.counts[f"{split}/skipped_all_correct"] += 1
+                self.counts["train/skipped_all_correct"] += 1
                 continue
             chosen = candidates[best] if scores[best] == 1.0 else truth
+            prompt = conversations[i][0]["content"]
             pairs.append(
-                {
-                    "prompt": f"{IMAGE_TOKEN}\n{question}",
-                    "chosen": chosen,
-                    "rejected": candidates[worst],
-                    "image": image,
-                }
+                {"prompt": prompt, "chosen": chosen, "rejected": candidates[worst], "image": images[i][0]}
             )
-        self.counts[f"{split}/sampled_replies"] = len(prompts) * cfg.samples_per_prompt
+        self.counts["train/sampled_replies"] = len(truths) * sampling.samples_per_prompt
         return pairs
 
     def _tokenized(self, split: str) -> list[tuple[MultimodalSample, MultimodalSample]]:
@@ -489,8 +488,7 @@ class PreferenceDistillTask(MultimodalSFTTask):
         return super().collate([s[0] for s in samples] + [s[1] for s in samples])
 
     def data_report(self) -> dict[str, int]:
-        skipped = {f"skipped/{reason}": n for reason, n in self.bad_samples.summary().items()}
-        return {**self.counts, **skipped}
+        return dict(self.counts)
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,8 +31,8 @@ from mmfactory.data.chat import (
     collate_chats,
     tokenize_chat,
 )
-from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.readers.preference import read_preference
+from mmfactory.data.preference import preference_pairs
+from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.tasks.base import StageContext, TrainingTask
@@ -52,23 +52,28 @@ class DPOModelConfig(CausalLMConfig):
 
 @dataclass
 class PreferenceDataConfig:
-    """Pairs from the built-in world or preference JSONL (``{"id", "prompt", "chosen", "rejected"}``).
+    """Text pairs from any ``preference`` sources (:mod:`mmfactory.data.sources`): the world
+    (``kind: article_preference``: SAG C-DPO notes, faithful vs hallucinated styled article for a draft,
+    languages in turn) or preference JSONL (``format: preference``). Samples with an image are refused:
+    this task is text-only; so are unpaired KTO rows."""
 
-    The world's pairs are SAG C-DPO notes (faithful vs hallucinated styled article for a draft),
-    alternating over ``world_langs``. Records with an ``image`` are refused: this task is text-only.
-    """
-
-    source: Literal["world", "jsonl"] = "world"
-    train: str | None = None  # JSONL path when source = jsonl
-    eval: str | None = None
-    world_train_size: int = 1000
-    world_eval_size: int = 100
-    world_seed: int = 0
-    world_langs: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en", "zh"])
+    train: list[SourceConfig] = field(
+        default_factory=lambda: [
+            SourceConfig("world", kind="article_preference", size=1000, languages=["en", "zh"])
+        ]
+    )
+    eval: list[SourceConfig] = field(
+        default_factory=lambda: [
+            SourceConfig("world", kind="article_preference", split="val", size=100, languages=["en", "zh"])
+        ]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     max_length: int = 256  # tokens per prompt + reply; longer ones are right-truncated and counted
     template: TemplateName = "chatml"
     pad_to_multiple_of: int | None = None
-    on_bad_sample: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -156,6 +161,7 @@ class CausalLMDPOTask(TrainingTask):
     data_config = PreferenceDataConfig
     options_config = DPOOptions
     loss_unit = "pairs"
+    sample_kind = "preference"
 
     def __init__(self, stage, ctx, model_cfg: DPOModelConfig, data_cfg, options: DPOOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
@@ -163,7 +169,6 @@ class CausalLMDPOTask(TrainingTask):
         self.reference = self.build_reference()
         self.template = TEMPLATES[data_cfg.template]
         self.counts: Counter[str] = Counter()
-        self.bad_samples = BadSampleCounter()
         self._datasets: dict[str, list[TokenizedPair]] = {}
 
     def build_reference(self) -> nn.Module:
@@ -188,26 +193,8 @@ class CausalLMDPOTask(TrainingTask):
     # -- data ----------------------------------------------------------------------------------------
     def pairs(self, split: str) -> list[dict[str, str]]:
         """``[{"prompt", "chosen", "rejected"}]`` of ``split`` (``train`` or ``eval``)."""
-        cfg = self.data_cfg
-        if cfg.source == "world":
-            from mmfactory.world.articles import article_preference
-
-            size, world_split = (
-                (cfg.world_train_size, "train") if split == "train" else (cfg.world_eval_size, "val")
-            )
-            langs = cfg.world_langs
-            return [
-                article_preference(cfg.world_seed, world_split, i, langs[i % len(langs)]) for i in range(size)
-            ]
-        path = cfg.train if split == "train" else cfg.eval
-        if path is None:
-            return []
-        records = read_preference(
-            path, on_bad_sample=cfg.on_bad_sample, counter=self.bad_samples, check_media=False
-        )
-        if any(record.fields["image"] is not None for record in records.records):
-            raise ConfigError(f"data.{split}: {path} has image records; causal_lm_dpo is text-only")
-        return [records[i] for i in range(len(records))]
+        samples = self.read_sources(split, self.counts)
+        return [] if samples is None else preference_pairs(samples, f"data.{split}", images=False)
 
     def _tokenized(self, split: str) -> list[TokenizedPair]:
         if split not in self._datasets:
@@ -243,8 +230,7 @@ class CausalLMDPOTask(TrainingTask):
         return collate_chats(chats, self.tokenizer.pad_token_id, self.data_cfg.pad_to_multiple_of)
 
     def data_report(self) -> dict[str, int]:
-        skipped = {f"skipped/{reason}": n for reason, n in self.bad_samples.summary().items()}
-        return {**self.counts, **skipped}
+        return dict(self.counts)
 
     # -- math ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,16 +33,11 @@ import torch
 
 from mmfactory.config import ConfigError, to_dict
 from mmfactory.data.chat import TEMPLATES, TemplateName
-from mmfactory.data.policy import BadSampleCounter
+from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
+from mmfactory.data.world_source import world_claims
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
-from mmfactory.sag.data import (
-    SAGPrompts,
-    fill,
-    hallucinated_article,
-    read_styled_articles,
-    world_articles,
-)
+from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
 from mmfactory.sag.notebench import comparison_table, notebench_scores, rows_from_metrics
 from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
 from mmfactory.sag.self_improve import FilterConfig, filter_candidates
@@ -49,7 +45,6 @@ from mmfactory.sag.style import StyleScorer, StyleScorerConfig
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.causal_lm import CHAT_META, CausalLMSFTTask
 from mmfactory.tasks.preference import CausalLMDPOTask, DPOModelConfig, DPOOptions, load_frozen_lm
-from mmfactory.world.articles import extract_claims
 
 Split = Literal["train", "eval", "benchmark", "self_improve"]
 
@@ -84,32 +79,33 @@ class SAGDPOModelConfig(DPOModelConfig):
     drafter: DrafterConfig | None = None
 
 
+def _world_articles(split: str, size: int, offset: int = 0) -> SourceConfig:
+    return SourceConfig(
+        "world", kind="articles", split=split, size=size, offset=offset, languages=["en", "zh"]
+    )
+
+
 @dataclass
 class SAGDataConfig:
-    """Articles (world or article JSONL) and how the stylist's training pairs are made of them.
+    """Articles (``article`` sources: the world's ``kind: articles`` or article JSONL, ``format: articles``)
+    and how the stylist's training pairs are made of them.
 
     ``draft_source``: ``given`` uses the articles' drafts; ``facts`` has the frozen LLM draft from the
     facts (what the stylist will see at test time); ``article`` has it neutralise the styled article
     (style imitation data from styled articles alone). ``stylist_input: facts`` trains the stylist to
     write from the facts instead (the stylist-alone baseline). Self-improvement inputs are drafted from
     the facts (or use given drafts); the benchmark always uses the LLM's drafts from the facts.
-
-    World articles: ``world_*_size`` fact sets, each in every language of ``langs``; the benchmark is
-    the world's ``test`` split. JSONL: every record of the file (``self_improve`` defaults to ``train``).
+    ``self_improve: null`` reuses the ``train`` sources; the world's default starts 100k articles into
+    the training split, past any S-SFT article.
     """
 
-    source: Literal["world", "jsonl"] = "world"
-    train: str | None = None
-    eval: str | None = None
-    benchmark: str | None = None
-    self_improve: str | None = None
-    langs: list[Literal["en", "zh"]] = field(default_factory=lambda: ["en", "zh"])
-    world_seed: int = 0
-    world_train_size: int = 1000
-    world_eval_size: int = 32
-    world_benchmark_size: int = 100
-    world_self_improve_size: int = 200
-    world_self_improve_offset: int = 100_000  # train-split indices past the S-SFT articles
+    train: list[SourceConfig] = field(default_factory=lambda: [_world_articles("train", 1000)])
+    eval: list[SourceConfig] = field(default_factory=lambda: [_world_articles("val", 32)])
+    benchmark: list[SourceConfig] = field(default_factory=lambda: [_world_articles("test", 100)])
+    self_improve: list[SourceConfig] | None = field(
+        default_factory=lambda: [_world_articles("train", 200, offset=100_000)]
+    )
+    max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
     draft_source: Literal["given", "facts", "article"] = "facts"
     stylist_input: Literal["draft", "facts"] = "draft"
     prompts: SAGPrompts = field(default_factory=SAGPrompts)
@@ -118,11 +114,11 @@ class SAGDataConfig:
     max_length: int = 192
     template: TemplateName = "chatml"
     pad_to_multiple_of: int | None = None
-    on_bad_sample: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
-        if self.source == "jsonl" and self.train is None:
-            raise ConfigError("train: an article JSONL path is required when source = jsonl")
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -209,7 +205,7 @@ class SAGStage:
     ):
         self.cfg, self.options, self.ctx, self.drafter_cfg = cfg, options, ctx, drafter_cfg
         self.device = device
-        self.bad_samples = BadSampleCounter()
+        self.counts: Counter = Counter()
         if needs_drafter and drafter_cfg is None:
             raise ConfigError(
                 "model.drafter: this stage needs the frozen LLM (its data or its NoteBench systems)"
@@ -238,25 +234,17 @@ class SAGStage:
 
     # -- articles and drafts ---------------------------------------------------------------------------
     def articles(self, split: Split) -> list[dict[str, Any]]:
+        """The ``article`` samples of ``split`` (``self_improve: null``: those of ``train``)."""
         if split not in self._articles:
             cfg = self.cfg
-            if cfg.source == "world":
-                world_split, size, offset = {
-                    "train": ("train", cfg.world_train_size, 0),
-                    "eval": ("val", cfg.world_eval_size, 0),
-                    "benchmark": ("test", cfg.world_benchmark_size, 0),
-                    "self_improve": ("train", cfg.world_self_improve_size, cfg.world_self_improve_offset),
-                }[split]
-                articles = world_articles(cfg.world_seed, world_split, size, cfg.langs, offset)
-            else:
-                path = getattr(cfg, split) or (cfg.train if split == "self_improve" else None)
-                articles = [] if path is None else self._read(path)
-            self._articles[split] = articles
+            sources = getattr(cfg, split)
+            if sources is None:
+                sources = cfg.train
+            samples = read_sources(
+                sources, "article", self.counts, split, cfg.max_bad_fraction, report=self.ctx.is_main_process
+            )
+            self._articles[split] = [] if samples is None else samples.items
         return self._articles[split]
-
-    def _read(self, path: str) -> list[dict[str, Any]]:
-        records = read_styled_articles(path, on_bad_sample=self.cfg.on_bad_sample, counter=self.bad_samples)
-        return [r for r in records if r["lang"] in self.cfg.langs]
 
     def drafts(self, split: Split) -> list[str]:
         """The drafts the stylist restyles for ``split`` (see :class:`SAGDataConfig` for the source)."""
@@ -341,7 +329,7 @@ class SAGStage:
             else:
                 drafts = self.drafts("benchmark")
                 predictions = stylist.reply(stylist_prompts(articles, drafts, prompts, "draft"), generation)
-            scores = notebench_scores(predictions, articles, extract_claims, self.scorer())
+            scores = notebench_scores(predictions, articles, world_claims, self.scorer())
             metrics.update({f"notebench/{system}/{key}": value for key, value in scores.items()})
             records = [
                 {**_article_record(a), **({"draft": drafts[i]} if drafts else {}), "prediction": p}
@@ -412,8 +400,7 @@ class _SAGTask:
         return ChatLM(self.model, self.tokenizer, self.template)
 
     def data_report(self) -> dict[str, int]:
-        skipped = {f"skipped/{reason}": n for reason, n in self.sag.bad_samples.summary().items()}
-        return {**super().data_report(), **skipped}
+        return {**super().data_report(), **self.sag.counts}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -427,7 +414,8 @@ class SAGStylistSFTTask(_SAGTask, CausalLMSFTTask):
     model_config = SAGModelConfig
     data_config = SAGDataConfig
     options_config = SAGOptions
-    sample_kind = None  # reads articles through its SAG stage, not (yet) through the source layer
+    sample_kind = "article"
+    extra_sources = {"benchmark": "article", "self_improve": "article"}
 
     def __init__(self, stage, ctx, model_cfg: SAGModelConfig, data_cfg: SAGDataConfig, options: SAGOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
@@ -452,6 +440,8 @@ class SAGContentDPOTask(_SAGTask, CausalLMDPOTask):
     model_config = SAGDPOModelConfig
     data_config = SAGDataConfig
     options_config = SAGDPOOptions
+    sample_kind = "article"
+    extra_sources = {"benchmark": "article", "self_improve": "article"}
 
     def __init__(self, stage, ctx, model_cfg: SAGDPOModelConfig, data_cfg: SAGDataConfig, options):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
@@ -524,7 +514,7 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
             [scores[i * n : (i + 1) * n] for i in range(len(inputs))],
             inputs,
             opts.filter,
-            extract_claims,
+            world_claims,
         )
         kept = [
             {
@@ -569,7 +559,12 @@ def notebench_file(
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    data = SAGDataConfig(source="jsonl", train=str(scorer_articles or articles), benchmark=str(articles))
+    data = SAGDataConfig(
+        train=[SourceConfig("articles", path=str(scorer_articles or articles))],
+        eval=[],
+        benchmark=[SourceConfig("articles", path=str(articles))],
+        self_improve=None,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     needs_drafter = any(system != "stylist_alone" for system in systems)
     ctx = StageContext(output, output)

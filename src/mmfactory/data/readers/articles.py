@@ -1,4 +1,4 @@
-"""SAG articles JSONL ``{"id", "lang": "en"|"zh", "facts": {str: str}, "draft", "reference"}``."""
+"""SAG articles JSONL ``{"id", "lang": "en"|"zh", "facts"?: {str: str}, "draft"?, "reference"}``."""
 
 from __future__ import annotations
 
@@ -24,19 +24,17 @@ def _parse_article(raw: dict[str, Any], base_dir: Path) -> Fields:
         raise BadSampleError(
             f"'lang' must be one of {LANGUAGES}, got {lang!r}", reason=BadReason.INVALID_RECORD
         )
-    facts = require(raw, "facts", dict)
-    if not facts:
-        raise BadSampleError("'facts' is empty", reason=BadReason.EMPTY_TEXT)
+    facts = require(raw, "facts", dict) if "facts" in raw else {}
     for name, value in facts.items():
         if not isinstance(value, str):
             raise BadSampleError(f"facts[{name!r}] must be a string", reason=BadReason.INVALID_RECORD)
         check_text(name, "a fact name")
         check_text(value, f"facts[{name!r}]")
     return {
-        "id": require(raw, "id", (str, int)),
+        "id": str(require(raw, "id", (str, int))),
         "lang": lang,
         "facts": facts,
-        "draft": require_text(raw, "draft"),
+        "draft": require_text(raw, "draft") if "draft" in raw else None,
         "reference": require_text(raw, "reference"),
     }
 
@@ -44,7 +42,8 @@ def _parse_article(raw: dict[str, Any], base_dir: Path) -> Fields:
 def read_articles(
     path: str | Path, *, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
 ) -> RecordDataset:
-    """Samples ``{"id", "lang", "facts", "draft", "reference"}`` as in the file, validated."""
+    """Samples ``{"id": str, "lang", "facts", "draft", "reference"}``, validated; ``facts`` may be absent
+    (``{}``: a styled article alone) and so may ``draft`` (``None``: drafts come from the LLM)."""
     return read_annotation_file(
         path,
         _parse_article,
