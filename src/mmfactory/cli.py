@@ -93,7 +93,8 @@ def _generate_about_image(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mmfactory.eval.mllm import evaluate_mllm, load_mllm, world_benchmarks
+    from mmfactory.data.world_source import world_benchmarks
+    from mmfactory.eval.mllm import evaluate_mllm, load_mllm
     from mmfactory.models.generation import GenerationConfig
 
     model, processor = load_mllm(args.model)

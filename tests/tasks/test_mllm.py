@@ -24,8 +24,8 @@ from mmfactory.data.multimodal import (
     pad_to_square,
 )
 from mmfactory.data.sources import SourceConfig, read_sources
-from mmfactory.data.world_source import world_conversations
-from mmfactory.eval.mllm import caption_tokens, evaluate_mllm, world_benchmarks
+from mmfactory.data.world_source import world_benchmarks, world_conversations
+from mmfactory.eval.mllm import caption_tokens, evaluate_mllm
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM

@@ -13,10 +13,13 @@ language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects la
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
+
+import numpy as np
 
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
@@ -200,3 +203,100 @@ def world_object_mentions(text: str) -> list[str]:
     from mmfactory.world.captions import object_mentions
 
     return object_mentions(text)
+
+
+def world_benchmarks(
+    vqa: int, pope: int, captions: int, seed: int = 0, split: str = "test", image_size: int = 32
+):
+    """Held-out :class:`~mmfactory.eval.mllm.Benchmarks` from the built-in world (English): ``vqa``
+    questions, ``pope`` probes per POPE split (random, popular, adversarial; half yes) and ``captions``
+    images with their brief caption and objects, asked as training asks for captions and scored for
+    object hallucination with the world's object vocabulary."""
+    from mmfactory.eval.mllm import Benchmarks
+    from mmfactory.world import World
+    from mmfactory.world.vqa import DESCRIBE, POPE_KINDS
+
+    world = World(seed=seed, image_size=image_size)
+    pairs = world.pairs(split, captions, detail="brief") if captions else []
+    return Benchmarks(
+        vqa=world.vqa(split, vqa) if vqa else [],
+        pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
+        captions=[
+            {"image": p["image"], "references": [p["text"]], "objects": world_object_mentions(p["text"])}
+            for p in pairs
+        ],
+        caption_prompt=DESCRIBE["en"]["brief"],
+        mentions=world_object_mentions,
+    )
+
+
+def world_tokenizer():
+    """The built-in byte-level BPE tokenizer trained on the world's text (cached on disk)."""
+    from mmfactory.world.tokenizer import world_tokenizer as tokenizer
+
+    return tokenizer()
+
+
+def shape_twin(scene, rng: np.random.Generator):
+    """``scene`` with every object's shape redrawn uniformly among the others, colour, size, position and
+    background kept; the objects' (shape, colour) pairs stay distinct and outside ``HELD_OUT``, as in
+    every scene the world samples."""
+    from mmfactory.world.scenes import HELD_OUT, SHAPES, Scene
+
+    objects = []
+    for obj in scene.objects:
+        taken = {(o.shape, o.color) for o in objects} | HELD_OUT
+        choices = [s for s in SHAPES if s != obj.shape and (s, obj.color) not in taken]
+        objects.append(dataclasses.replace(obj, shape=choices[rng.integers(len(choices))]))
+    return Scene(tuple(objects), scene.background)
+
+
+def world_shape_twin(
+    scene,
+    rng: np.random.Generator,
+    languages: Sequence[str],
+    details: Sequence[str],
+    caption_index: int,
+    size: int,
+) -> dict:
+    """A hard negative for ``scene`` (:func:`shape_twin`): ``{"image": uint8 [size, size, 3], "caption",
+    "scene"}``, captioned like the original (``world_captions(...)[caption_index]``)."""
+    from mmfactory.world.scenes import render_scene
+
+    twin = shape_twin(scene, rng)
+    caption = world_captions(twin, languages, details)[caption_index]
+    return {"image": render_scene(twin, size), "caption": caption, "scene": twin}
+
+
+def zero_shot_prompts(attribute: str, lang: str) -> dict[str, list[str]]:
+    """Class -> prompts: the world's brief captions of one object of that shape in every colour (or of that
+    colour on every shape), leaving out the held-out compositional pairs."""
+    from mmfactory.world.captions import brief_caption
+    from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, Scene, SceneObject
+
+    prompts: dict[str, list[str]] = {}
+    for shape in SHAPES:
+        for color in COLORS:
+            if (shape, color) not in HELD_OUT:
+                text = brief_caption(Scene((SceneObject(shape, color, "small", 0.5, 0.5),), "black"), lang)
+                prompts.setdefault(shape if attribute == "shape" else color, []).append(text)
+    return prompts
+
+
+def world_zero_shot(size: int, seed: int, image_size: int, languages: Sequence[str]) -> list:
+    """Zero-shot shape and colour classification (:class:`~mmfactory.eval.zero_shot.ZeroShotBenchmark`,
+    named ``zeroshot_{lang}_{shape|color}``) of ``size`` single-object scenes of the world's test split."""
+    from mmfactory.eval.zero_shot import ZeroShotBenchmark
+    from mmfactory.world.scenes import render_scene, scene_at
+
+    scenes = [scene_at(seed, "test", i, max_objects=1) for i in range(size)]
+    images = [render_scene(scene, image_size) for scene in scenes]
+    benchmarks = []
+    for lang in languages:
+        for attribute in ("shape", "color"):
+            prompts = zero_shot_prompts(attribute, lang)
+            classes = list(prompts)
+            labels = [classes.index(getattr(s.objects[0], attribute)) for s in scenes]
+            name = f"zeroshot_{lang}_{attribute}"
+            benchmarks.append(ZeroShotBenchmark(name, images, labels, classes, [prompts[c] for c in classes]))
+    return benchmarks

@@ -4,7 +4,10 @@ captioning CIDEr-D / BLEU-4, generation throughput and peak memory.
 Each benchmark is a list of sample dicts with an ``image`` (uint8 ``[H, W, 3]``) as the world and the
 readers of :mod:`mmfactory.data.readers` produce them: VQA ``{"question", "answer", "type"}``, POPE
 ``{"question", "label"}``, captions ``{"references": [str, ...], "objects"?: [str, ...]}`` (with
-``objects``, the names of the objects in the image, replies are also scored for object hallucination).
+``objects``, the names of the objects in the image, and an object vocabulary, ``mentions(text)`` -> the
+object names a text says, replies are also scored for object hallucination). The caption prompt and the
+vocabulary are arguments: the world's come with its benchmarks
+(:func:`mmfactory.data.world_source.world_benchmarks`).
 Questions are asked the way training data asks them (``<image>\\n`` + question, one user turn) and
 answered greedily.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +35,6 @@ from mmfactory.eval.metrics import (
 from mmfactory.models.components.moe import moe_param_counts
 from mmfactory.models.generation import GenerationConfig, end_of_turn_ids
 from mmfactory.models.mllm import MultimodalLM
-from mmfactory.world.captions import object_mentions
-from mmfactory.world.vqa import DESCRIBE
-
-CAPTION_PROMPT = DESCRIBE["en"]["brief"]  # as the captions of training ask (LLaVA stage-1 style)
 
 
 def load_mllm(
@@ -160,13 +160,14 @@ def evaluate_captions(
     processor: MultimodalProcessor,
     samples: list[dict],
     cfg: GenerationConfig,
+    prompt: str,
+    mentions: Callable[[str], list[str]] | None = None,
     meter: GenerationMeter | None = None,
-    prompt: str = CAPTION_PROMPT,
 ) -> dict[str, float]:
-    """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100); when the
-    samples list their ``objects``, ``caption_chair_i`` / ``caption_chair_s`` / ``caption_object_recall``
-    (:func:`~mmfactory.eval.metrics.object_hallucination`, objects found by the world's
-    :func:`~mmfactory.world.captions.object_mentions`)."""
+    """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100) of the
+    replies to ``prompt``; with ``mentions`` and samples that list their ``objects``, ``caption_chair_i`` /
+    ``caption_chair_s`` / ``caption_object_recall`` (:func:`~mmfactory.eval.metrics.object_hallucination`
+    of the objects ``mentions`` finds in each reply)."""
     replies = generate_replies(
         model, processor, [_ask(prompt) for _ in samples], [[s["image"]] for s in samples], cfg, meter
     )
@@ -175,8 +176,8 @@ def evaluate_captions(
         [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]
     )
     metrics = {"caption_cider_d": cider["cider_d"], "caption_bleu4": corpus_bleu(replies, references)["bleu"]}
-    if all("objects" in s for s in samples):
-        rates = object_hallucination([object_mentions(r) for r in replies], [s["objects"] for s in samples])
+    if mentions is not None and all("objects" in s for s in samples):
+        rates = object_hallucination([mentions(r) for r in replies], [s["objects"] for s in samples])
         metrics.update({f"caption_{key}": rates[key] for key in ("chair_i", "chair_s", "object_recall")})
     return metrics
 
@@ -190,29 +191,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class Benchmarks:
+    """VQA samples, POPE probes per split, caption samples with the prompt that asks for a caption and
+    the object vocabulary (``mentions``) that scores object hallucination (None: not scored)."""
+
     vqa: list[dict] = field(default_factory=list)
     pope: dict[str, list[dict]] = field(default_factory=dict)
     captions: list[dict] = field(default_factory=list)
-
-
-def world_benchmarks(
-    vqa: int, pope: int, captions: int, seed: int = 0, split: str = "test", image_size: int = 32
-) -> Benchmarks:
-    """Held-out benchmarks from the built-in world (English): ``vqa`` questions, ``pope`` probes per POPE
-    split (random, popular, adversarial; half yes) and ``captions`` images with their brief caption and
-    objects."""
-    from mmfactory.world import World
-    from mmfactory.world.vqa import POPE_KINDS
-
-    world = World(seed=seed, image_size=image_size)
-    return Benchmarks(
-        vqa=world.vqa(split, vqa) if vqa else [],
-        pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
-        captions=[
-            {"image": p["image"], "references": [p["text"]], "objects": object_mentions(p["text"])}
-            for p in (world.pairs(split, captions, detail="brief") if captions else [])
-        ],
-    )
+    caption_prompt: str = "Describe the image briefly."
+    mentions: Callable[[str], list[str]] | None = None
 
 
 def evaluate_mllm(
@@ -236,7 +222,17 @@ def evaluate_mllm(
         metrics.update(evaluate_pope(model, processor, benchmarks.pope, cfg, meter))
     if benchmarks.captions:
         caption_cfg = GenerationConfig(**{**vars(cfg), "max_new_tokens": caption_max_new_tokens})
-        metrics.update(evaluate_captions(model, processor, benchmarks.captions, caption_cfg, meter))
+        metrics.update(
+            evaluate_captions(
+                model,
+                processor,
+                benchmarks.captions,
+                caption_cfg,
+                benchmarks.caption_prompt,
+                benchmarks.mentions,
+                meter,
+            )
+        )
     if meter.seconds > 0:
         metrics["gen_tokens_per_s"] = meter.tokens / meter.seconds
         metrics["peak_memory_mb"] = peak_memory_mb(model.device)

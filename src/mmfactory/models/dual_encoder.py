@@ -271,7 +271,7 @@ def load_text_tokenizer(spec: TextEncoderSpec) -> PreTrainedTokenizerBase:
     if spec.tokenizer is not None or spec.path is not None:
         tokenizer = AutoTokenizer.from_pretrained(_local(spec.tokenizer or spec.path, "tokenizer"))
     else:
-        from mmfactory.world.tokenizer import world_tokenizer
+        from mmfactory.data.world_source import world_tokenizer
 
         tokenizer = world_tokenizer()
     missing = {

@@ -71,7 +71,7 @@ def load_tokenizer(cfg: CausalLMConfig, model_path: Path | None) -> PreTrainedTo
         folder, gguf = _split_gguf(model_path, cfg.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     else:
-        from mmfactory.world.tokenizer import world_tokenizer
+        from mmfactory.data.world_source import world_tokenizer
 
         tokenizer = world_tokenizer()
     if tokenizer.pad_token is None:

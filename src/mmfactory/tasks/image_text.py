@@ -74,12 +74,12 @@ from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import pad_to_square
 from mmfactory.data.sources import SourceConfig, check_fraction
-from mmfactory.data.world_source import world_captions
+from mmfactory.data.world_source import world_shape_twin, world_tokenizer, world_zero_shot
 from mmfactory.eval.metrics import text_video_retrieval
+from mmfactory.eval.zero_shot import zero_shot_accuracy
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import TrainingTask
-from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, Scene, SceneObject, render_scene, scene_at
 
 # HF CLIP pools the text at argmax(input_ids) when eos_token_id is 2 (configs older than transformers#24773).
 LEGACY_EOS_ID = 2
@@ -169,8 +169,6 @@ def load_clip(
     if spec.tokenizer is not None or folder is not None:
         tokenizer = AutoTokenizer.from_pretrained(_local(spec.tokenizer or folder, "tokenizer"))
     else:
-        from mmfactory.world.tokenizer import world_tokenizer
-
         tokenizer = world_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pooling takes the *first* EOS, so padding with it is safe
@@ -276,18 +274,6 @@ class ImageTextOptions:
             raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
 
 
-def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
-    """``scene`` with every object's shape redrawn uniformly among the others, colour, size, position and
-    background kept; the objects' (shape, colour) pairs stay distinct and outside ``HELD_OUT``, as in
-    every scene the world samples."""
-    objects: list[SceneObject] = []
-    for obj in scene.objects:
-        taken = {(o.shape, o.color) for o in objects} | HELD_OUT
-        choices = [s for s in SHAPES if s != obj.shape and (s, obj.color) not in taken]
-        objects.append(dataclasses.replace(obj, shape=choices[rng.integers(len(choices))]))
-    return Scene(tuple(objects), scene.background)
-
-
 class ImageCaptionDataset(Dataset):
     """Item ``i``: ``{"image": uint8 [H, W, 3], "caption": str}`` of image ``indices[i]``. Training draws
     the caption from torch's RNG (so resumed runs replay it); evaluation takes the first. Training items of
@@ -308,20 +294,6 @@ class ImageCaptionDataset(Dataset):
         if self.train and self.source.scenes is not None:
             item.update(scene=self.source.scenes[image], caption_index=chosen)
         return item
-
-
-def zero_shot_prompts(attribute: Literal["shape", "color"], lang: str) -> dict[str, list[str]]:
-    """Class -> prompts: the world's brief captions of one object of that shape in every colour (or of that
-    colour on every shape), leaving out the held-out compositional pairs."""
-    from mmfactory.world.captions import brief_caption
-
-    prompts: dict[str, list[str]] = {}
-    for shape in SHAPES:
-        for color in COLORS:
-            if (shape, color) not in HELD_OUT:
-                text = brief_caption(Scene((SceneObject(shape, color, "small", 0.5, 0.5),), "black"), lang)
-                prompts.setdefault(shape if attribute == "shape" else color, []).append(text)
-    return prompts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,11 +354,18 @@ class ImageTextContrastiveTask(TrainingTask):
         of its first as many (each captioned like its original: same language and detail level); the
         twins' shapes come from torch's RNG, so a step's batch is fixed by the seed and the step."""
         pairs = int(self.data_cfg.shape_twins * len(samples)) // 2
-        cfg, twins = self.data_cfg.train[0], []
-        for sample in samples[:pairs]:
-            twin = shape_twin(sample["scene"], np.random.default_rng(int(torch.randint(2**62, ()))))
-            caption = world_captions(twin, cfg.world_languages, cfg.details)[sample["caption_index"]]
-            twins.append({"image": render_scene(twin, cfg.image_size), "caption": caption, "scene": twin})
+        cfg = self.data_cfg.train[0]
+        twins = [
+            world_shape_twin(
+                sample["scene"],
+                np.random.default_rng(int(torch.randint(2**62, ()))),
+                cfg.world_languages,
+                cfg.details,
+                sample["caption_index"],
+                cfg.image_size,
+            )
+            for sample in samples[:pairs]
+        ]
         return samples[: len(samples) - pairs] + twins
 
     def collate(self, samples: list[dict]) -> dict[str, Tensor]:
@@ -475,23 +454,10 @@ class ImageTextContrastiveTask(TrainingTask):
     @torch.no_grad()
     def zero_shot(self) -> dict[str, float]:
         """``zeroshot_{lang}_{shape|color}_acc`` and ``..._balanced_acc`` (percent) on ``zeroshot.size``
-        single-object scenes of the world's test split."""
-        cfg = self.options.zeroshot
-        scenes = [scene_at(cfg.seed, "test", i, max_objects=1) for i in range(cfg.size)]
-        image_embeds = self.encode_images([render_scene(scene, cfg.image_size) for scene in scenes])
-        metrics = {}
-        for lang in cfg.languages:
-            for attribute in ("shape", "color"):
-                prompts = zero_shot_prompts(attribute, lang)
-                classes = list(prompts)
-                class_embeds = torch.stack(
-                    [F.normalize(self.encode_texts(prompts[c]).mean(dim=0), dim=-1) for c in classes]
-                )  # [K, P]
-                predicted = (image_embeds @ class_embeds.T).argmax(dim=-1).cpu().numpy()
-                truth = np.array([classes.index(getattr(s.objects[0], attribute)) for s in scenes])
-                recalls = [np.mean(predicted[truth == k] == k) for k in np.unique(truth)]
-                metrics[f"zeroshot_{lang}_{attribute}_acc"] = 100.0 * float(np.mean(predicted == truth))
-                metrics[f"zeroshot_{lang}_{attribute}_balanced_acc"] = 100.0 * float(np.mean(recalls))
+        single-object world test scenes (:func:`~mmfactory.data.world_source.world_zero_shot`)."""
+        cfg, metrics = self.options.zeroshot, {}
+        for benchmark in world_zero_shot(cfg.size, cfg.seed, cfg.image_size, cfg.languages):
+            metrics.update(zero_shot_accuracy(benchmark, self.encode_images, self.encode_texts))
         return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:

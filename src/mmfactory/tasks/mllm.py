@@ -30,7 +30,8 @@ from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
 from mmfactory.data.multimodal import MultimodalChatDataset, MultimodalProcessor, MultimodalSample
 from mmfactory.data.sources import SourceConfig, check_fraction
-from mmfactory.eval.mllm import Benchmarks, evaluate_mllm, world_benchmarks
+from mmfactory.data.world_source import world_benchmarks
+from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
 from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, build_multimodal_lm
