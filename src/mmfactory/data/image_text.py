@@ -8,7 +8,6 @@ are one image with several captions; images are decoded when a sample is drawn.
 
 from __future__ import annotations
 
-import glob
 import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,8 +18,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError
+from mmfactory.config import ConfigError
+from mmfactory.data.policy import BadSampleCounter
 from mmfactory.data.samples import concatenated, selected
+from mmfactory.data.streaming import expand_shards
 
 
 @dataclass
@@ -78,7 +79,11 @@ def read_pairs_source(source, kind, bad: BadSampleCounter, counts: Counter) -> I
 def read_webdataset_source(source, kind, bad: BadSampleCounter, counts: Counter) -> ImageCaptions:
     from mmfactory.data.readers import read_webdataset
 
-    shards = sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
-    if not shards:
-        raise BadSampleError("no shard matches", reason=BadReason.MISSING_FILE, file=source.path)
+    shards = expand_shards(source.path)
+    compressed = [s for s in shards if not s.endswith(".tar")]
+    if compressed:
+        raise ConfigError(
+            f"{compressed[0]}: read up front, shards are indexed by byte offset and must be uncompressed "
+            "'.tar'; stream compressed ones (streaming: true)"
+        )
     return _grouped_by_image(read_webdataset(shards, on_bad_sample=source.on_bad_sample, counter=bad))

@@ -99,6 +99,9 @@ class SourceConfig:
     subset: Literal["first", "random"] = "first"
     on_bad_sample: Literal["error", "skip"] = "error"
     missing_image_token: MissingImageToken = "prepend"  # llava: a row with an image but no <image>
+    streaming: bool = False  # webdataset: read shard by shard while training (mmfactory.data.streaming)
+    shuffle_buffer: int = 1000  # streaming: samples held for shuffling (0: shard order)
+    num_samples: int | None = None  # streaming: the source's size, for epochs (a stream cannot count it)
     video_root: str | None = None
     labels: str | None = None
     check_media: bool = False
@@ -149,6 +152,14 @@ class SourceConfig:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise ConfigError(f"{name}: must be >= {least}, got {value}")
+        if self.streaming and (self.limit is not None or self.weight is not None):
+            raise ConfigError(
+                "streaming: a streaming source is read as it comes; limit and weight do not apply"
+            )
+        for name in ("shuffle_buffer", "num_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
         if self.subset == "random" and self.limit is None:
             raise ConfigError("subset: random draws `limit` samples; set limit")
         if self.languages is not None and not self.languages:
@@ -228,7 +239,9 @@ FORMATS: dict[str, Format] = {
     "alpaca": Format(("chat",), frozenset({"path", "columns"}), f"{_FILES}:read_alpaca"),
     "pairs": Format(("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_pairs_source"),
     "webdataset": Format(
-        ("image-text",), frozenset({"path"}), "mmfactory.data.image_text:read_webdataset_source"
+        ("image-text",),
+        frozenset({"path", "streaming", "shuffle_buffer", "num_samples"}),
+        "mmfactory.data.image_text:read_webdataset_source",
     ),
     "csv": Format(
         ("video-text",), frozenset({"path", "video_root"}), "mmfactory.data.video_text:read_csv_source"
@@ -275,6 +288,8 @@ def read_sources(
     read, and :class:`DataError` stops the run when skips exceed ``max_bad_fraction`` of a source.
     """
     check_kinds(sources, kind, prefix)
+    if any(source.streaming for source in sources):
+        return _stream(sources, prefix, counts)
     parts, weights = [], []
     for source in sources:
         spec = FORMATS[source.format]
@@ -298,6 +313,19 @@ def read_sources(
         parts.append(part)
         weights.append(source.weight)
     return mix(parts, weights, seed) if parts else None
+
+
+def _stream(sources: list[SourceConfig], prefix: str, counts: Counter):
+    """The one streaming source of a split (:mod:`mmfactory.data.streaming`)."""
+    from mmfactory.data.streaming import read_webdataset_stream
+
+    if len(sources) > 1:
+        raise ConfigError(
+            f"{prefix}: a streaming source must be the split's only source (mixing streams: not yet)"
+        )
+    if prefix != "train":
+        raise ConfigError(f"{prefix}: evaluation reads its samples up front; set streaming: false there")
+    return read_webdataset_stream(sources[0], prefix, counts)
 
 
 def _subset(part, source: SourceConfig):

@@ -74,6 +74,7 @@ from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import pad_to_square
 from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.streaming import ImageTextStream, TrainStream
 from mmfactory.data.world_source import world_shape_twin, world_tokenizer, world_zero_shot
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.eval.zero_shot import zero_shot_accuracy
@@ -89,6 +90,12 @@ FROM_TOKENIZER = ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id")
 # --------------------------------------------------------------------------------------------------
 # Model and tokenizer
 # --------------------------------------------------------------------------------------------------
+
+
+def _stream_item(sample: dict, rng: np.random.Generator) -> dict:
+    """A training item of a streamed sample: its image and one of its captions drawn with ``rng``."""
+    captions = sample["captions"]
+    return {"image": sample["image"], "caption": captions[int(rng.integers(len(captions)))]}
 
 
 def _check_keys(config_class: type, kwargs: dict[str, Any], where: str) -> None:
@@ -331,8 +338,11 @@ class ImageTextContrastiveTask(TrainingTask):
             self._sources[split] = self.read_sources(split, self.counts) or ImageCaptions.empty()
         return self._sources[split]
 
-    def train_dataset(self) -> ImageCaptionDataset:
-        return ImageCaptionDataset(self.image_captions("train"), train=True)
+    def train_dataset(self) -> ImageCaptionDataset | TrainStream:
+        source = self.image_captions("train")
+        if isinstance(source, ImageTextStream):
+            return TrainStream(source, _stream_item)
+        return ImageCaptionDataset(source, train=True)
 
     def eval_dataset(self) -> ImageCaptionDataset | None:
         """The eval images with their first captions, cut to a multiple of the process count: the loss
@@ -381,6 +391,8 @@ class ImageTextContrastiveTask(TrainingTask):
     def data_report(self) -> dict[str, int]:
         report = {}
         for split, source in self._sources.items():
+            if isinstance(source, ImageTextStream):
+                continue  # a stream's size is what it is; its skips are in the counts
             report[f"{split}/images"] = len(source)
             report[f"{split}/captions"] = sum(map(len, source.captions))
         return {**report, **self.counts}

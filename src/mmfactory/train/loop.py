@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmfactory.config import StageConfig
+from mmfactory.data.streaming import TrainStream
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.train import checkpoint as ckpt
 from mmfactory.train.optim import build_optimizer, build_scheduler, select_trainable
@@ -136,18 +137,18 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     cfg = stage.train
     is_main = accelerator.is_main_process
     dataset = task.train_dataset()
-    sampler = StepSampler(
-        len(dataset),
-        cfg.batch_size,
-        cfg.grad_accum,
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.seed,
-        cfg.shuffle,
-    )
-    total_steps = (
-        cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * sampler.steps_per_epoch)
-    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if isinstance(dataset, TrainStream):  # a streaming source: batched per process (mmfactory.data.streaming)
+        sampler = None
+        steps_per_epoch = (
+            dataset.steps_per_epoch(cfg.batch_size * cfg.grad_accum * world) if cfg.max_steps is None else 0
+        )
+    else:
+        sampler = StepSampler(
+            len(dataset), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, cfg.shuffle
+        )
+        steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)
     select_trainable(task, stage.trainable, stage.frozen)
     trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = build_optimizer(task, stage.optimizer)
@@ -167,13 +168,17 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
 
     log = MetricsLog(stage_dir, enabled=is_main)
     log.open(start_step)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=_StepBatches(sampler, start_step),
-        collate_fn=task.collate,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator(),  # keep the global RNG untouched so resumed runs stay bit-identical
-    )
+    if sampler is None:
+        stream = dataset.batches(cfg.batch_size, cfg.grad_accum, rank, world, start_step)
+        loader = DataLoader(stream, batch_size=None, collate_fn=task.collate)
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_sampler=_StepBatches(sampler, start_step),
+            collate_fn=task.collate,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator(),  # keep the global RNG untouched so resumed runs stay bit-identical
+        )
     batches = iter(loader)
     bar = tqdm(
         total=total_steps,
@@ -184,7 +189,6 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         mininterval=1,
     )
     unit = task.loss_unit
-    world = accelerator.num_processes
     model.train()
     window_items, window_start = 0.0, time.perf_counter()
     stage_start = time.perf_counter()
