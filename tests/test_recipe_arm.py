@@ -117,3 +117,9 @@ def test_fashion_mnist_recipe_without_the_data_names_the_missing_path(tmp_path, 
     source = "{format: idx, path: /nowhere/train-images-idx3-ubyte.gz, labels: /nowhere/labels.gz}"
     assert main(["run", "arm/fashion_mnist", "--output", str(tmp_path), f"data.train=[{source}]"]) == 2
     assert "/nowhere/train-images-idx3-ubyte.gz: file not found" in capsys.readouterr().err
+
+
+def test_group_by_length_is_refused_for_samples_without_a_length(tmp_path, capsys):
+    path = write_recipe(tiny_arm_recipe(), tmp_path / "r.yaml")
+    assert main(["run", str(path), "--output", str(tmp_path / "run"), "train.group_by_length=true"]) == 2
+    assert "stages.ar.train.group_by_length: arm_pretrain samples have no length" in capsys.readouterr().err

@@ -28,11 +28,16 @@ def _train_in_process(tmp_path, name, **train):
     return _final(tmp_path / name)
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, group_by_length):
     # Samples differ in length, so only token-weighted accumulation makes these equal.
-    big = _train_in_process(tmp_path, "b8", batch_size=8, grad_accum=1)
-    small = _train_in_process(tmp_path, "b1", batch_size=1, grad_accum=8)
+    big = _train_in_process(tmp_path, "b8", batch_size=8, grad_accum=1, group_by_length=group_by_length)
+    small = _train_in_process(tmp_path, "b1", batch_size=1, grad_accum=8, group_by_length=group_by_length)
     _assert_close(big, small, atol=2e-5)
+    if group_by_length:  # 4 x 2 micro-batches of sorted samples: still the same step
+        pairs = _train_in_process(tmp_path, "b2", batch_size=2, grad_accum=4, group_by_length=True)
+        _assert_close(big, pairs, atol=2e-5)
+        return
     different = _train_in_process(tmp_path, "b4", batch_size=4, grad_accum=1)  # a different global batch
     with pytest.raises(AssertionError):
         _assert_close(big, different, atol=2e-5)

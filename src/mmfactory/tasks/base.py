@@ -89,6 +89,11 @@ class TrainingTask(nn.Module):
         seed, report = self.stage.train.seed, self.ctx.is_main_process
         return read_sources(sources, self.sample_kind, counts, split, cfg.max_bad_fraction, seed, report)
 
+    def train_lengths(self) -> list[int] | None:
+        """Per training sample, its length in tokens, negative for a text-only sample (LLaVA's
+        modality-length convention), for ``train.group_by_length``; None: the samples have none."""
+        return None
+
     def data_report(self) -> dict[str, int]:
         """Counts the data layer wants recorded (skipped samples by reason, truncations, ...)."""
         return {}

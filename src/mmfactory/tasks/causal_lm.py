@@ -96,6 +96,9 @@ class CausalLMSFTTask(TrainingTask):
     def train_dataset(self) -> list[TokenizedChat]:
         return self._tokenized("train")
 
+    def train_lengths(self) -> list[int]:
+        return [-len(chat.input_ids) for chat in self._tokenized("train")]  # text-only
+
     def eval_dataset(self) -> list[TokenizedChat] | None:
         return self._tokenized("eval") or None
 

@@ -182,6 +182,13 @@ class MultimodalSFTTask(TrainingTask):
     def train_dataset(self) -> MultimodalChatDataset:
         return self._dataset("train")
 
+    def train_lengths(self) -> list[int]:
+        dataset = self._dataset("train")
+        return [
+            len(chat.input_ids) if dataset.source.num_images[index] else -len(chat.input_ids)
+            for index, chat in dataset.samples
+        ]
+
     def eval_dataset(self) -> MultimodalChatDataset | None:
         dataset = self._dataset("eval")
         return dataset if dataset else None

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmfactory.config import StageConfig
+from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.streaming import TrainStream
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.train import checkpoint as ckpt
@@ -144,8 +144,13 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
             dataset.steps_per_epoch(cfg.batch_size * cfg.grad_accum * world) if cfg.max_steps is None else 0
         )
     else:
+        lengths = task.train_lengths() if cfg.group_by_length else None
+        if cfg.group_by_length and lengths is None:
+            raise ConfigError(
+                f"stages.{stage.name}.train.group_by_length: {stage.task} samples have no length"
+            )
         sampler = StepSampler(
-            len(dataset), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, cfg.shuffle
+            len(dataset), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, cfg.shuffle, lengths
         )
         steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)

@@ -6,11 +6,16 @@ micro-batch ``m`` of rank ``r`` taking slice ``(m * world_size + r) * batch_size
 optimizer step sees therefore do not depend on how they are split across accumulation and processes,
 which is what makes 1x8 == 8x1 and 1 process == 2 processes hold, and the global step alone
 fixes the data position for resuming.
+
+With ``lengths`` (LLaVA's modality-length convention: a text-only sample's length is negative), each
+global batch is sorted before it is cut: multimodal samples first, then text-only ones, each longest
+first (ties in draw order). Micro-batches then hold samples of one modality and similar lengths (less
+padding), while the samples of a step, and so its loss, are those of the unsorted run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +32,7 @@ class StepSampler:
     rank: int = 0
     seed: int = 0
     shuffle: bool = True
+    lengths: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch == 0:
@@ -54,6 +60,12 @@ class StepSampler:
     def _micro_batches(self, order: torch.Tensor, step: int) -> list[list[int]]:
         """This rank's ``grad_accum`` micro-batches (index lists) of global batch ``step``."""
         start = step * self.global_batch
+        if self.lengths is not None:
+            chunk = order[start : start + self.global_batch].tolist()
+            ranked = sorted(
+                range(len(chunk)), key=lambda j: (self.lengths[chunk[j]] < 0, -abs(self.lengths[chunk[j]]), j)
+            )
+            order, start = torch.tensor([chunk[j] for j in ranked]), 0
         out = []
         for micro in range(self.grad_accum):
             lo = start + (micro * self.world_size + self.rank) * self.batch_size
