@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from mmfactory.config import ConfigError
@@ -117,6 +119,7 @@ def _cmd_world_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfactory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
@@ -168,17 +171,25 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("MMFACTORY_DEBUG") == "1"
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"mmfactory: configuration error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"configuration error: {err}", 2, debug)
     except (BadSampleError, DataError) as err:
-        print(
-            f"mmfactory: bad data: {err} (set on_bad_sample: skip on the source to skip and count)",
-            file=sys.stderr,
-        )
-        return 2
+        return _fail(f"bad data: {err} (set on_bad_sample: skip on the source to skip and count)", 2, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted (rerun the same command to resume from the last checkpoint)", 130, debug)
+    except Exception as err:  # a failed run: one line, the traceback with --debug
+        return _fail(f"error: {type(err).__name__}: {err} (--debug shows the traceback)", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    """Print one line naming what failed (the traceback too with ``--debug`` / ``MMFACTORY_DEBUG=1``)."""
+    if debug:
+        traceback.print_exc()
+    print(f"mmfactory: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

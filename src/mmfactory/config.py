@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,18 @@ class OptimizerConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
 
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps: must be > 0, got {self.eps}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -170,6 +183,13 @@ class ScheduleConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -198,9 +218,19 @@ class TrainConfig:
     def validate(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError("max_steps: set exactly one of train.max_steps and train.epochs")
-        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_steps"):
+            for_steps = getattr(self, name)
+            if for_steps is not None and for_steps < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {for_steps}")
+        for name in ("eval_every", "eval_batch_size", "save_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1 (or null), got {getattr(self, name)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs: must be > 0, got {self.epochs}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm: must be > 0 (null: no clipping), got {self.max_grad_norm}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -223,6 +253,17 @@ class StageConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+
+    def validate(self) -> None:
+        if not STAGE_NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise ConfigError(
+                f"name: {self.name!r} is not a stage name (letters, digits, '_', '-', '.'; it names the "
+                "stage's folder inside --output)"
+            )
+
+
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+MAX_RECIPE_NODES = 100_000  # values in a recipe after YAML aliases are expanded
 
 
 @dataclass
@@ -360,4 +401,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    _check_size(raw, path)
     return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def _check_size(raw: Any, path: Path) -> None:
+    """Refuse a recipe of more than MAX_RECIPE_NODES values once its aliases are expanded (YAML anchors
+    let a few hundred bytes stand for millions of values)."""
+    seen, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise ConfigError(
+                f"{path}: more than {MAX_RECIPE_NODES} values once its YAML aliases are expanded; "
+                "a recipe this large is a mistake (or an alias bomb)"
+            )
+        if isinstance(node, dict):
+            stack += node.values()
+        elif isinstance(node, list):
+            stack += node

@@ -18,14 +18,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from mmfactory.config import Recipe, StageConfig, to_dict
+from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
 from mmfactory.tasks import build_task, validate_stage
 from mmfactory.tasks.base import StageContext
 from mmfactory.train import checkpoint as ckpt
 from mmfactory.train.loop import train_stage
 
 
-class StageConfigChanged(RuntimeError):
+class StageConfigChanged(ConfigError):
     """A stage folder holds work done under a different configuration."""
 
 
@@ -83,7 +83,15 @@ def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict
 def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
     """Run every stage not yet done; returns (and writes, on the main process) the results dict."""
     for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
-        validate_stage(stage, i)
+        _, _, _, options = validate_stage(stage, i)
+        earlier = [s.name for s in recipe.stages[:i]]
+        references = {"init_from": stage.init_from, "options.teacher": getattr(options, "teacher", None)}
+        for key, value in references.items():
+            if value is not None and value not in earlier and not Path(value).expanduser().exists():
+                known = ", ".join(earlier) or "none"
+                raise ConfigError(
+                    f"stages[{i}].{key}: {value!r} is neither an earlier stage ({known}) nor a folder"
+                )
     run_dir = Path(run_dir)
     stage_outputs: dict[str, Path] = {}
     results: dict = {"recipe": recipe.name, "stages": {}, "metrics": {}}

@@ -56,8 +56,10 @@ def test_partial_writes_are_ignored_and_cleaned(tmp_path):
     (half / "trainable.safetensors").write_bytes(b"partial")
     (tmp_path / "step-6").mkdir()  # a folder without state.json is not a checkpoint
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    mine = tmp_path / "notes.tmp-keep"  # not a name the runner makes: left alone
+    mine.mkdir()
     ckpt.remove_partial(tmp_path)
-    assert not half.exists()
+    assert not half.exists() and mine.is_dir()
 
 
 def test_optimizer_flattening_round_trips():

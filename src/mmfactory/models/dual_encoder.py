@@ -39,6 +39,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from mmfactory.config import ConfigError, from_dict
 from mmfactory.models.components.vit import MaskKind, SpaceTimeViT, SpaceTimeViTConfig
+from mmfactory.models.lm import check_config_keys
 
 TextMaskMode = Literal["drop", "replace"]
 TextPooling = Literal["cls", "mean"]
@@ -246,6 +247,8 @@ class TextEncoderSpec:
             raise ConfigError("path: set either path or tiny, not both")
         if self.tiny is not None and "model_type" not in self.tiny:
             raise ConfigError("tiny.model_type: required (e.g. bert)")
+        if self.tiny is not None:
+            check_config_keys(self.tiny, "tiny")
 
 
 @dataclass

@@ -6,12 +6,15 @@ road. Nothing is ever downloaded: paths must be local.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -46,6 +49,26 @@ class CausalLMConfig:
             raise ConfigError("path: set either path or tiny, not both")
         if self.tiny is not None and "model_type" not in self.tiny:
             raise ConfigError("tiny.model_type: required (e.g. qwen2, llama)")
+        if self.tiny is not None:
+            check_config_keys(self.tiny, "tiny")
+
+
+def check_config_keys(kwargs: dict[str, Any], where: str) -> None:
+    """Refuse keys of a ``tiny`` model config that its transformers config class does not know (a
+    transformers config stores unknown keyword arguments as attributes, so a typo would build the default
+    model and write the typo into ``config.json``)."""
+    model_type = kwargs["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}.model_type: {model_type!r} is not a transformers model type{hint}")
+    config_class = CONFIG_MAPPING[model_type]
+    known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}.{key}: not a {config_class.__name__} setting{hint}")
 
 
 def _local(path: str | Path, what: str) -> Path:

@@ -59,12 +59,15 @@ def commit_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+PARTIAL = re.compile(r"(step-\d+|final)\.(tmp|old)-\d+")
+
+
 def remove_partial(directory: Path) -> None:
-    """Delete leftovers of interrupted writes (``*.tmp-*`` / ``*.old-*`` folders)."""
-    for path in directory.glob("*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in directory.glob("*.old-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete leftovers of interrupted writes: the ``step-N`` / ``final`` ``.tmp-PID`` and ``.old-PID``
+    folders that :func:`atomic_dir` and :func:`commit_dir` make, and nothing else."""
+    for path in directory.iterdir() if directory.is_dir() else []:
+        if PARTIAL.fullmatch(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
