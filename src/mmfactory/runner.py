@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,30 @@ def _check_same_config(stage_dir: Path, text: str) -> None:
             f"{stage_dir} was produced by a different configuration of this stage (see {path}); "
             "use another --output, or delete that folder to start the stage again"
         )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    tmp.replace(path)
+
+
+def _done_summary(stage_dir: Path, is_main: bool) -> dict | None:
+    """The summary in the stage's ``DONE``, or None when the stage is not done (or its ``DONE`` is
+    unreadable, written by no version of the runner that writes it atomically: the stage then runs again)."""
+    done = stage_dir / "DONE"
+    if not done.is_file():
+        return None
+    try:
+        return json.loads(done.read_text())
+    except ValueError:
+        if is_main:
+            print(f"warning: {done} is unreadable; the stage runs again", file=sys.stderr)
+        return None
 
 
 def _make_accelerator(stage: StageConfig) -> Accelerator:
@@ -75,7 +100,7 @@ def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict
         ckpt.commit_dir(tmp, final)
         for _, path in ckpt.list_checkpoints(stage_dir):  # the stage is complete: final/ supersedes them
             shutil.rmtree(path)
-        (stage_dir / "DONE").write_text(json.dumps(summary, indent=1))
+        write_atomic(stage_dir / "DONE", json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary
 
@@ -98,13 +123,12 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
     is_main = int(os.environ.get("RANK", "0")) == 0
     for i, stage in enumerate(recipe.stages):
         stage_dir = run_dir / stage.name
-        done = stage_dir / "DONE"
-        if done.is_file():
+        summary = _done_summary(stage_dir, is_main)
+        if summary is not None:
             _check_same_config(stage_dir, _stage_yaml(stage))
-            summary = json.loads(done.read_text())
             summary["skipped"] = True
             if is_main:
-                print(f"[{stage.name}] already done: skipped ({done})")
+                print(f"[{stage.name}] already done: skipped ({stage_dir / 'DONE'})")
         else:
             summary = run_stage(stage, i, run_dir, stage_outputs)
         stage_outputs[stage.name] = stage_dir / "final"
@@ -112,7 +136,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
         for key, value in summary.get("metrics", {}).items():
             results["metrics"][f"{stage.name}/{key}"] = value
     if is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
         print(format_results(results))
         if recipe.compare:
             print(format_comparison(results, recipe.compare))

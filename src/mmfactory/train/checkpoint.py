@@ -5,7 +5,8 @@ A checkpoint folder ``step-N/`` holds:
 - ``trainable.safetensors``   the trainable parameters (frozen ones are rebuilt from their source);
 - ``optimizer.safetensors`` + ``optimizer.json``   optimizer tensors and the rest of its state;
 - ``rng-{rank}.safetensors`` + ``rng-{rank}.json`` torch / numpy / python RNG states of each process;
-- ``state.json``   the global step, the scheduler state and anything else small.
+- ``state.json``   the global step, the scheduler state, the SHA-256 of every other file (checked by
+  :func:`damage` before a resume) and anything else small.
 
 It is written under a temporary name and renamed into place, so a crash never leaves a half checkpoint;
 nothing is ever unpickled.
@@ -13,6 +14,7 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -161,9 +163,33 @@ def save_checkpoint(
         save_file(tensors, tmp / f"rng-{rank}.safetensors")
         _write_json(tmp / f"rng-{rank}.json", meta)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    _write_json(tmp / "state.json", {"step": step, "scheduler": sched, **(extra or {})})
+    files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+    _write_json(tmp / "state.json", {"step": step, "scheduler": sched, "files": files, **(extra or {})})
     commit_dir(tmp, final)
     return final
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a torn ``state.json``, a missing file, a file whose SHA-256
+    differs from the one recorded when it was written), or None when it is intact."""
+    try:
+        files = json.loads((path / "state.json").read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"state.json unreadable ({type(error).__name__})"
+    for name, expected in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if file_sha256(path / name) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def load_checkpoint(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +47,15 @@ class _StepBatches:
         return self.sampler.micro_batches(self.start_step)
 
 
+def _check_finite(parameters: list[torch.Tensor], stage: str, step: int) -> None:
+    bad = sum(int(not torch.isfinite(p).all()) for p in parameters)
+    if bad:
+        raise NonFiniteLossError(
+            f"[{stage}] {bad} trainable tensors hold inf or NaN after step {step}; nothing was saved "
+            "(lower the learning rate, or clip gradients with train.max_grad_norm)"
+        )
+
+
 @dataclass
 class MetricsLog:
     """Main-process metrics: ``metrics.jsonl`` (one record per log step) and tensorboard."""
@@ -58,10 +68,16 @@ class MetricsLog:
         if not self.enabled:
             return
         path = self.stage_dir / "metrics.jsonl"
-        if path.exists():  # drop records a resumed run is about to redo
-            kept = [
-                r for r in path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= resume_step
-            ]
+        if path.exists():  # drop records a resumed run is about to redo, and a line torn by a crash
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    print(f"warning: {path}: dropped a torn line ({line[:40]!r})", file=sys.stderr)
+                    continue
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -164,12 +180,15 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         ckpt.remove_partial(stage_dir)
     accelerator.wait_for_everyone()
     start_step, first_loss = 0, None
-    checkpoints = ckpt.list_checkpoints(stage_dir)
-    if checkpoints:
-        step, path = checkpoints[-1]
+    for step, path in reversed(ckpt.list_checkpoints(stage_dir)):  # the newest intact checkpoint
+        problem = ckpt.damage(path)
+        if problem is not None:
+            accelerator.print(f"[{stage.name}] warning: checkpoint {path} is damaged ({problem}); skipped")
+            continue
         state = ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index)
         start_step, first_loss = step, state.get("first_loss")
         accelerator.print(f"[{stage.name}] resumed from {path} (step {step}/{total_steps})")
+        break
 
     log = MetricsLog(stage_dir, enabled=is_main)
     log.open(start_step)
@@ -252,6 +271,8 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         bar.update(1)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
             log.log(done, evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+        if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
+            _check_finite(trainable, stage.name, done)  # nothing non-finite is ever saved
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
             rng = _gather_rng(accelerator)
             if is_main:
@@ -268,7 +289,13 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
     if first_loss is not None:
         metrics["train_first_loss"] = first_loss
-    metrics.update(evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
+    final_eval = evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size)
+    if not all(math.isfinite(v) for v in final_eval.values()):
+        raise NonFiniteLossError(
+            f"[{stage.name}] evaluation after step {total_steps} is not finite ({final_eval}); nothing was "
+            "saved (lower the learning rate)"
+        )
+    metrics.update(final_eval)
     if is_main:
         task.eval()
         metrics.update(task.evaluate())
