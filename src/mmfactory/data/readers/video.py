@@ -38,34 +38,38 @@ CAPTION_COLUMNS = ("video_id", "sentence")
 def _iter_caption_rows(
     path: Path, on_bad_sample: BadSamplePolicy, counter: BadSampleCounter
 ) -> Iterator[tuple[int, str, str]]:
-    """``(line, video_id, sentence)`` per good row; a malformed row or an empty field goes to the policy."""
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = csv.reader(file, strict=True)
-        header = next(rows, [])
-        if not set(CAPTION_COLUMNS) <= set(header):
-            problem = f"header must name columns {CAPTION_COLUMNS}, got {header}"
-            raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV, file=path, record="line 1")
-        video_column, sentence_column = (header.index(name) for name in CAPTION_COLUMNS)
-        while True:
+    """``(line, video_id, sentence)`` per good row. Each physical line is one record (MSR-VTT captions
+    hold no line breaks), so an unclosed quote or bytes that are not UTF-8 make that line a bad record,
+    named by its number, and never swallow the lines after it."""
+    with open(path, "rb") as file:
+        lines = file.read().splitlines()
+    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")])) if lines else []
+    if not set(CAPTION_COLUMNS) <= set(header):
+        problem = f"header must name columns {CAPTION_COLUMNS}, got {header}"
+        raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV, file=path, record="line 1")
+    video_column, sentence_column = (header.index(name) for name in CAPTION_COLUMNS)
+    for number, raw in enumerate(lines[1:], start=2):
+        if not raw.strip():
+            continue
+        try:
             try:
-                row = next(rows)
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    problem = f"{len(row)} fields where the header has {len(header)}"
-                    raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV)
-                video_id, sentence = row[video_column], row[sentence_column]
-                check_text(video_id, "'video_id'")
-                check_text(sentence, "'sentence'")
-            except StopIteration:
-                return
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BadSampleError(f"not UTF-8: {error.reason}", reason=BadReason.MALFORMED_CSV) from error
+            try:
+                row = next(csv.reader([text], strict=True))
             except csv.Error as error:
-                bad = BadSampleError(f"malformed CSV: {error}", reason=BadReason.MALFORMED_CSV)
-                handle_bad_sample(bad.located(path, f"line {rows.line_num}"), on_bad_sample, counter)
-            except BadSampleError as error:
-                handle_bad_sample(error.located(path, f"line {rows.line_num}"), on_bad_sample, counter)
-            else:
-                yield rows.line_num, video_id, sentence
+                raise BadSampleError(f"malformed CSV: {error}", reason=BadReason.MALFORMED_CSV) from error
+            if len(row) != len(header):
+                problem = f"{len(row)} fields where the header has {len(header)}"
+                raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV)
+            video_id, sentence = row[video_column], row[sentence_column]
+            check_text(video_id, "'video_id'")
+            check_text(sentence, "'sentence'")
+        except BadSampleError as error:
+            handle_bad_sample(error.located(path, f"line {number}"), on_bad_sample, counter)
+        else:
+            yield number, video_id, sentence
 
 
 def _decode_video(
