@@ -40,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     output = Path(args.output) if args.output else Path("runs") / recipe.name.replace("/", "-")
-    run_recipe(recipe, output)
+    run_recipe(recipe, output, rerun_stale=not args.no_rerun_stale)
     return 0
 
 
@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--output", "-o", help="run folder (default: runs/<recipe>)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=10")
+    p.add_argument(
+        "--no-rerun-stale",
+        action="store_true",
+        help="stop instead of rerunning a finished stage whose upstream stage or data changed",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("generate", help="generate replies with a trained chat model folder")

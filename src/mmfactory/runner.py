@@ -20,6 +20,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
+from mmfactory.lineage import dir_fingerprint, stale_reason
+from mmfactory.lineage import lineage as stage_lineage
 from mmfactory.tasks import build_task, validate_stage
 from mmfactory.tasks.base import StageContext
 from mmfactory.train import checkpoint as ckpt
@@ -53,6 +55,18 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _clear_stage(stage_dir: Path) -> None:
+    """Remove what the runner wrote for a finished stage (``DONE``, ``final/``, checkpoints, logs), so a
+    stale stage trains again from the start; ``config.yaml`` stays (it matches)."""
+    (stage_dir / "DONE").unlink()
+    for name in ("final", "tensorboard"):
+        if (stage_dir / name).is_dir():
+            shutil.rmtree(stage_dir / name)
+    for _, path in ckpt.list_checkpoints(stage_dir):
+        shutil.rmtree(path)
+    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def _done_summary(stage_dir: Path, is_main: bool) -> dict | None:
     """The summary in the stage's ``DONE``, or None when the stage is not done (or its ``DONE`` is
     unreadable, written by no version of the runner that writes it atomically: the stage then runs again)."""
@@ -76,8 +90,11 @@ def _make_accelerator(stage: StageConfig) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=stage.train.precision, kwargs_handlers=handlers)
 
 
-def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path]) -> dict:
-    """Train one stage (resuming if it has checkpoints), save ``final/`` and write ``DONE``."""
+def run_stage(
+    stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path], lineage: dict
+) -> dict:
+    """Train one stage (resuming if it has checkpoints), save ``final/`` and write ``DONE`` with the
+    stage's fingerprint and ``lineage`` (:mod:`mmfactory.lineage`)."""
     stage_dir = run_dir / stage.name
     accelerator = _make_accelerator(stage)
     text = _stage_yaml(stage)
@@ -100,13 +117,17 @@ def run_stage(stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict
         ckpt.commit_dir(tmp, final)
         for _, path in ckpt.list_checkpoints(stage_dir):  # the stage is complete: final/ supersedes them
             shutil.rmtree(path)
-        write_atomic(stage_dir / "DONE", json.dumps(summary, indent=1))
+        done = {**summary, "fingerprint": dir_fingerprint(final), "lineage": lineage}
+        write_atomic(stage_dir / "DONE", json.dumps(done, indent=1))
+        summary.update(fingerprint=done["fingerprint"])
     accelerator.wait_for_everyone()
     return summary
 
 
-def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
-    """Run every stage not yet done; returns (and writes, on the main process) the results dict."""
+def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
+    """Run every stage not yet done, or done from inputs that changed since (stale, :mod:`mmfactory.lineage`:
+    run again, or refused when ``rerun_stale`` is False); returns (and writes, on the main process) the
+    results dict."""
     for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
         _, _, _, options = validate_stage(stage, i)
         earlier = [s.name for s in recipe.stages[:i]]
@@ -121,16 +142,31 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict:
     stage_outputs: dict[str, Path] = {}
     results: dict = {"recipe": recipe.name, "stages": {}, "metrics": {}}
     is_main = int(os.environ.get("RANK", "0")) == 0
+    fingerprints: dict[str, str] = {}
     for i, stage in enumerate(recipe.stages):
         stage_dir = run_dir / stage.name
         summary = _done_summary(stage_dir, is_main)
+        current = stage_lineage(stage, fingerprints)
         if summary is not None:
             _check_same_config(stage_dir, _stage_yaml(stage))
+            stale = stale_reason(summary.get("lineage"), current)
+            if stale is not None and not rerun_stale:
+                raise ConfigError(
+                    f"stages[{i}] {stage.name}: done, but {stale} (rerun without --no-rerun-stale)"
+                )
+            if stale is not None:
+                if is_main:
+                    print(f"[{stage.name}] {stale}: running it again")
+                    _clear_stage(stage_dir)
+                summary = None
+        if summary is not None:
             summary["skipped"] = True
             if is_main:
                 print(f"[{stage.name}] already done: skipped ({stage_dir / 'DONE'})")
         else:
-            summary = run_stage(stage, i, run_dir, stage_outputs)
+            summary = run_stage(stage, i, run_dir, stage_outputs, current)
+        fingerprints[stage.name] = summary.pop("fingerprint", None)
+        summary.pop("lineage", None)
         stage_outputs[stage.name] = stage_dir / "final"
         results["stages"][stage.name] = summary
         for key, value in summary.get("metrics", {}).items():
