@@ -116,7 +116,8 @@ def test_shipped_recipes_validate(name):
 def test_fashion_mnist_recipe_without_the_data_names_the_missing_path(tmp_path, capsys):
     source = "{format: idx, path: /nowhere/train-images-idx3-ubyte.gz, labels: /nowhere/labels.gz}"
     assert main(["run", "arm/fashion_mnist", "--output", str(tmp_path), f"data.train=[{source}]"]) == 2
-    assert "/nowhere/train-images-idx3-ubyte.gz: file not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stages[0].data.train[0].path: '/nowhere/train-images-idx3-ubyte.gz' does not exist" in err
 
 
 def test_group_by_length_is_refused_for_samples_without_a_length(tmp_path, capsys):

@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
+from mmfactory.data.sources import check_source_paths
 from mmfactory.lineage import dir_fingerprint, stale_reason
 from mmfactory.lineage import lineage as stage_lineage
 from mmfactory.tasks import build_task, validate_stage
@@ -129,7 +130,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
     run again, or refused when ``rerun_stale`` is False); returns (and writes, on the main process) the
     results dict."""
     for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
-        _, _, _, options = validate_stage(stage, i)
+        _, _, data_cfg, options = validate_stage(stage, i)
+        check_source_paths(data_cfg, f"stages[{i}].data")
         earlier = [s.name for s in recipe.stages[:i]]
         references = {"init_from": stage.init_from, "options.teacher": getattr(options, "teacher", None)}
         for key, value in references.items():

@@ -84,3 +84,20 @@ def test_a_failed_run_is_one_line_and_the_traceback_comes_with_debug(tmp_path, c
     path = tmp_path / "r.yaml"
     assert main(["--debug", "run", str(path), "--output", str(tmp_path / "run2")]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_is_refused_before_anything_trains(tmp_path, capsys):
+    recipe = tiny_sft_recipe(max_steps=2)
+    missing = str(tmp_path / "nowhere.jsonl")
+    recipe["stages"].append(
+        {
+            **recipe["stages"][0],
+            "name": "second",
+            "data": {"train": [{"format": "messages", "path": missing}]},
+        }
+    )
+    code, err = run(tmp_path, capsys, recipe=recipe)
+    assert code == 2 and err == [
+        f"mmfactory: configuration error: stages[1].data.train[0].path: {missing!r} does not exist"
+    ]
+    assert not (tmp_path / "run").exists()  # the first stage did not train

@@ -43,13 +43,14 @@ import difflib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from mmfactory.config import ConfigError
 from mmfactory.data.multimodal import ImageConversations
-from mmfactory.data.policy import BadSampleCounter, DataError
+from mmfactory.data.policy import BadSampleCounter, BadSampleError, DataError
 
 SampleKind = Literal[
     "chat",
@@ -347,6 +348,32 @@ def check_kinds(sources: list[SourceConfig], kind: SampleKind, where: str) -> No
             raise ConfigError(
                 f"{where}[{index}]: {what} yields {', '.join(yields)} samples, this task reads {kind!r}"
             )
+
+
+def check_source_paths(data_cfg: Any, where: str) -> None:
+    """Refuse a source whose ``path`` (or ``labels``, ``image_root``, ``video_root``) names nothing, for
+    every source list of a stage's data config: checked before any stage trains."""
+    for f in dataclasses.fields(data_cfg):
+        sources = getattr(data_cfg, f.name)
+        if not isinstance(sources, list) or not all(isinstance(s, SourceConfig) for s in sources):
+            continue
+        for index, source in enumerate(sources):
+            for key in ("path", "labels", "image_root", "video_root"):
+                value = getattr(source, key)
+                if value is None or (key == "path" and source.format == "webdataset"):
+                    continue
+                if not Path(value).expanduser().exists():
+                    raise ConfigError(f"{where}.{f.name}[{index}].{key}: {value!r} does not exist")
+            if source.format == "webdataset":
+                from mmfactory.data.streaming import expand_shards
+
+                try:
+                    shards = expand_shards(source.path)
+                except BadSampleError:
+                    shards = []
+                missing = next((s for s in shards if not Path(s).is_file()), None) if shards else source.path
+                if missing is not None:
+                    raise ConfigError(f"{where}.{f.name}[{index}].path: no shard {missing!r}")
 
 
 def check_fraction(max_bad_fraction: float | None) -> None:
