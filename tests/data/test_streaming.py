@@ -174,3 +174,62 @@ def test_sigkill_then_resume_on_a_stream_is_bit_identical(tmp_path):
         return [(r["step"], r.get("loss")) for r in records]
 
     assert losses(resumed) == losses(reference) and np.isfinite([l for _, l in losses(reference) if l]).all()
+
+
+def _parquet_chats(root, files=3, rows=5, bad_row=None) -> str:
+    """``root/chats-{i}.parquet`` with messages rows ``c{file}-{row}``; returns the glob."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in range(files):
+        messages = []
+        for r in range(rows):
+            reply = "" if (f, r) == bad_row else f"reply {f}-{r}"
+            messages.append(
+                [{"role": "user", "content": f"c{f}-{r}"}, {"role": "assistant", "content": reply}]
+            )
+        pq.write_table(pa.table({"messages": messages}), root / f"chats-{f}.parquet")
+    return str(root / "chats-*.parquet")
+
+
+def _prompt(sample, rng):
+    return {"key": sample["messages"][0]["content"]}
+
+
+def test_hf_streams_split_parquet_files_across_processes_and_resume_exactly(tmp_path):
+    cfg = {"format": "hf", "path": _parquet_chats(tmp_path), "streaming": True, "shuffle_buffer": 4}
+    source = from_dict(SourceConfig, cfg, "s")
+    data = read_sources([source], "chat", Counter(), "train")
+    assert len(data.shards) == 3  # one shard per file
+    passes = [
+        [data.decode(raw)["messages"][0]["content"] for raw in data.raw_pass(0, r, 2)] for r in range(2)
+    ]
+    every = [f"c{f}-{r}" for f in range(3) for r in range(5)]
+    assert sorted(passes[0] + passes[1]) == every and not set(passes[0]) & set(passes[1])
+    whole = keys(StreamBatches(data, _prompt, 4, 1, 0, 1, 0), 6)
+    assert keys(StreamBatches(data, _prompt, 4, 1, 0, 1, 3), 3) == whole[3:]
+
+
+def test_a_chat_stage_trains_from_a_streamed_parquet_source_through_the_cli(tmp_path, capsys):
+    from mmfactory.cli import main
+    from tests.helpers import tiny_sft_recipe
+
+    pattern = _parquet_chats(tmp_path, files=2, rows=20, bad_row=(1, 3))
+    recipe = tiny_sft_recipe(max_steps=6)
+    recipe["stages"][0]["data"] = {
+        "train": [{"format": "hf", "path": pattern, "streaming": True, "on_bad_sample": "skip"}],
+        "eval": [],
+        "max_length": 32,
+    }
+    recipe["stages"][0]["options"] = {"eval_generate": 0}
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 0
+    done = json.loads((out / "sft" / "DONE").read_text())
+    assert done["steps"] == 6 and done["data"]["train/bad_empty_text"] >= 1  # the empty reply, skipped
+    losses = [json.loads(line)["loss"] for line in (out / "sft/metrics.jsonl").read_text().splitlines()[:-1]]
+    assert losses[-1] < losses[0]
+    assert (
+        main(["run", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "g"), "train.group_by_length=true"])
+        == 2
+    )
+    assert "group_by_length: a streamed source is not known ahead" in capsys.readouterr().err

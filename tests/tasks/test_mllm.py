@@ -343,3 +343,40 @@ def test_vision_lr_scale_applies_to_the_tower_only(tmp_path):
     for name, param in task.named_parameters():
         expected = 1e-4 if name.startswith("model.vision_tower.") else 1e-3
         assert lr_of[id(param)] == pytest.approx(expected), name
+
+
+def test_a_streamed_image_chat_source_gives_the_samples_read_up_front(tmp_path):
+    """The same parquet rows streamed or read up front become the same tokenised samples and images."""
+    import io as _io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from mmfactory.data.streaming import StreamBatches, TrainStream
+
+    def png(value):
+        out = _io.BytesIO()
+        Image.new("RGB", (16, 16), (value, 0, 0)).save(out, format="PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    rows = [ask(f"What is {i}?", f"{i}") for i in range(6)]
+    table = pa.table({"messages": rows, "images": [[png(10 * i)] for i in range(6)]})
+    pq.write_table(table, tmp_path / "chats.parquet")
+    source = {"format": "hf", "path": str(tmp_path / "chats.parquet")}
+    up_front = build_task(
+        tiny_stage(data={"train": [source], "eval": []}), 0, StageContext(tmp_path, tmp_path / "a")
+    )
+    streamed = build_task(
+        tiny_stage(data={"train": [{**source, "streaming": True, "shuffle_buffer": 0}], "eval": []}),
+        0,
+        StageContext(tmp_path, tmp_path / "b"),
+    )
+    stream = streamed.train_dataset()
+    assert isinstance(stream, TrainStream)
+    batch = next(iter(StreamBatches(stream.stream, stream.item, 6, 1, 0, 1, 0)))
+    expected = [up_front.train_dataset()[i] for i in range(6)]
+    for got, want in zip(batch, expected, strict=True):
+        assert got.input_ids == want.input_ids and got.labels == want.labels
+        np.testing.assert_array_equal(got.images[0], want.images[0])
+    assert torch.isfinite(streamed(streamed.collate(batch))["loss"])

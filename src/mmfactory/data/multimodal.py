@@ -229,6 +229,37 @@ class ImageConversations:
         return self if n >= len(self.messages) else self.select(range(n))
 
 
+def fit_conversation(
+    processor: MultimodalProcessor,
+    messages: list[dict],
+    num_images: int,
+    max_length: int,
+    counts: Counter[str],
+    split: str,
+    where: str,
+) -> TokenizedChat | None:
+    """A conversation tokenised (placeholders expanded) and fitted to ``max_length``, or None when it
+    cannot train: counted as ``{split}/skipped_image_cut`` (a span would not fit) or
+    ``{split}/skipped_no_reply_tokens`` (truncation left nothing to learn); truncations are counted."""
+    per_image = processor.num_image_tokens
+    chat = processor.tokenize(messages)
+    placeholders = chat.input_ids.count(processor.image_token_id)
+    if placeholders != per_image * num_images:
+        raise ValueError(
+            f"{where}: {placeholders // per_image} {processor.image_token} placeholders in the text for "
+            f"{num_images} images"
+        )
+    fitted = processor.fit(chat, max_length)
+    if fitted is None:
+        counts[f"{split}/skipped_image_cut"] += 1
+        return None
+    if not fitted.has_targets:
+        counts[f"{split}/skipped_no_reply_tokens"] += 1
+        return None
+    counts[f"{split}/truncated"] += fitted.truncated
+    return fitted
+
+
 class MultimodalChatDataset(Dataset):
     """Conversations tokenised once (placeholders expanded, fitted to ``max_length``); images per item.
 
@@ -246,22 +277,12 @@ class MultimodalChatDataset(Dataset):
     ):
         self.source = source
         self.samples: list[tuple[int, TokenizedChat]] = []
-        per_image = processor.num_image_tokens
         for index, messages in enumerate(source.messages):
-            chat = processor.tokenize(messages)
-            placeholders = chat.input_ids.count(processor.image_token_id)
-            if placeholders != per_image * source.num_images[index]:
-                raise ValueError(
-                    f"{split} conversation {index}: {placeholders // per_image} {processor.image_token} "
-                    f"placeholders in the text for {source.num_images[index]} images"
-                )
-            fitted = processor.fit(chat, max_length)
-            if fitted is None:
-                counts[f"{split}/skipped_image_cut"] += 1
-            elif not fitted.has_targets:
-                counts[f"{split}/skipped_no_reply_tokens"] += 1
-            else:
-                counts[f"{split}/truncated"] += fitted.truncated
+            where = f"{split} conversation {index}"
+            fitted = fit_conversation(
+                processor, messages, source.num_images[index], max_length, counts, split, where
+            )
+            if fitted is not None:
                 self.samples.append((index, fitted))
         counts[f"{split}/samples"] = len(self.samples)
 

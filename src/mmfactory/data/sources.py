@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -261,7 +262,9 @@ FORMATS: dict[str, Format] = {
     ),
     "hf": Format(
         CHAT_KINDS,
-        frozenset({"path", "dataset", "name", "image_root", "columns"}),
+        frozenset(
+            {"path", "dataset", "name", "image_root", "columns", "streaming", "shuffle_buffer", "num_samples"}
+        ),
         "mmfactory.data.readers.hf:read_hf",
         needs_path=False,
     ),
@@ -290,7 +293,7 @@ def read_sources(
     """
     check_kinds(sources, kind, prefix)
     if any(source.streaming for source in sources):
-        return _stream(sources, prefix, counts)
+        return _stream(sources, kind, prefix, counts)
     parts, weights = [], []
     for source in sources:
         spec = FORMATS[source.format]
@@ -316,7 +319,7 @@ def read_sources(
     return mix(parts, weights, seed) if parts else None
 
 
-def _stream(sources: list[SourceConfig], prefix: str, counts: Counter):
+def _stream(sources: list[SourceConfig], kind: SampleKind, prefix: str, counts: Counter):
     """The one streaming source of a split (:mod:`mmfactory.data.streaming`)."""
     from mmfactory.data.streaming import read_webdataset_stream
 
@@ -326,6 +329,10 @@ def _stream(sources: list[SourceConfig], prefix: str, counts: Counter):
         )
     if prefix != "train":
         raise ConfigError(f"{prefix}: evaluation reads its samples up front; set streaming: false there")
+    if sources[0].format == "hf":
+        from mmfactory.data.readers.hf import read_hf_stream
+
+        return read_hf_stream(sources[0], kind, prefix, counts)
     return read_webdataset_stream(sources[0], prefix, counts)
 
 
@@ -362,7 +369,7 @@ def check_source_paths(data_cfg: Any, where: str) -> None:
                 value = getattr(source, key)
                 if value is None or (key == "path" and source.format == "webdataset"):
                     continue
-                if not Path(value).expanduser().exists():
+                if not glob.glob(str(Path(value).expanduser())):  # hf streams may name a glob of files
                     raise ConfigError(f"{where}.{f.name}[{index}].{key}: {value!r} does not exist")
             if source.format == "webdataset":
                 from mmfactory.data.streaming import expand_shards

@@ -1,8 +1,9 @@
 """Streaming sources: samples read shard by shard as training goes, never all up front.
 
-A streaming source (``streaming: true``; today ``format: webdataset``, read with the ``webdataset``
-library: brace expansion, ``.tar`` and ``.tar.gz``, members held in memory, never written to disk) is an
-endless, deterministic stream *per process*:
+A streaming source (``streaming: true``: ``format: webdataset``, read with the ``webdataset`` library:
+brace expansion, ``.tar`` and ``.tar.gz``, members held in memory, never written to disk; or ``format:
+hf``, a ``datasets`` streaming ``IterableDataset`` whose shards are its files) is an endless,
+deterministic stream *per process*:
 
 * **Shards split across processes.** Pass ``e`` (0, 1, ...) orders the shards by a permutation seeded
   with ``seed + e``; process ``r`` of ``W`` reads shards ``r, r + W, ...`` of that order, so within one
@@ -17,9 +18,9 @@ endless, deterministic stream *per process*:
 * **Exact resume.** Step ``s`` of a process is positions ``[s * A * B, (s + 1) * A * B)`` of its stream
   (``B`` batch size, ``A`` accumulation steps), so 1x8 == 8x1 holds within a process and a resumed run
   replays the stream up to its position (shard order and shuffle buffer are seeded) and continues at
-  the exact sample. A position counts good samples only, so the replay decodes what it skips (to know
-  which samples are bad): resuming late in a long stream costs that re-read. Results depend on the
-  process count ``W``.
+  the exact sample. A position counts good training items only, so the replay decodes (and tokenises)
+  what it skips, to know which samples are bad: resuming late in a long stream costs that re-read.
+  Results depend on the process count ``W``.
 * **Bad samples** are met while training: under ``skip`` each is counted (``{split}/bad_{reason}``) and
   the first five are printed with shard and key; under ``error`` the run stops naming them. Streams are
   decoded in the training process (``train.num_workers`` does not apply to them).
@@ -41,7 +42,7 @@ from torch.utils.data import IterableDataset
 
 from mmfactory.config import ConfigError
 from mmfactory.data.media import load_image
-from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, handle_bad_sample
+from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, DataError, handle_bad_sample
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MAX_EXAMPLES = 5
@@ -60,11 +61,11 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 @dataclass
-class ImageTextStream:
-    """An ``image-text`` webdataset stream: samples ``{"key", "captions": [text], "image": uint8 [H, W, 3]}``
-    from shards of ``{key}.{png|jpg|jpeg|webp}`` + ``{key}.txt`` (+ ``{key}.json``, whose ``id`` names it)."""
+class SampleStream:
+    """An endless per-process stream over ``shards`` (module docstring). Subclasses read one shard's raw
+    samples (:meth:`shard_samples`) and decode one (:meth:`decode`: a sample, or None for a bad one)."""
 
-    shards: list[str]
+    shards: list
     seed: int = 0
     shuffle_buffer: int = 0
     num_samples: int | None = None
@@ -75,8 +76,63 @@ class ImageTextStream:
     def __post_init__(self) -> None:
         self.bad = BadSampleCounter(max_examples=MAX_EXAMPLES)
 
+    def shard_samples(self, shard) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def decode(self, raw: Any) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _bad(self, error: BadSampleError) -> None:
+        handle_bad_sample(error, self.on_bad_sample, self.bad)
+        if self.counts is not None:
+            self.counts[f"{self.prefix}/bad_{error.reason.value}"] += 1
+        if self.bad.total <= MAX_EXAMPLES:
+            print(f"[data] skipped {error}", file=sys.stderr, flush=True)
+
+    def raw_pass(self, epoch: int, rank: int, world_size: int) -> Iterator[Any]:
+        """This process's raw samples of pass ``epoch``, through the seeded shuffle buffer."""
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.shards))
+        mine = [self.shards[i] for i in order[rank::world_size]]
+        rng = np.random.default_rng([self.seed, epoch, rank])
+        buffer: list[Any] = []
+        for shard in mine:
+            for raw in self.shard_samples(shard):
+                if self.shuffle_buffer <= 1:
+                    yield raw
+                    continue
+                buffer.append(raw)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def samples(self, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+        """This process's endless stream of good samples, pass after pass (module docstring)."""
+        if len(self.shards) < world_size:
+            raise ConfigError(
+                f"{len(self.shards)} shards for {world_size} processes: a streaming source needs at least "
+                "one shard per process (write the data into more shards or files)"
+            )
+        epoch = 0
+        while True:
+            empty = True
+            for raw in self.raw_pass(epoch, rank, world_size):
+                sample = self.decode(raw)
+                if sample is not None:
+                    empty = False
+                    yield sample
+            if empty:
+                raise DataError(f"process {rank} of {world_size} found no good sample in its shards")
+            epoch += 1
+
+
+@dataclass
+class ImageTextStream(SampleStream):
+    """An ``image-text`` webdataset stream: samples ``{"key", "captions": [text], "image": uint8 [H, W, 3]}``
+    from shards of ``{key}.{png|jpg|jpeg|webp}`` + ``{key}.txt`` (+ ``{key}.json``, whose ``id`` names it)."""
+
     # -- raw samples: bytes only, nothing decoded ---------------------------------------------------
-    def _shard_samples(self, shard: str) -> Iterator[dict[str, Any]]:
+    def shard_samples(self, shard: str) -> Iterator[dict[str, Any]]:
         import webdataset.tariterators as wds
 
         def handler(error: Exception) -> bool:
@@ -97,32 +153,8 @@ class ImageTextStream:
             files = wds.tar_file_expander([{"url": shard, "stream": stream}], handler=handler)
             yield from wds.group_by_keys(files, handler=handler)
 
-    def _bad(self, error: BadSampleError) -> None:
-        handle_bad_sample(error, self.on_bad_sample, self.bad)
-        if self.counts is not None:
-            self.counts[f"{self.prefix}/bad_{error.reason.value}"] += 1
-        if self.bad.total <= MAX_EXAMPLES:
-            print(f"[data] skipped {error}", file=sys.stderr, flush=True)
-
-    def raw_pass(self, epoch: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        """This process's raw samples of pass ``epoch``, through the seeded shuffle buffer."""
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.shards))
-        mine = [self.shards[i] for i in order[rank::world_size]]
-        rng = np.random.default_rng([self.seed, epoch, rank])
-        buffer: list[dict[str, Any]] = []
-        for shard in mine:
-            for raw in self._shard_samples(shard):
-                if self.shuffle_buffer <= 1:
-                    yield raw
-                    continue
-                buffer.append(raw)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(int(rng.integers(len(buffer))))
-        while buffer:
-            yield buffer.pop(int(rng.integers(len(buffer))))
-
     # -- decoded samples ----------------------------------------------------------------------------
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         key = raw["__key__"]
         try:
             image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -149,45 +181,17 @@ class ImageTextStream:
             self._bad(error.located(raw["__url__"], f"sample {key!r}"))
             return None
 
-    def samples(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[dict[str, Any]]:
-        """This process's endless stream of good samples from position ``start`` on (module docstring).
-
-        A bad sample takes no position, so skipping to ``start`` decodes what it skips only to know
-        which samples are good: exact, at the price of decoding the skipped images once more.
-        """
-        if len(self.shards) < world_size:
-            raise ConfigError(
-                f"{len(self.shards)} shards for {world_size} processes: a streaming source needs at least "
-                "one shard per process (write the data into more shards)"
-            )
-        position, epoch = 0, 0
-        while True:
-            empty = True
-            for raw in self.raw_pass(epoch, rank, world_size):
-                sample = self._decode(raw)
-                if sample is None:
-                    continue
-                empty = False
-                if position >= start:
-                    yield sample
-                position += 1
-            if empty:
-                raise BadSampleError(
-                    f"process {rank} of {world_size} found no good sample in its shards",
-                    reason=BadReason.MISSING_FILE,
-                    file=self.shards[0],
-                )
-            epoch += 1
-
 
 class StreamBatches(IterableDataset):
     """This process's micro-batches of a stream from a global step on: ``grad_accum`` lists of
-    ``batch_size`` items per step, item ``p`` being ``item(sample_p, rng_p)`` with ``rng_p`` seeded by
-    ``(seed, rank, p)`` (so a resumed run draws what the uninterrupted one drew)."""
+    ``batch_size`` items per step. Item ``p`` is ``item(sample, rng_p)`` with ``rng_p`` seeded by
+    ``(seed, rank, p)``; a sample whose item is None (e.g. truncation left no reply token) takes no
+    position. A resumed run replays the stream up to position ``start_step * grad_accum * batch_size``,
+    making (and dropping) the items on the way, so it draws exactly what the uninterrupted run drew."""
 
     def __init__(
         self,
-        stream: ImageTextStream,
+        stream: SampleStream,
         item: Callable[[dict, np.random.Generator], Any],
         batch_size: int,
         grad_accum: int,
@@ -199,16 +203,20 @@ class StreamBatches(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.start = start_step * batch_size * grad_accum
 
+    def _items(self) -> Iterator[Any]:
+        position = 0
+        for sample in self.stream.samples(self.rank, self.world_size):
+            item = self.item(sample, np.random.default_rng([self.stream.seed, self.rank, position]))
+            if item is None:
+                continue
+            if position >= self.start:
+                yield item
+            position += 1
+
     def __iter__(self) -> Iterator[list]:
-        samples = self.stream.samples(self.rank, self.world_size, self.start)
-        position = self.start
+        items = self._items()
         while True:
-            batch = []
-            for _ in range(self.batch_size):
-                rng = np.random.default_rng([self.stream.seed, self.rank, position])
-                batch.append(self.item(next(samples), rng))
-                position += 1
-            yield batch
+            yield [next(items) for _ in range(self.batch_size)]
 
 
 @dataclass
@@ -216,8 +224,8 @@ class TrainStream:
     """What a task's ``train_dataset`` returns for a streaming source: the stream and the function that
     makes a training item of a sample (``item(sample, rng)``); the training loop batches it."""
 
-    stream: ImageTextStream
-    item: Callable[[dict, np.random.Generator], Any]
+    stream: SampleStream
+    item: Callable[[dict, np.random.Generator], Any | None]
 
     def steps_per_epoch(self, global_batch: int) -> int:
         if self.stream.num_samples is None:

@@ -22,6 +22,7 @@ from mmfactory.data.chat import (
     tokenize_chat,
 )
 from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
@@ -70,6 +71,7 @@ class CausalLMSFTTask(TrainingTask):
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, list[TokenizedChat]] = {}
         self._conversations: dict[str, list[list[dict[str, str]]]] = {}
+        self._train_stream: SampleStream | None = None
 
     # -- data ----------------------------------------------------------------------------------------
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
@@ -93,10 +95,27 @@ class CausalLMSFTTask(TrainingTask):
             self._datasets[split] = kept
         return self._datasets[split]
 
-    def train_dataset(self) -> list[TokenizedChat]:
-        return self._tokenized("train")
+    def train_dataset(self) -> list[TokenizedChat] | TrainStream:
+        stream = self._stream()
+        return self._tokenized("train") if stream is None else TrainStream(stream, self._stream_item)
 
-    def train_lengths(self) -> list[int]:
+    def _stream(self) -> SampleStream | None:
+        """The training stream, when the train source is streamed (``conversations`` is then not used)."""
+        if self._train_stream is None and any(source.streaming for source in self.data_cfg.train):
+            self._train_stream = self.read_sources("train", self.counts)
+        return self._train_stream
+
+    def _stream_item(self, sample: dict, rng) -> TokenizedChat | None:
+        chat = tokenize_chat(sample["messages"], self.tokenizer, self.template, self.data_cfg.max_length)
+        self.counts["train/truncated"] += chat.truncated
+        if not chat.has_targets:
+            self.counts["train/skipped_no_reply_tokens"] += 1
+            return None
+        return chat
+
+    def train_lengths(self) -> list[int] | None:
+        if self._stream() is not None:
+            return None  # a stream's lengths are not known before it is read
         return [-len(chat.input_ids) for chat in self._tokenized("train")]  # text-only
 
     def eval_dataset(self) -> list[TokenizedChat] | None:

@@ -38,6 +38,7 @@ from mmfactory.data.chat import IGNORE_INDEX, TemplateName
 from mmfactory.data.multimodal import MultimodalProcessor, MultimodalSample
 from mmfactory.data.preference import preference_pairs
 from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
+from mmfactory.data.streaming import TrainStream
 from mmfactory.data.teacher_logits import TeacherTopK, fingerprint, open_teacher_topk, write_teacher_topk
 from mmfactory.data.world_source import world_object_mentions
 from mmfactory.eval.metrics import normalize_answer
@@ -277,6 +278,11 @@ class MimicDistillTask(MultimodalSFTTask):
         dataset = super().train_dataset()
         if self.options.teacher_topk is None:
             return dataset
+        if isinstance(dataset, TrainStream):
+            raise ConfigError(
+                "options.teacher_topk: the stored top-k is indexed by sample and a streamed source has no "
+                "index; stream with the online teacher (teacher_topk: null) or read the source up front"
+            )
         return WithTeacherTopK(dataset, self._teacher_cache(dataset))
 
     def eval_dataset(self) -> Dataset | None:

@@ -28,8 +28,14 @@ from transformers import AutoTokenizer
 
 from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
-from mmfactory.data.multimodal import MultimodalChatDataset, MultimodalProcessor, MultimodalSample
+from mmfactory.data.multimodal import (
+    MultimodalChatDataset,
+    MultimodalProcessor,
+    MultimodalSample,
+    fit_conversation,
+)
 from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
 from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
 from mmfactory.models.generation import GenerationConfig
@@ -167,23 +173,46 @@ class MultimodalSFTTask(TrainingTask):
         return replace(spec, **resolved)
 
     # -- data ----------------------------------------------------------------------------------------
-    def _dataset(self, split: str) -> MultimodalChatDataset | None:
+    def _dataset(self, split: str) -> MultimodalChatDataset | TrainStream | None:
         if split not in self._datasets:
             source = self.read_sources(split, self.counts)
-            self._datasets[split] = (
-                None
-                if source is None
-                else MultimodalChatDataset(
-                    source, self.processor, self.data_cfg.max_length, self.counts, split
+            if isinstance(source, SampleStream):
+                self._datasets[split] = TrainStream(source, self._stream_item)
+            else:
+                self._datasets[split] = (
+                    None
+                    if source is None
+                    else MultimodalChatDataset(
+                        source, self.processor, self.data_cfg.max_length, self.counts, split
+                    )
                 )
-            )
         return self._datasets[split]
 
-    def train_dataset(self) -> MultimodalChatDataset:
+    def _stream_item(self, sample: dict, rng) -> MultimodalSample | None:
+        """A streamed conversation as a training sample (None: it cannot train, counted)."""
+        images = sample["images"]
+        fitted = fit_conversation(
+            self.processor,
+            sample["messages"],
+            len(images),
+            self.data_cfg.max_length,
+            self.counts,
+            "train",
+            sample["where"],
+        )
+        return (
+            None
+            if fitted is None
+            else MultimodalSample(fitted.input_ids, fitted.labels, fitted.truncated, images)
+        )
+
+    def train_dataset(self) -> MultimodalChatDataset | TrainStream:
         return self._dataset("train")
 
-    def train_lengths(self) -> list[int]:
+    def train_lengths(self) -> list[int] | None:
         dataset = self._dataset("train")
+        if isinstance(dataset, TrainStream):
+            return None  # a stream's lengths are not known before it is read
         return [
             len(chat.input_ids) if dataset.source.num_images[index] else -len(chat.input_ids)
             for index, chat in dataset.samples

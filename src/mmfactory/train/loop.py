@@ -155,6 +155,11 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     dataset = task.train_dataset()
     world, rank = accelerator.num_processes, accelerator.process_index
     if isinstance(dataset, TrainStream):  # a streaming source: batched per process (mmfactory.data.streaming)
+        if cfg.group_by_length:
+            raise ConfigError(
+                f"stages.{stage.name}.train.group_by_length: a streamed source is not known ahead, so its "
+                "global batches cannot be sorted by length; read it up front (streaming: false)"
+            )
         sampler = None
         steps_per_epoch = (
             dataset.steps_per_epoch(cfg.batch_size * cfg.grad_accum * world) if cfg.max_steps is None else 0

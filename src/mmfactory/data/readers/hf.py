@@ -7,12 +7,17 @@ files by suffix (``.parquet``, ``.arrow``, ``.json`` / ``.jsonl``, ``.csv``). ``
 ``instruction`` / ``output`` (alpaca), looked for in that order after the ``columns`` renames, and its
 images in ``images`` (a list) or ``image``: ``datasets.Image`` values, raw bytes, or paths (relative to
 ``image_root``). Text columns are read and checked up front; images are decoded when a sample is drawn.
+
+With ``streaming: true`` the rows are streamed instead (:class:`HFStream`, a ``datasets`` streaming
+``IterableDataset``; ``path`` may then be a glob of files, each one shard) and checked as they come.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from mmfactory.data.readers.conversations import (
     sharegpt_messages,
 )
 from mmfactory.data.sources import SampleKind, SourceConfig
+from mmfactory.data.streaming import SampleStream
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 SYNTAXES = (
@@ -41,21 +47,44 @@ SYNTAXES = (
 
 
 def load_hf(source: SourceConfig):
-    """The source's ``datasets.Dataset`` (map-style, memory-mapped)."""
+    """The source's ``datasets.Dataset`` (map-style, memory-mapped), or with ``streaming`` its
+    ``IterableDataset``."""
     import datasets
 
+    streaming = source.streaming
     if source.path is not None:
         builder = BUILDERS.get(Path(source.path).suffix)
         if builder is None:
             raise ConfigError(f"path: {source.path} has none of the suffixes {', '.join(BUILDERS)}")
-        if not Path(source.path).is_file():
+        if not glob.glob(str(Path(source.path).expanduser())):
             raise BadSampleError("file not found", reason=BadReason.MISSING_FILE, file=source.path)
-        return datasets.load_dataset(builder, data_files=source.path, split="train")
+        return datasets.load_dataset(builder, data_files=source.path, split="train", streaming=streaming)
     folder = Path(source.dataset).expanduser()
     if folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(folder))
-        return loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(source.dataset, source.name, split=source.split)
+        loaded = loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return (
+            loaded.to_iterable_dataset(num_shards=max(1, loaded.num_rows // 10_000)) if streaming else loaded
+        )
+    return datasets.load_dataset(source.dataset, source.name, split=source.split, streaming=streaming)
+
+
+def _syntax(columns: list[str], where: str):
+    syntax = next(((key, parse) for key, parse in SYNTAXES if key in columns), None)
+    if syntax is None:
+        raise ConfigError(
+            f"columns: {where} has none of the columns messages, conversations, instruction "
+            f"(columns: {columns}); map yours with columns: {{messages: <column>}}"
+        )
+    return syntax
+
+
+def _renamed(dataset, source: SourceConfig, columns: list[str]):
+    renames = {theirs: ours for ours, theirs in source.columns.items() if theirs != ours}
+    missing = [theirs for theirs in renames if theirs not in columns]
+    if missing:
+        raise ConfigError(f"columns: {source.where} has no column {missing[0]!r} (columns: {columns})")
+    return (dataset.rename_columns(renames) if renames else dataset), [renames.get(c, c) for c in columns]
 
 
 def _image_column(columns: list[str]) -> str | None:
@@ -83,20 +112,8 @@ def read_hf(
     source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter
 ) -> ImageConversations:
     dataset = load_hf(source)
-    renames = {theirs: ours for ours, theirs in source.columns.items() if theirs != ours}
-    missing = [theirs for theirs in renames if theirs not in dataset.column_names]
-    if missing:
-        raise ConfigError(
-            f"columns: {source.where} has no column {missing[0]!r} (columns: {dataset.column_names})"
-        )
-    if renames:
-        dataset = dataset.rename_columns(renames)
-    syntax = next(((key, parse) for key, parse in SYNTAXES if key in dataset.column_names), None)
-    if syntax is None:
-        raise ConfigError(
-            f"columns: {source.where} has none of the columns messages, conversations, instruction "
-            f"(columns: {dataset.column_names}); map yours with columns: {{messages: <column>}}"
-        )
+    dataset, _ = _renamed(dataset, source, dataset.column_names)
+    syntax = _syntax(dataset.column_names, source.where)
     image_column = _image_column(dataset.column_names)
     texts = dataset.select_columns([c for c in dataset.column_names if c != image_column])
     num_images = _image_counts(dataset, image_column)
@@ -127,3 +144,57 @@ def _image_counts(dataset, column: str | None) -> list[int]:
     if hasattr(values.type, "value_type"):  # a list column
         return pc.fill_null(pc.list_value_length(values), 0).to_pylist()
     return [int(v) for v in pc.is_valid(values).to_pylist()]
+
+
+@dataclass
+class HFStream(SampleStream):
+    """``chat`` / ``image-chat`` rows of a streaming ``datasets.IterableDataset`` (its shards are its
+    files): samples ``{"messages", "images": [uint8 [H, W, 3]], "where"}``, checked as they come."""
+
+    dataset: Any = None
+    syntax: Any = None
+    image_column: str | None = None
+    image_root: Path | None = None
+    where: str = ""
+    text_only: bool = False
+
+    def shard_samples(self, shard: int):
+        rows = self.dataset.shard(num_shards=len(self.shards), index=shard)
+        for index, row in enumerate(rows):
+            yield f"shard {shard} row {index}", row
+
+    def decode(self, raw) -> dict[str, Any] | None:
+        label, row = raw
+        try:
+            value = row.get(self.image_column) if self.image_column else None
+            values = [] if value is None else value if isinstance(value, list) else [value]
+            if values and self.text_only:
+                raise ConfigError(f"{self.where}: {label} has images, but this task reads text-only chats")
+            messages = self.syntax[1](row)
+            check_placeholders(messages, len(values))
+            images = [_to_array(v, self.image_root) for v in values]
+        except BadSampleError as error:
+            self._bad(error.located(self.where, label))
+            return None
+        return {"messages": messages, "images": images, "where": f"{self.where}, {label}"}
+
+
+def read_hf_stream(source: SourceConfig, kind: SampleKind, prefix: str, counts: Counter) -> HFStream:
+    dataset = load_hf(source)
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    dataset, columns = _renamed(dataset, source, columns)
+    return HFStream(
+        list(range(dataset.num_shards)),
+        source.seed,
+        source.shuffle_buffer,
+        source.num_samples,
+        source.on_bad_sample,
+        counts,
+        prefix,
+        dataset=dataset,
+        syntax=_syntax(columns, source.where),
+        image_column=_image_column(columns),
+        image_root=Path(source.image_root) if source.image_root is not None else None,
+        where=source.where,
+        text_only=kind == "chat",
+    )
