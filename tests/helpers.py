@@ -98,3 +98,21 @@ def tiny_sft_recipe(**train) -> dict:
 def write_recipe(recipe: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def run_and_kill(cmd: list[str], when: Path, env: dict, timeout: float = 120) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``when`` exists (a checkpoint folder), and check it was
+    killed mid-run."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not when.is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (when.parent / "DONE").exists(), "the kill came too late to test resuming"

@@ -5,11 +5,9 @@ exact resume from a step (also after SIGKILL, through the CLI), and bad samples 
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from itertools import islice
 
@@ -23,7 +21,7 @@ from mmfactory.config import ConfigError, from_dict
 from mmfactory.data.policy import BadSampleError
 from mmfactory.data.sources import SourceConfig, read_sources
 from mmfactory.data.streaming import StreamBatches
-from tests.helpers import write_recipe
+from tests.helpers import run_and_kill, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP
 
 SHARD_SIZES = (3, 5, 2, 4)  # uneven on purpose
@@ -152,17 +150,7 @@ def test_sigkill_then_resume_on_a_stream_is_bit_identical(tmp_path):
     subprocess.run(_cli(path, reference), check=True, env=env, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        _cli(path, resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while not (resumed / "clip" / "step-8").is_dir():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (resumed / "clip" / "DONE").exists(), "the kill came too late to test resuming"
+    run_and_kill(_cli(path, resumed), resumed / "clip" / "step-8", env)
     done = subprocess.run(_cli(path, resumed), check=True, env=env, capture_output=True, text=True)
     assert "resumed from" in done.stdout + done.stderr
 

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_sft_recipe, write_recipe
+from tests.helpers import run_and_kill, tiny_sft_recipe, write_recipe
 
 
 def _cli(recipe, out) -> list[str]:
@@ -28,17 +26,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     subprocess.run(_cli(path, reference), check=True, env=env, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        _cli(path, resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while not (resumed / "sft" / "step-8").is_dir():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (resumed / "sft" / "DONE").exists(), "the kill came too late to test resuming"
+    run_and_kill(_cli(path, resumed), resumed / "sft" / "step-8", env)
     steps = sorted(int(p.name.split("-")[1]) for p in (resumed / "sft").glob("step-*") if "." not in p.name)
     assert steps and steps[-1] < 40
 

@@ -246,13 +246,17 @@ class TrainStream:
         return StreamBatches(self.stream, self.item, batch_size, grad_accum, rank, world_size, start_step)
 
 
+def stream_settings(source, prefix: str, counts: Counter) -> dict[str, Any]:
+    """The :class:`SampleStream` settings a source gives (its shards aside)."""
+    return {
+        "seed": source.seed,
+        "shuffle_buffer": source.shuffle_buffer,
+        "num_samples": source.num_samples,
+        "on_bad_sample": source.on_bad_sample,
+        "counts": counts,
+        "prefix": prefix,
+    }
+
+
 def read_webdataset_stream(source, prefix: str, counts: Counter) -> ImageTextStream:
-    return ImageTextStream(
-        expand_shards(source.path),
-        source.seed,
-        source.shuffle_buffer,
-        source.num_samples,
-        source.on_bad_sample,
-        counts,
-        prefix,
-    )
+    return ImageTextStream(expand_shards(source.path), **stream_settings(source, prefix, counts))

@@ -36,7 +36,7 @@ from mmfactory.data.readers.conversations import (
     sharegpt_messages,
 )
 from mmfactory.data.sources import SampleKind, SourceConfig
-from mmfactory.data.streaming import SampleStream
+from mmfactory.data.streaming import SampleStream, stream_settings
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 SYNTAXES = (
@@ -185,12 +185,7 @@ def read_hf_stream(source: SourceConfig, kind: SampleKind, prefix: str, counts: 
     dataset, columns = _renamed(dataset, source, columns)
     return HFStream(
         list(range(dataset.num_shards)),
-        source.seed,
-        source.shuffle_buffer,
-        source.num_samples,
-        source.on_bad_sample,
-        counts,
-        prefix,
+        **stream_settings(source, prefix, counts),
         dataset=dataset,
         syntax=_syntax(columns, source.where),
         image_column=_image_column(columns),
