@@ -131,3 +131,19 @@ def test_a_random_subset_is_seeded_and_kept_in_order():
     positions = [every.index(picked[0].media(i).tobytes()) for i in range(10)]
     assert positions == sorted(positions) and positions != list(range(10))  # in order, not the first ten
     assert [picked[1].media(i).tobytes() for i in range(10)] == [every[p] for p in positions]  # seeded
+
+
+def test_rankings_jsonl_with_image_root_and_bad_rankings_counted(files):
+    files.png("imgs/a.png")
+    rows = [
+        {"id": "r0", "image": "a.png", "captions": ["a dot", "a cat", "a red dot"], "ranks": [2, 3, 1]},
+        {"id": "r1", "image": "a.png", "captions": ["alone"], "ranks": [1]},
+        {"id": "r2", "image": "a.png", "captions": ["x", "y"], "ranks": [1, 0]},
+    ]
+    path = str(files.jsonl("rankings.jsonl", rows))
+    root = str(files.root / "imgs")
+    with pytest.raises(BadSampleError, match=r"line 2 \(id 'r1'\): a ranking needs at least 2 captions"):
+        read("ranking", format="rankings", path=path, image_root=root)
+    samples, counts = read("ranking", format="rankings", path=path, image_root=root, on_bad_sample="skip")
+    assert samples.items == [{"id": "r0", "captions": ["a dot", "a cat", "a red dot"], "ranks": [2, 3, 1]}]
+    assert counts == {"train/bad_invalid_ranks": 2} and samples.media(0).shape == (12, 16, 3)

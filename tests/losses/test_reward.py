@@ -49,3 +49,28 @@ def test_large_reward_gaps_stay_finite():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match=r"\[P\]"):
         bradley_terry_loss(torch.zeros(3), torch.zeros(4))
+
+
+def test_soft_targets_match_naive_cross_entropy_and_a_tie_is_best_at_equal_rewards():
+    g = torch.Generator().manual_seed(1)
+    chosen = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1.0, 0.5, 0.5, 1.0, 0.5], dtype=torch.float64)
+    got = bradley_terry_loss(chosen, rejected, margin=0.2, target=target)
+    d = chosen - rejected - 0.2
+    p = 1 / (1 + torch.exp(-d))
+    want = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(
+        torch.autograd.grad(got, (chosen, rejected)),
+        torch.autograd.grad(want, (chosen, rejected)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    ones = torch.ones(5, dtype=torch.float64)
+    torch.testing.assert_close(
+        bradley_terry_loss(chosen, rejected, target=ones), bradley_terry_loss(chosen, rejected)
+    )
+    gaps = torch.linspace(-2, 2, 41)
+    tie = [bradley_terry_loss(gap[None], torch.zeros(1), target=torch.full((1,), 0.5)).item() for gap in gaps]
+    assert tie.index(min(tie)) == 20  # the minimum is at a zero gap

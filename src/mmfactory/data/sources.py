@@ -29,7 +29,9 @@ Sample kinds and what a reader returns for them:
   - ``preference``: ``{"id", "prompt", "chosen", "rejected"}`` (paired) or ``{"id", "prompt",
     "completion", "label": bool}`` (TRL's unpaired KTO rows); media: the list of images (0 or 1);
   - ``article``: ``{"id", "lang", "facts", "draft", "reference"}`` (SAG; world articles also carry
-    ``"variants"``); no media.
+    ``"variants"``); no media;
+  - ``ranking``: ``{"id", "captions", "ranks"}`` (rank 1 best, ties allowed; world rankings also carry
+    ``"kinds"``); media: the image.
 
 Bad records go through ``on_bad_sample`` (:mod:`mmfactory.data.policy`): an error naming file and record,
 or a counted skip; :func:`read_sources` prints the skip report (up to 5 examples each) as soon as a source
@@ -211,8 +213,9 @@ WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     "preference": ("preference",),  # image pairs: faithful vs hallucinated descriptions and answers
     "article_preference": ("preference",),  # SAG C-DPO notes, languages in turn
     "articles": ("article",),
+    "rankings": ("ranking",),  # every caption kind of a scene, graded, ranked (rank 1 best, ties)
 }
-ENGLISH_ONLY = ("chat", "pope", "labelled", "preference")
+ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings")
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(
@@ -256,6 +259,9 @@ FORMATS: dict[str, Format] = {
     ),
     "preference": Format(
         ("preference",), frozenset({"path", "image_root"}), "mmfactory.data.preference:read_preference_source"
+    ),
+    "rankings": Format(
+        ("ranking",), frozenset({"path", "image_root"}), "mmfactory.data.readers.ranking:read_rankings_source"
     ),
     "articles": Format(
         ("article",), frozenset({"path", "languages"}), "mmfactory.data.articles:read_articles_source"

@@ -146,6 +146,15 @@ def world_preference(kind: str, split: str, n: int, seed: int, image_size: int, 
     return Samples(pairs, partial(operator.getitem, [[]] * n))
 
 
+def world_rankings(split: str, n: int, seed: int, image_size: int) -> Samples:
+    """Scenes ``0..n-1`` with every caption kind graded and ranked (rank 1 best, equal quality tied)."""
+    from mmfactory.world import World
+
+    rankings = World(seed=seed, image_size=image_size).rankings(split, n)
+    items = [{key: r[key] for key in ("id", "captions", "ranks", "kinds")} for r in rankings]
+    return Samples(items, partial(operator.getitem, [r["image"] for r in rankings]))
+
+
 def world_articles(split: str, n: int, seed: int, languages: Sequence[str], offset: int = 0) -> Samples:
     """Articles ``offset .. offset + n - 1`` of a split, each in every language (language innermost)."""
     from mmfactory.world.articles import article
@@ -165,6 +174,8 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         return world_preference(
             source.kind, source.split, size, source.seed, source.image_size, source.world_languages
         )
+    if source.kind == "rankings":
+        return world_rankings(source.split, size, source.seed, source.image_size)
     if source.kind == "articles":
         return world_articles(source.split, size, source.seed, source.world_languages, source.offset)
     if source.kind == "scenes":

@@ -5,13 +5,19 @@ from torch import Tensor
 
 
 def bradley_terry_loss(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float = 0.0
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | float = 0.0,
+    target: Tensor | None = None,
 ) -> Tensor:
     """Bradley-Terry pairwise loss ``mean(-log sigmoid(r_chosen - r_rejected - margin))``.
 
     ``margin`` (a float, or ``[P]`` per pair as in Llama 2's reward model, e.g. larger for clearer
-    preferences) asks the chosen reward to win by at least that much; 0 is plain Bradley-Terry. Ties are
-    not pairs: the data layer drops them when it turns rankings into pairs.
+    preferences) asks the chosen reward to win by at least that much; 0 is plain Bradley-Terry.
+    ``target`` (``[P]`` in [0, 1], default all 1) is the probability that "chosen" wins: a tie kept as a
+    pair has 0.5, and the loss is then the binary cross-entropy
+    ``-(t log sigmoid(d) + (1 - t) log sigmoid(-d))`` with ``d = r_chosen - r_rejected - margin``,
+    smallest at equal rewards.
 
     Args:
         chosen_rewards: ``[P]`` scalar rewards of the preferred items.
@@ -25,4 +31,7 @@ def bradley_terry_loss(
             f"chosen and rejected rewards must both be [P], got {tuple(chosen_rewards.shape)} and "
             f"{tuple(rejected_rewards.shape)}"
         )
-    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
+    difference = chosen_rewards - rejected_rewards - margin
+    if target is None:
+        return -F.logsigmoid(difference).mean()
+    return -(target * F.logsigmoid(difference) + (1 - target) * F.logsigmoid(-difference)).mean()

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "mllm_preference_distill": "mmfactory.tasks.llava_mod:PreferenceDistillTask",
     "video_text_contrastive": "mmfactory.tasks.contrastive:VideoTextContrastiveTask",
     "image_text_contrastive": "mmfactory.tasks.image_text:ImageTextContrastiveTask",
+    "image_text_reward": "mmfactory.tasks.reward:ImageTextRewardTask",
     "arm_pretrain": "mmfactory.tasks.arm:ARMPretrainTask",
     "arm_mae_pretrain": "mmfactory.tasks.arm:MaskedPretrainTask",
     "arm_finetune": "mmfactory.tasks.arm:ImageClassificationTask",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mmfactory.data.readers.records import (
     read_annotation_file,
     require,
 )
+from mmfactory.data.samples import Samples
 
 
 def ranking_to_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -29,8 +31,34 @@ def ranking_to_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
     return [(i, j) for i, rank_i in enumerate(ranks) for j, rank_j in enumerate(ranks) if rank_i < rank_j]
 
 
+def ranking_pairs(
+    captions: Sequence[str], ranks: Sequence[int], ties: str = "exclude"
+) -> list[tuple[int, int, float]]:
+    """``(chosen, rejected, target)`` pairs of one ranking: every better-worse pair with target 1, and with
+    ``ties="half"`` every tied pair once (lower index first) with target 0.5. Pairs of identical caption
+    texts are dropped and a repeated text pair is kept once (deduplicated)."""
+    pairs = [(i, j, 1.0) for i, j in ranking_to_pairs(ranks)]
+    if ties == "half":
+        pairs += [
+            (i, j, 0.5) for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] == ranks[j]
+        ]
+    seen, kept = set(), []
+    for i, j, target in pairs:
+        key = (
+            (captions[i], captions[j], target)
+            if target == 1.0
+            else (*sorted((captions[i], captions[j])), target)
+        )
+        if captions[i] != captions[j] and key not in seen:
+            seen.add(key)
+            kept.append((i, j, target))
+    return kept
+
+
 def _parse_ranking(raw: dict[str, Any], base_dir: Path) -> Fields:
     captions = require(raw, "captions", list)
+    if len(captions) < 2:
+        raise BadSampleError("a ranking needs at least 2 captions", reason=BadReason.INVALID_RANKS)
     for position, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise BadSampleError(f"captions[{position}] must be a string", reason=BadReason.INVALID_RECORD)
@@ -58,6 +86,7 @@ def read_rankings(
     on_bad_sample: BadSamplePolicy = "error",
     counter: BadSampleCounter | None = None,
     check_media: bool = True,
+    image_root: str | Path | None = None,
 ) -> RecordDataset:
     """Samples ``{"id", "image": uint8 [H, W, 3], "captions", "ranks", "pairs": ranking_to_pairs(ranks)}``."""
     return read_annotation_file(
@@ -68,4 +97,20 @@ def read_rankings(
         on_bad_sample=on_bad_sample,
         counter=counter,
         check_media=check_media,
+        base_dir=image_root,
     )
+
+
+def _record_image(dataset: RecordDataset, index: int):
+    return dataset[index]["image"]
+
+
+def read_rankings_source(source, kind, bad: BadSampleCounter, counts) -> Samples:
+    """``format: rankings``: items ``{"id", "captions", "ranks"}``, ``media(i)`` the image (decoded when
+    drawn; its file is checked to exist when read)."""
+    root = Path(source.image_root).expanduser() if source.image_root else None
+    dataset = read_rankings(
+        source.path, on_bad_sample=source.on_bad_sample, counter=bad, check_media=False, image_root=root
+    )
+    items = [{key: r.fields[key] for key in ("id", "captions", "ranks")} for r in dataset.records]
+    return Samples(items, partial(_record_image, dataset))
