@@ -108,6 +108,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_filter_score(args: argparse.Namespace) -> int:
+    from mmfactory.filter_align.score import score_pool
+
+    summary = score_pool(
+        args.model, args.pool, args.out, args.scorer, args.batch_size, args.chunk, args.shard_size
+    )
+    rate = summary["pairs"] / max(summary["seconds"], 1e-9)
+    print(json.dumps({**summary, "pairs_per_s": round(rate, 1)}))
+    return 0
+
+
+def _cmd_filter_select(args: argparse.Namespace) -> int:
+    from mmfactory.filter_align.select import select_top
+
+    print(json.dumps(select_top(args.scores, args.out, args.keep, args.threshold)))
+    return 0
+
+
 def _cmd_world_export(args: argparse.Namespace) -> int:
     from mmfactory.world.export import export_world
 
@@ -157,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=_cmd_eval)
+
+    filt = sub.add_parser("filter", help="Filter & Align: score a pool of image-text pairs, keep its best")
+    filt_sub = filt.add_subparsers(dest="filter_command", required=True)
+    p = filt_sub.add_parser("score", help="score a pool with a reward model (resumable, shards per process)")
+    p.add_argument("--model", required=True, help="an image_text_reward stage's final/ (or a CLIP folder)")
+    p.add_argument("--pool", required=True, help="world:N[:BAD], or webdataset shards (glob / brace pattern)")
+    p.add_argument("--out", required=True, help="score folder: {shard}/part-*.parquet, {shard}/DONE.json")
+    p.add_argument("--scorer", choices=["reward", "cosine"], default="reward")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=1024, help="pairs per Parquet part (the resume granularity)")
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard of a world pool")
+    p.set_defaults(func=_cmd_filter_score)
+    p = filt_sub.add_parser("select", help="keep the top fraction of scored pairs (DuckDB over the scores)")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep", type=float, help="fraction to keep, e.g. 0.3")
+    p.add_argument("--threshold", type=float, help="keep every pair scoring at least this")
+    p.set_defaults(func=_cmd_filter_select)
 
     world = sub.add_parser("world", help="the built-in procedural multimodal world")
     world_sub = world.add_subparsers(dest="world_command", required=True)

@@ -311,3 +311,13 @@ def world_zero_shot(size: int, seed: int, image_size: int, languages: Sequence[s
             name = f"zeroshot_{lang}_{attribute}"
             benchmarks.append(ZeroShotBenchmark(name, images, labels, classes, [prompts[c] for c in classes]))
     return benchmarks
+
+
+def world_web_pool(n: int, bad_fraction: float) -> list[dict]:
+    """The world's web-like pool: ``n`` pairs ``{"uid", "image", "text", "aligned", "kind"}`` of which
+    exactly ``round(n * bad_fraction)`` are misaligned or low quality (the hidden truth a filter is
+    measured against)."""
+    from mmfactory.world import World
+
+    pairs, truth = World().web_pool(n, bad_fraction)
+    return [{**pair, **{k: t[k] for k in ("aligned", "kind")}} for pair, t in zip(pairs, truth, strict=True)]

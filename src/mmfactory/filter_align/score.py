@@ -1,0 +1,159 @@
+"""Score a pool of image-text pairs with a reward model (or the CLIP cosine), resumable and sharded.
+
+Output, under ``out/``: for each pool shard a folder ``{shard}/`` of ``part-NNNNN.parquet`` files (columns
+``uid``, ``score`` float64, ``status``: ``ok`` or the bad-sample reason, whose score is null), each written
+atomically after ``chunk`` pairs, and, once the shard is finished, ``{shard}/DONE.json`` with its counts.
+
+* **Resume.** A rerun skips finished shards and, in an unfinished one, the pairs its parts already hold
+  (the shard's item order is fixed), so a job killed at any moment — also mid-shard — ends with every pair
+  scored exactly once.
+* **Processes.** Under ``torchrun`` / ``accelerate launch`` process ``r`` of ``W`` takes shards
+  ``r, r + W, ...``; the processes never talk to each other, so any number of jobs on any machines can
+  share one pool and one output folder.
+* **Bad items** (an image that does not decode, a missing member, an empty caption) are rows with their
+  reason and no score: counted per reason in ``DONE.json``, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from mmfactory.filter_align.pool import Shard, decode_item, pool_shards, shard_items
+from mmfactory.tasks.image_text import tokenize_for_clip
+
+SCHEMA = pa.schema([("uid", pa.string()), ("score", pa.float64()), ("status", pa.string())])
+
+
+class PairScorer:
+    """Scores ``(images, texts)`` batches: the reward model's ``r(i, t)`` (``scorer="reward"``) or the
+    cosine of its (or a plain CLIP folder's) embeddings (``scorer="cosine"``, CLIP-score filtering)."""
+
+    def __init__(self, folder: str | Path, scorer: str = "reward", device: str | None = None):
+        from mmfactory.tasks.image_text import CLIPSpec, load_clip
+        from mmfactory.tasks.reward import HEAD_CONFIG, ImageTextRewardModel, load_reward_model
+
+        folder = Path(folder)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if (folder / HEAD_CONFIG).is_file():
+            self.model, self.tokenizer, self.image_processor = load_reward_model(folder)
+        elif scorer == "reward":
+            raise FileNotFoundError(f"{folder}: no reward head ({HEAD_CONFIG}); score with --scorer cosine")
+        else:
+            clip, self.tokenizer, self.image_processor = load_clip(CLIPSpec(), folder)
+            self.model = ImageTextRewardModel(clip, None)
+        self.model.to(self.device).eval()
+        self.scorer = scorer
+        self.max_length = self.model.clip.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray], texts: list[str]) -> np.ndarray:
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        tokens = tokenize_for_clip(self.tokenizer, texts, self.max_length)
+        image = self.model.embed_images(pixels)
+        text = self.model.embed_texts(
+            tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        )
+        scores = (image * text).sum(-1) if self.scorer == "cosine" else self.model.head(image, text)
+        return scores.double().cpu().numpy()
+
+
+def _write_part(folder: Path, index: int, rows: dict[str, list]) -> None:
+    path = folder / f"part-{index:05d}.parquet"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    pq.write_table(pa.table(rows, schema=SCHEMA), tmp)
+    tmp.replace(path)
+
+
+def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def score_shard(scorer: PairScorer, shard: Shard, out: Path, batch_size: int, chunk: int, bar) -> dict:
+    """Score one shard into ``out/{shard}/`` from where an earlier run left it; returns its counts."""
+    folder = out / shard.name
+    if (folder / "DONE.json").is_file():
+        return json.loads((folder / "DONE.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = sorted(folder.glob("part-*.parquet"))
+    done = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    items = shard_items(shard)
+    for _ in range(done):  # already scored by an earlier run
+        next(items)
+    rows: dict[str, list] = {"uid": [], "score": [], "status": []}
+    part = len(parts)
+    for batch in _batches(items, batch_size):
+        decoded = [decode_item(item) for item in batch]
+        good = [i for i, (_, status) in enumerate(decoded) if status == "ok"]
+        scores = scorer([decoded[i][0] for i in good], [batch[i]["text"] for i in good]) if good else []
+        by_index = dict(zip(good, scores, strict=True))
+        for i, item in enumerate(batch):
+            rows["uid"].append(str(item["uid"]))
+            rows["score"].append(float(by_index[i]) if i in by_index else None)
+            rows["status"].append(decoded[i][1])
+        bar.update(len(batch))
+        if len(rows["uid"]) >= chunk:
+            _write_part(folder, part, rows)
+            part, rows = part + 1, {"uid": [], "score": [], "status": []}
+    if rows["uid"]:
+        _write_part(folder, part, rows)
+    statuses = Counter()
+    for path in sorted(folder.glob("part-*.parquet")):
+        statuses.update(pq.read_table(path, columns=["status"]).column("status").to_pylist())
+    summary = {
+        "shard": shard.name,
+        "pairs": sum(statuses.values()),
+        "statuses": dict(sorted(statuses.items())),
+    }
+    tmp = folder / f".DONE.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(folder / "DONE.json")
+    return summary
+
+
+def score_pool(
+    model: str | Path,
+    pool: str,
+    out: str | Path,
+    scorer: str = "reward",
+    batch_size: int = 64,
+    chunk: int = 1024,
+    shard_size: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict:
+    """Score this process's shards of ``pool`` into ``out`` (module docstring); returns the counts of the
+    shards it scored and the time it took."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    out = Path(out)
+    shards = pool_shards(pool, shard_size)[rank::world_size]
+    pair_scorer = PairScorer(model, scorer)
+    start = time.perf_counter()
+    summaries = []
+    with tqdm(desc=f"scoring (process {rank})", unit="pairs", disable=rank != 0, dynamic_ncols=True) as bar:
+        for shard in shards:
+            summaries.append(score_shard(pair_scorer, shard, out, batch_size, chunk, bar))
+    seconds = time.perf_counter() - start
+    statuses = Counter()
+    for summary in summaries:
+        statuses.update(summary["statuses"])
+    pairs = sum(statuses.values())
+    return {"shards": len(shards), "pairs": pairs, "statuses": dict(statuses), "seconds": round(seconds, 3)}
