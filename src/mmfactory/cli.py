@@ -111,9 +111,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_filter_score(args: argparse.Namespace) -> int:
     from mmfactory.filter_align.score import score_pool
 
-    summary = score_pool(
-        args.model, args.pool, args.out, args.scorer, args.batch_size, args.chunk, args.shard_size
-    )
+    common = (args.model, args.pool, args.out, args.scorer, args.batch_size, args.chunk, args.shard_size)
+    if args.ray_workers:
+        from mmfactory.filter_align.score import score_pool_ray
+
+        summary = score_pool_ray(*common, workers=args.ray_workers, num_gpus=args.ray_gpus)
+    else:
+        summary = score_pool(*common)
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
     print(json.dumps({**summary, "pairs_per_s": round(rate, 1)}))
     return 0
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=1024, help="pairs per Parquet part (the resume granularity)")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard of a world pool")
+    p.add_argument("--ray-workers", type=int, default=0, help="score with this many Ray Data actors")
+    p.add_argument("--ray-gpus", type=float, default=0, help="GPUs per Ray actor")
     p.set_defaults(func=_cmd_filter_score)
     p = filt_sub.add_parser("select", help="keep the top fraction of scored pairs (DuckDB over the scores)")
     p.add_argument("--scores", required=True)

@@ -165,3 +165,23 @@ def test_a_scoring_job_killed_mid_shard_resumes_with_no_pair_lost_or_twice(tmp_p
     subprocess.run([*cmd, "--out", str(out)], env=env, check=True, capture_output=True)
     rows = read_scores(out)
     assert sorted(uid for uid, _, _ in rows) == [f"pool-{i:06d}" for i in range(400)]  # none lost, none twice
+
+
+def test_ray_data_actors_score_what_one_process_does(tmp_path, reward_dir):
+    import ray
+
+    one = tmp_path / "one"
+    score_pool(reward_dir, "world:40:0.5", one, batch_size=16, shard_size=10)
+    from mmfactory.filter_align.score import score_pool_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = score_pool_ray(
+            reward_dir, "world:40:0.5", tmp_path / "ray", batch_size=16, shard_size=10, workers=2
+        )
+    finally:
+        ray.shutdown()
+    assert summary["pairs"] == 40 and summary["shards"] == 4
+    a, b = sorted(read_scores(one)), sorted(read_scores(tmp_path / "ray"))
+    assert [r[0] for r in a] == [r[0] for r in b]
+    np.testing.assert_allclose([r[1] for r in a], [r[1] for r in b], atol=1e-6)

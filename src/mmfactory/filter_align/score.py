@@ -10,6 +10,10 @@ atomically after ``chunk`` pairs, and, once the shard is finished, ``{shard}/DON
 * **Processes.** Under ``torchrun`` / ``accelerate launch`` process ``r`` of ``W`` takes shards
   ``r, r + W, ...``; the processes never talk to each other, so any number of jobs on any machines can
   share one pool and one output folder.
+* **A cluster.** :func:`score_pool_ray` runs the same shards through Ray Data: ``from_items`` over the
+  shard list, ``map_batches`` with :class:`ShardScorer` (a stateful actor class that loads the model once),
+  ``concurrency`` actors of ``num_cpus`` / ``num_gpus`` each, writing the same layout (so resuming and
+  selection do not care which engine scored a shard).
 * **Bad items** (an image that does not decode, a missing member, an empty caption) are rows with their
   reason and no score: counted per reason in ``DONE.json``, never dropped.
 """
@@ -157,3 +161,77 @@ def score_pool(
         statuses.update(summary["statuses"])
     pairs = sum(statuses.values())
     return {"shards": len(shards), "pairs": pairs, "statuses": dict(statuses), "seconds": round(seconds, 3)}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+class ShardScorer:
+    """Ray Data actor: loads the scorer once, then scores each shard of its batches into ``out``."""
+
+    def __init__(self, model: str, out: str, scorer: str, batch_size: int, chunk: int, threads: int):
+        torch.set_num_threads(threads)
+        self.scorer, self.out = PairScorer(model, scorer), Path(out)
+        self.batch_size, self.chunk = batch_size, chunk
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [
+            score_shard(
+                self.scorer, Shard(str(name), str(spec)), self.out, self.batch_size, self.chunk, _NoBar()
+            )
+            for name, spec in zip(batch["name"], batch["spec"], strict=True)
+        ]
+        return {
+            "shard": [s["shard"] for s in summaries],
+            "statuses": [json.dumps(s["statuses"]) for s in summaries],
+        }
+
+
+def score_pool_ray(
+    model: str | Path,
+    pool: str,
+    out: str | Path,
+    scorer: str = "reward",
+    batch_size: int = 64,
+    chunk: int = 1024,
+    shard_size: int = 1000,
+    workers: int = 2,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+) -> dict:
+    """Score ``pool`` into ``out`` with ``workers`` Ray actors (module docstring). Ray must be started
+    (``ray.init()``, or ``RAY_ADDRESS`` for a cluster); otherwise it starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    shards = pool_shards(pool, shard_size)
+    items = ray.data.from_items([{"name": s.name, "spec": s.spec} for s in shards])
+    start = time.perf_counter()
+    results = items.map_batches(
+        ShardScorer,
+        fn_constructor_kwargs={
+            "model": str(model),
+            "out": str(out),
+            "scorer": scorer,
+            "batch_size": batch_size,
+            "chunk": chunk,
+            "threads": max(1, int(num_cpus)),
+        },
+        batch_size=1,
+        concurrency=workers,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    ).take_all()
+    statuses = Counter()
+    for row in results:
+        statuses.update(json.loads(row["statuses"]))
+    seconds = time.perf_counter() - start
+    return {
+        "shards": len(results),
+        "pairs": sum(statuses.values()),
+        "statuses": dict(statuses),
+        "seconds": round(seconds, 3),
+    }
