@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
 from mmfactory.data.sources import check_source_paths
 from mmfactory.lineage import dir_fingerprint, stale_reason
@@ -44,16 +45,6 @@ def _check_same_config(stage_dir: Path, text: str) -> None:
             f"{stage_dir} was produced by a different configuration of this stage (see {path}); "
             "use another --output, or delete that folder to start the stage again"
         )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    tmp.replace(path)
 
 
 def _clear_stage(stage_dir: Path) -> None:

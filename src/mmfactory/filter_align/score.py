@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from mmfactory.atomic import write_atomic
 from mmfactory.filter_align.pool import Shard, decode_item, pool_shards, shard_items
 from mmfactory.tasks.image_text import tokenize_for_clip
 
@@ -126,9 +127,7 @@ def score_shard(scorer: PairScorer, shard: Shard, out: Path, batch_size: int, ch
         "pairs": sum(statuses.values()),
         "statuses": dict(sorted(statuses.items())),
     }
-    tmp = folder / f".DONE.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(folder / "DONE.json")
+    write_atomic(folder / "DONE.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -200,6 +200,17 @@ def load_clip(
     return model, tokenizer, image_processor
 
 
+def clip_pixel_values(
+    image_processor: BaseImageProcessor, images: Sequence[np.ndarray], pad_square: bool = False
+) -> Tensor:
+    """uint8 ``[H, W, 3]`` images -> ``[N, 3, S, S]`` float32 through the image processor, padded first to
+    squares of its mean colour with ``pad_square`` (LLaVA-1.5's "pad")."""
+    if pad_square:
+        fill = [round(255 * m) for m in image_processor.image_mean]
+        images = [pad_to_square(image, fill) for image in images]
+    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
 def tokenize_for_clip(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
 ) -> dict[str, Tensor]:
@@ -353,11 +364,7 @@ class ImageTextContrastiveTask(TrainingTask):
         return ImageCaptionDataset(source, train=False, indices=range(usable)) if usable else None
 
     def pixel_values(self, images: Sequence[np.ndarray]) -> Tensor:
-        """uint8 ``[H, W, 3]`` images -> ``[N, 3, S, S]`` float32 through the image processor."""
-        if self.data_cfg.pad_square:
-            fill = [round(255 * m) for m in self.image_processor.image_mean]
-            images = [pad_to_square(image, fill) for image in images]
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return clip_pixel_values(self.image_processor, images, self.data_cfg.pad_square)
 
     def with_shape_twins(self, samples: list[dict]) -> list[dict]:
         """The batch with its last ``floor(shape_twins * B) // 2`` samples replaced by the shape twins

@@ -26,25 +26,22 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmfactory.config import ConfigError
-from mmfactory.data.multimodal import pad_to_square
 from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
 from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_text import CLIPSpec, load_clip, tokenize_for_clip
+from mmfactory.tasks.image_text import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
 
 HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
 
@@ -216,16 +213,11 @@ class ImageTextRewardTask(TrainingTask):
         pairs = self.ranked_pairs("eval", "exclude")
         return pairs if pairs is not None and len(pairs) else None
 
-    def pixel_values(self, images: Sequence[np.ndarray]) -> Tensor:
-        if self.data_cfg.pad_square:
-            fill = [round(255 * m) for m in self.image_processor.image_mean]
-            images = [pad_to_square(image, fill) for image in images]
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-
     def collate(self, samples: list[dict]) -> dict[str, Tensor]:
         """``pixel_values [B, 3, S, S]``, ``chosen_*`` / ``rejected_*`` token ids and masks ``[B, L]``,
         ``target [B]``."""
-        batch = {"pixel_values": self.pixel_values([s["image"] for s in samples])}
+        images = [s["image"] for s in samples]
+        batch = {"pixel_values": clip_pixel_values(self.image_processor, images, self.data_cfg.pad_square)}
         for side in ("chosen", "rejected"):
             tokens = tokenize_for_clip(self.tokenizer, [s[side] for s in samples], self.max_text_length)
             batch.update({f"{side}_{k}": v for k, v in tokens.items()})
