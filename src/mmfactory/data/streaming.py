@@ -43,8 +43,8 @@ from torch.utils.data import IterableDataset
 from mmfactory.config import ConfigError
 from mmfactory.data.media import load_image
 from mmfactory.data.policy import BadReason, BadSampleCounter, BadSampleError, DataError, handle_bad_sample
+from mmfactory.data.readers.webdataset import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MAX_EXAMPLES = 5
 
 
