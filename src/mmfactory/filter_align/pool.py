@@ -22,7 +22,7 @@ import numpy as np
 from mmfactory.config import ConfigError
 from mmfactory.data.media import load_image
 from mmfactory.data.policy import BadReason, BadSampleError
-from mmfactory.data.streaming import IMAGE_EXTENSIONS, expand_shards
+from mmfactory.data.streaming import IMAGE_EXTENSIONS, ImageTextStream, expand_shards
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,21 @@ def shard_items(shard: Shard) -> Iterator[dict[str, Any]]:
         _, n, bad, lo, hi = shard.spec.split(":")
         yield from world_pool(int(n), float(bad))[int(lo) : int(hi)]
         return
-    import webdataset.tariterators as wds
-
-    with open(shard.spec, "rb") as stream:
-        files = wds.tar_file_expander([{"url": shard.spec, "stream": stream}])
-        for raw in wds.group_by_keys(files):
-            image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-            uid = raw["__key__"]
-            if "json" in raw:
-                try:
-                    meta = json.loads(raw["json"])
-                    uid = str(meta.get("uid", meta.get("id", uid))) if isinstance(meta, dict) else uid
-                except ValueError:
-                    pass
-            text = raw.get("txt", b"").decode("utf-8", errors="replace")
-            item = {"uid": uid, "image": image, "text": text}
-            if image is None or not text.strip():
-                item["bad"] = BadReason.MISSING_FILE.value if image is None else BadReason.EMPTY_TEXT.value
-            yield item
+    # The streaming reader's member grouping (a broken tar raises naming the shard).
+    for raw in ImageTextStream([shard.spec]).shard_samples(shard.spec):
+        image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        uid = raw["__key__"]
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+                uid = str(meta.get("uid", meta.get("id", uid))) if isinstance(meta, dict) else uid
+            except ValueError:
+                pass
+        text = raw.get("txt", b"").decode("utf-8", errors="replace")
+        item = {"uid": uid, "image": image, "text": text}
+        if image is None or not text.strip():
+            item["bad"] = BadReason.MISSING_FILE.value if image is None else BadReason.EMPTY_TEXT.value
+        yield item
 
 
 def decode_item(item: dict[str, Any]) -> tuple[np.ndarray | None, str]:
