@@ -72,3 +72,21 @@ def test_optimizer_flattening_round_trips():
     for index, state in original["state"].items():
         for key, value in state.items():
             assert torch.equal(rebuilt["state"][index][key], value)
+
+
+def test_persistent_buffers_round_trip_and_non_persistent_ones_are_left_out(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    model.register_buffer("scratch", torch.zeros(3), persistent=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = build_scheduler(opt, 10, ScheduleConfig())
+    model(torch.randn(16, 4))  # running statistics move without a gradient
+    buffers = ckpt.persistent_buffers(model)
+    assert set(buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    path = ckpt.save_checkpoint(
+        tmp_path, 1, dict(model.named_parameters()), opt, sched, [ckpt.rng_state()], buffers=buffers
+    )
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    ckpt.load_checkpoint(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), sched, rank=0)
+    assert torch.equal(fresh[1].running_mean, model[1].running_mean)
+    assert int(fresh[1].num_batches_tracked) == 1

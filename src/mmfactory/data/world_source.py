@@ -321,3 +321,26 @@ def world_web_pool(n: int, bad_fraction: float) -> list[dict]:
 
     pairs, truth = World().web_pool(n, bad_fraction)
     return [{**pair, **{k: t[k] for k in ("aligned", "kind")}} for pair, t in zip(pairs, truth, strict=True)]
+
+
+def world_scene_layout(scenes) -> tuple[np.ndarray, np.ndarray]:
+    """World scenes as grid layouts for a cell-wise judge: ``cells`` int64 ``[N, 9, 2]`` (per cell of the
+    3x3 grid in raster order: shape index + 1, colour index + 1; 0 = empty) and ``background`` ``[N]``."""
+    from mmfactory.world.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES
+
+    cell_of = {name: 3 * row + col for row, names in enumerate(POSITIONS) for col, name in enumerate(names)}
+    colors, backgrounds = list(COLORS), list(BACKGROUNDS)
+    cells = np.zeros((len(scenes), 9, 2), dtype=np.int64)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            cells[i, cell_of[obj.position]] = (SHAPES.index(obj.shape) + 1, colors.index(obj.color) + 1)
+    return cells, np.array([backgrounds.index(s.background) for s in scenes], dtype=np.int64)
+
+
+def world_scene_vocabulary() -> dict[str, int]:
+    """Sizes of the world's layout vocabulary: ``grid`` side, ``num_shapes``, ``num_colors`` and
+    ``num_backgrounds``."""
+    from mmfactory.world.scenes import BACKGROUNDS, COLORS, SHAPES
+
+    sizes = {"num_shapes": len(SHAPES), "num_colors": len(COLORS), "num_backgrounds": len(BACKGROUNDS)}
+    return {"grid": 3, **sizes}

@@ -25,6 +25,9 @@ TASKS: dict[str, str] = {
     "arm_pretrain": "mmfactory.tasks.arm:ARMPretrainTask",
     "arm_mae_pretrain": "mmfactory.tasks.arm:MaskedPretrainTask",
     "arm_finetune": "mmfactory.tasks.arm:ImageClassificationTask",
+    "mars_vq": "mmfactory.tasks.image_tokenizer:VQTokenizerTask",
+    "mars_judge": "mmfactory.tasks.scene_judge:SceneJudgeTask",
+    "mars_t2i": "mmfactory.tasks.mars:T2ITask",
 }
 
 

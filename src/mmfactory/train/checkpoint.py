@@ -3,6 +3,8 @@
 A checkpoint folder ``step-N/`` holds:
 
 - ``trainable.safetensors``   the trainable parameters (frozen ones are rebuilt from their source);
+- ``buffers.safetensors``     the persistent buffers, which training may change without a gradient (EMA
+  codebooks, running statistics);
 - ``optimizer.safetensors`` + ``optimizer.json``   optimizer tensors and the rest of its state;
 - ``rng-{rank}.safetensors`` + ``rng-{rank}.json`` torch / numpy / python RNG states of each process;
 - ``state.json``   the global step, the scheduler state, the SHA-256 of every other file (checked by
@@ -35,7 +37,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
 
@@ -151,11 +153,14 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rng_per_rank: list[tuple[dict[str, torch.Tensor], dict]],
     extra: dict | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/step-{step}`` atomically and return it."""
     final = directory / f"step-{step}"
     tmp = atomic_dir(final)
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    if buffers:
+        save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()}, tmp / "buffers.safetensors")
     opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", opt_meta)
@@ -167,6 +172,16 @@ def save_checkpoint(
     _write_json(tmp / "state.json", {"step": step, "scheduler": sched, "files": files, **(extra or {})})
     commit_dir(tmp, final)
     return final
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers ``module.state_dict()`` holds (not the non-persistent ones), by qualified name."""
+    return {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, sub in module.named_modules()
+        for name, buffer in sub.named_buffers(recurse=False)
+        if buffer is not None and name not in sub._non_persistent_buffers_set
+    }
 
 
 def file_sha256(path: Path) -> str:
@@ -199,7 +214,8 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int,
 ) -> dict:
-    """Restore trainable parameters, optimizer, scheduler and this rank's RNG; returns ``state.json``."""
+    """Restore trainable parameters, persistent buffers, optimizer, scheduler and this rank's RNG; returns
+    ``state.json``."""
     saved = load_file(path / "trainable.safetensors")
     params = dict(module.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -209,9 +225,17 @@ def load_checkpoint(
             f"{path}: checkpoint does not match the trainable set (missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}); was the stage config changed since it was written?"
         )
+    buffers = persistent_buffers(module)
+    saved_buffers = (
+        load_file(path / "buffers.safetensors") if (path / "buffers.safetensors").is_file() else {}
+    )
+    if saved_buffers and set(saved_buffers) != set(buffers):
+        raise RuntimeError(f"{path}: checkpoint buffers do not match the model's; was the model changed?")
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
+        for name, tensor in saved_buffers.items():
+            buffers[name].copy_(tensor)
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta))
     state = json.loads((path / "state.json").read_text())

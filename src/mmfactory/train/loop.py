@@ -283,7 +283,14 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
             if is_main:
                 named = {n: p for n, p in task.named_parameters() if p.requires_grad}
                 ckpt.save_checkpoint(
-                    stage_dir, done, named, optimizer, scheduler, rng, extra={"first_loss": first_loss}
+                    stage_dir,
+                    done,
+                    named,
+                    optimizer,
+                    scheduler,
+                    rng,
+                    extra={"first_loss": first_loss},
+                    buffers=ckpt.persistent_buffers(task),
                 )
                 for _, old in ckpt.list_checkpoints(stage_dir)[: -cfg.keep_checkpoints]:
                     shutil.rmtree(old)

@@ -1,0 +1,174 @@
+"""MARS's evaluation: text-image consistency of generated images (judged cell by cell), a Fréchet distance
+with its real-vs-real floor, captions and joint replies, and the LM's text perplexity before and after.
+
+Every function takes its models and data as arguments; :class:`~mmfactory.tasks.mars.T2ITask` wires them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from mmfactory.eval.metrics import frechet_distance
+from mmfactory.mars.judge import SceneJudge, consistency
+from mmfactory.mars.sampling import SamplingConfig, generate_mixed, sample_images
+from mmfactory.mars.sequences import SequenceBuilder
+from mmfactory.models.components.vq import VQImageTokenizer, pixels_from_uint8, uint8_from_pixels
+from mmfactory.models.t2i import TextToImageLM
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 2) -> None:
+    """uint8 ``[N, S, S, 3]`` -> one PNG grid (``columns`` wide, each image ``scale`` x nearest-upsampled)."""
+    n, s = len(images), images.shape[1]
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * s, columns * s, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
+    ).save(path)
+
+
+@torch.no_grad()
+def generate_images(
+    model: TextToImageLM,
+    vq: VQImageTokenizer,
+    builder: SequenceBuilder,
+    captions: Sequence[str],
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """uint8 ``[N, S, S, 3]`` images sampled for ``captions`` (seeded: one call, one set of images)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    side = math.isqrt(builder.n_codes)
+    uncond = builder.prompt(None)
+    out = []
+    for start in range(0, len(captions), batch_size):
+        prompts = [builder.prompt(c) for c in captions[start : start + batch_size]]
+        codes = sample_images(model, prompts, uncond, builder.n_codes, sampling, generator)
+        out.append(uint8_from_pixels(vq.decode(codes.view(-1, side, side))).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), dtype=np.uint8)
+
+
+@torch.no_grad()
+def judge_images(judge: SceneJudge, images: np.ndarray, batch_size: int = 256) -> dict[str, Tensor]:
+    """The judge's outputs (``shape``, ``color``, ``background`` logits, ``features``) for uint8 images."""
+    device = next(judge.parameters()).device
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, len(images), batch_size):
+        pixels = pixels_from_uint8(torch.from_numpy(images[start : start + batch_size]).to(device))
+        parts.append({k: v.cpu() for k, v in judge(pixels).items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def consistency_metrics(judged: dict[str, Tensor], cells: np.ndarray, prefix: str) -> dict[str, float]:
+    """``{prefix}_{position|shape|color|object|count|scene}`` in percent, means over images."""
+    scores = consistency(judged, torch.from_numpy(cells))
+    return {f"{prefix}_{name}": 100.0 * float(value.mean()) for name, value in scores.items()}
+
+
+def fid_like(
+    judge: SceneJudge, generated: np.ndarray, real: np.ndarray, floor_real: np.ndarray
+) -> dict[str, float]:
+    """Fréchet distance on judge features of generated vs real images, and the floor: two disjoint real sets
+    of the same size (the distance the metric gives to real images at this sample count)."""
+    n = min(len(generated), len(real), len(floor_real))
+    features = [
+        judge_images(judge, x[:n])["features"].double().numpy() for x in (generated, real, floor_real)
+    ]
+    return {
+        "fd": frechet_distance(features[0], features[1]),
+        "fd_real_floor": frechet_distance(features[2], features[1]),
+        "fd_samples": n,
+    }
+
+
+@torch.no_grad()
+def generate_captions(
+    model: TextToImageLM,
+    builder: SequenceBuilder,
+    codes: Tensor,
+    langs: Sequence[str],
+    stop_ids: set[int],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+) -> list[str]:
+    """A greedy caption for each image (codes ``[N, n]``), asked in language ``langs[i]``."""
+    from mmfactory.mars.sequences import fill_codes
+
+    out: list[str] = []
+    for start in range(0, len(codes), batch_size):
+        chunk = codes[start : start + batch_size]
+        prompts = [builder.caption_prompt(lang) for lang in langs[start : start + batch_size]]
+        filled = [
+            fill_codes(torch.tensor([p]), c[None].cpu(), model.text_vocab)[0].tolist()
+            for p, c in zip(prompts, chunk, strict=True)
+        ]
+        greedy = SamplingConfig(cfg_scale=1.0, temperature=0.0)
+        replies = generate_mixed(
+            model, filled, builder.n_codes, stop_ids, max_new_tokens, greedy, allow_images=False
+        )
+        out += [_reply_text(builder, segments) for segments in replies]
+    return out
+
+
+def _reply_text(builder: SequenceBuilder, segments: list[tuple[str, list[int]]]) -> str:
+    ids = [t for kind, tokens in segments if kind == "text" for t in tokens]
+    return builder.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate_joint(
+    model: TextToImageLM,
+    vq: VQImageTokenizer,
+    builder: SequenceBuilder,
+    captions: Sequence[str],
+    stop_ids: set[int],
+    sampling: SamplingConfig,
+    seed: int,
+    max_new_tokens: int,
+) -> list[tuple[np.ndarray | None, str]]:
+    """Per caption, the joint reply's first image (uint8 ``[S, S, 3]``; None if it drew none) and its text."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    side = math.isqrt(builder.n_codes)
+    unguided = SamplingConfig(**{**vars(sampling), "cfg_scale": 1.0})
+    prompts = [builder.joint_prompt(c) for c in captions]
+    replies = generate_mixed(
+        model, prompts, builder.n_codes, stop_ids, max_new_tokens, unguided, True, generator
+    )
+    out = []
+    for segments in replies:
+        images = [codes for kind, codes in segments if kind == "image" and len(codes) == builder.n_codes]
+        image = None
+        if images:
+            codes = torch.tensor(images[0], device=device).view(1, side, side)
+            image = uint8_from_pixels(vq.decode(codes))[0].cpu().numpy()
+        out.append((image, _reply_text(builder, segments)))
+    return out
+
+
+@torch.no_grad()
+def text_nll(logits_of: Callable[[Tensor, Tensor], Tensor], batches: Sequence[dict[str, Tensor]]) -> float:
+    """Mean next-token negative log-likelihood over every real (unpadded) token of the batches
+    (``input_ids``, ``attention_mask``); ``logits_of(ids, mask)`` gives text logits ``[B, T, V]``."""
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = logits_of(ids, mask)[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        )
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
