@@ -4,6 +4,7 @@
     mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
     mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
     mmfactory generate ... --image PNG                 ask a multimodal model about an image
+    mmfactory generate --model DIR --prompt ... --out DIR   draw PNGs with a MARS (mars_t2i) model
     mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
 
@@ -45,6 +46,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if (Path(args.model) / "t2i.json").is_file():
+        return _draw(args)
     if args.image:
         return _generate_about_image(args)
     import torch
@@ -62,10 +65,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(args.seed)
+    temperature = args.temperature or 0.0
     cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or 1.0,
+        max_new_tokens=args.max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0
     )
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
     for prompt, reply in zip(
@@ -85,12 +87,31 @@ def _generate_about_image(args: argparse.Namespace) -> int:
     model, processor = load_mllm(args.model)
     image = load_image(args.image)
     torch.manual_seed(args.seed)
-    sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
+    temperature = args.temperature or 0.0
+    sampling = {"do_sample": temperature > 0, "temperature": temperature or 1.0}
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
     conversations = [[{"role": "user", "content": f"{processor.image_token}\n{p}"}] for p in args.prompt]
     replies = generate_replies(model, processor, conversations, [[image]] * len(args.prompt), cfg)
     for prompt, reply in zip(args.prompt, replies, strict=True):
         print(f">>> {prompt}\n{reply}\n")
+    return 0
+
+
+def _draw(args: argparse.Namespace) -> int:
+    from mmfactory.mars.generate import draw_to_folder, load_t2i_folder
+    from mmfactory.mars.sampling import SamplingConfig
+
+    if not args.out:
+        raise ConfigError(f"--out: {args.model} is a text-to-image model; name a folder for its PNGs")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    sampling = SamplingConfig(
+        cfg_scale=args.cfg_scale, temperature=temperature, top_k=args.top_k, top_p=args.top_p
+    )
+    sampling.validate()
+    folder = load_t2i_folder(Path(args.model))
+    out = Path(args.out)
+    paths = draw_to_folder(folder, args.prompt, out, sampling, args.num_images, args.seed, joint=args.joint)
+    print(f"wrote {len(paths)} images to {out}")
     return 0
 
 
@@ -162,12 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model folder, e.g. runs/lm-tiny/sft/final")
     p.add_argument("--prompt", required=True, action="append", help="a user message (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default for text; 1 for images)")
     p.add_argument(
         "--template", choices=["chatml", "llama3"], help="default: the one the model was trained with"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="ask the prompts about this image (a multimodal model folder)")
+    p.add_argument("--out", help="text-to-image models: the folder the PNGs are written to")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="text-to-image: guidance scale (1 = none)")
+    p.add_argument("--top-k", type=int, default=32, help="text-to-image: codes kept per step (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="text-to-image: nucleus mass (1 = off)")
+    p.add_argument("--num-images", type=int, default=1, help="text-to-image: images per prompt")
+    p.add_argument("--joint", action="store_true", help="text-to-image: draw, then describe in text")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="score a multimodal model on the world's held-out VQA, POPE, captions")

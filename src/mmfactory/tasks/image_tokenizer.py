@@ -79,9 +79,6 @@ def check_sizes(sizes: list[int], downsample: int, where: str) -> None:
             raise ConfigError(f"{where}: image size {size} is not a multiple of the tokenizer's {downsample}")
 
 
-
-
-
 @dataclass
 class VQSpec:
     """``path``: a saved tokenizer folder; ``tiny``: keyword arguments of :class:`VQTokenizerConfig`."""
@@ -220,5 +217,3 @@ class VQTokenizerTask(TrainingTask):
 
     def save_pretrained(self, out_dir: Path) -> None:
         self.vq.save_pretrained(out_dir)
-
-

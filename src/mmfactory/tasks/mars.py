@@ -32,6 +32,7 @@ from mmfactory.mars.evaluate import (
     save_grid,
     text_nll,
 )
+from mmfactory.mars.generate import GENERATION_META
 from mmfactory.mars.judge import SceneJudge
 from mmfactory.mars.sampling import SamplingConfig
 from mmfactory.mars.sequences import (
@@ -52,8 +53,6 @@ from mmfactory.models.t2i import T2ILayout, TextToImageLM, is_t2i_folder
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.tasks.image_tokenizer import check_sizes, fitted_uint8, read_up_front
 
-GENERATION_META = "mars_generation.json"  # template, image size and instructions of a saved T2I folder
-
 
 def _scene_sources() -> list[SourceConfig]:
     return [SourceConfig("world", kind="scenes", size=4000, languages=["en", "zh"])]
@@ -61,9 +60,6 @@ def _scene_sources() -> list[SourceConfig]:
 
 def _eval_scenes() -> list[SourceConfig]:
     return [SourceConfig("world", kind="scenes", split="val", size=200, languages=["en", "zh"])]
-
-
-
 
 
 @dataclass
@@ -473,4 +469,3 @@ class T2ITask(TrainingTask):
         (out_dir / GENERATION_META).write_text(
             json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8"
         )
-

@@ -139,5 +139,3 @@ class SceneJudgeTask(TrainingTask):
 
     def save_pretrained(self, out_dir: Path) -> None:
         self.judge.save_pretrained(out_dir)
-
-
