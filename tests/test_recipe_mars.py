@@ -14,7 +14,8 @@ from mmfactory.cli import main
 T2I = ["align", "refine", "align_full", "refine_full"]
 SMALL_LM = (
     "{tiny: {model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 256, tie_word_embeddings: true}}"
+    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 256, "
+    "tie_word_embeddings: true}}"
 )
 OVERRIDES = [
     f"stages.lm.model={SMALL_LM}",
