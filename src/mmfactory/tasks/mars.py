@@ -23,8 +23,10 @@ from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.world_source import world_scene_layout
 from mmfactory.mars.evaluate import (
+    GenerationEval,
     consistency_metrics,
-    fid_like,
+    eval_prompts,
+    evaluate_generator,
     generate_captions,
     generate_images,
     generate_joint,
@@ -40,7 +42,6 @@ from mmfactory.mars.sequences import (
     Instructions,
     SequenceBuilder,
     fill_codes,
-    language_of,
     pad_sequences,
 )
 from mmfactory.models.components.experts import EXPERT_MODULES
@@ -107,7 +108,7 @@ class T2IOptions:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # evaluation's sampling at its scale
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # consistency measured at each
     eval_prompts: int = 64  # eval images per language whose caption is drawn
-    fd_samples: int = 100  # per set: generated, real, and the second real set of the floor
+    fd_samples: int = 100  # per set: generated, real, and the floor's second real set (at sampling's scale)
     eval_captions: int = 32  # per language, images captioned greedily
     joint_samples: int = 8  # joint "draw and describe" replies written to samples/
     judge: str | None = None  # an earlier mars_judge stage or folder; None: no consistency / FD
@@ -135,6 +136,10 @@ class T2IOptions:
                 raise ConfigError(f"{name}: must be >= 0")
         if self.eval_batch_size < 1:
             raise ConfigError("eval_batch_size: must be >= 1")
+
+    def generation_eval(self) -> GenerationEval:
+        scale = self.sampling.cfg_scale
+        return GenerationEval(self.cfg_scales, scale, self.eval_prompts, self.fd_samples, self.seed)
 
 
 class T2IDataset(Dataset):
@@ -274,22 +279,6 @@ class T2ITask(TrainingTask):
         return {k: (t if k == "loss" else t.detach().float()) for k, t in out.items()}
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def _eval_prompts(self, source: ImageCaptions, n: int) -> dict[str, tuple[list[int], list[str]]]:
-        """Per language: (image indices, prompts), the prompt of an image being its longest caption in the
-        language (the detailed one for world scenes)."""
-        by_lang: dict[str, tuple[list[int], list[str]]] = {}
-        for i, captions in enumerate(source.captions[:n]):
-            langs: dict[str, str] = {}
-            for caption in captions:
-                lang = language_of(caption)
-                if len(caption) > len(langs.get(lang, "")):
-                    langs[lang] = caption
-            for lang, caption in langs.items():
-                by_lang.setdefault(lang, ([], []))
-                by_lang[lang][0].append(i)
-                by_lang[lang][1].append(caption)
-        return by_lang
-
     def _load_judge(self) -> SceneJudge | None:
         if self.options.judge is None:
             return None
@@ -311,49 +300,18 @@ class T2ITask(TrainingTask):
         return metrics
 
     def _consistency(self, source: ImageCaptions, judge: SceneJudge | None, out: Path) -> dict[str, float]:
-        o, metrics = self.options, {}
-        cells = world_scene_layout(source.scenes)[0] if source.scenes is not None else None
-        n = min(o.eval_prompts, len(source))
-        generated_at_default: list[np.ndarray] = []
-        for lang, (indices, prompts) in sorted(self._eval_prompts(source, n).items()):
-            for scale in o.cfg_scales:
-                sampling = SamplingConfig(**{**vars(o.sampling), "cfg_scale": scale})
-                images = generate_images(
-                    self.model, self.vq, self.builder, prompts, sampling, o.seed, o.eval_batch_size
-                )
-                save_grid(images[:32], out / f"t2i_{lang}_cfg{scale:g}.png")
-                (out / f"t2i_{lang}_prompts.txt").write_text("\n".join(prompts[:32]) + "\n", encoding="utf-8")
-                if judge is not None and cells is not None:
-                    metrics.update(
-                        consistency_metrics(
-                            judge_images(judge, images), cells[indices], f"t2i_{lang}_cfg{scale:g}"
-                        )
-                    )
-                if scale == o.sampling.cfg_scale:
-                    generated_at_default.append(images)
-        if judge is not None and o.fd_samples and generated_at_default:
-            metrics.update(self._fd(source, judge))
-        return metrics
-
-    def _fd(self, source: ImageCaptions, judge: SceneJudge) -> dict[str, float]:
-        """FD of images generated for eval images ``0..n-1`` against real images ``n..2n-1``; floor: real
-        ``0..n-1`` against the same ``n..2n-1``."""
         o = self.options
-        n = min(o.fd_samples, len(source) // 2)
-        if n < 2:
-            return {}
-        size = self.data_cfg.image_size
-        first = fitted_uint8([source.image(i) for i in range(n)], size).numpy()
-        second = fitted_uint8([source.image(i) for i in range(n, 2 * n)], size).numpy()
-        prompts = [max(source.captions[i], key=len) for i in range(n)]
-        generated = generate_images(
-            self.model, self.vq, self.builder, prompts, o.sampling, o.seed + 1, o.eval_batch_size
-        )
-        return fid_like(judge, generated, second, first)
+
+        def draw(prompts: list[str], scale: float, seed: int) -> np.ndarray:
+            sampling = SamplingConfig(**{**vars(o.sampling), "cfg_scale": scale})
+            batch = o.eval_batch_size
+            return generate_images(self.model, self.vq, self.builder, prompts, sampling, seed, batch)
+
+        return evaluate_generator(draw, source, judge, o.generation_eval(), self.data_cfg.image_size, out)
 
     def _captions(self, source: ImageCaptions) -> dict[str, float]:
         o, metrics = self.options, {}
-        for lang, (indices, _) in sorted(self._eval_prompts(source, o.eval_captions).items()):
+        for lang, (indices, _) in sorted(eval_prompts(source, o.eval_captions).items()):
             images = fitted_uint8([source.image(i) for i in indices], self.data_cfg.image_size)
             codes = self.codes("eval", torch.tensor(indices), images)
             replies = generate_captions(
@@ -374,7 +332,7 @@ class T2ITask(TrainingTask):
             return {}
         picks = [
             (i, c)
-            for lang, (idx, prompts) in sorted(self._eval_prompts(source, o.joint_samples).items())
+            for lang, (idx, prompts) in sorted(eval_prompts(source, o.joint_samples).items())
             for i, c in zip(idx, prompts, strict=True)
         ]
         replies = generate_joint(
