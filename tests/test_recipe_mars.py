@@ -1,6 +1,7 @@
 """mars/tiny through the real CLI, shrunk: every stage learns; SemVIE trains only the experts and the new
 rows while the saved LM equals the text LM stage bit for bit (and its text perplexity is unchanged), the
-full fine-tuning baseline changes the LM; `mmfactory generate` draws PNGs from the saved folder."""
+full fine-tuning baseline changes the LM; the diffusion baseline is scored by the same judge; `mmfactory
+generate` draws PNGs from the saved folder."""
 
 import json
 
@@ -33,6 +34,14 @@ OVERRIDES = [
     "stages.judge.train.max_steps=20",
     "train.log_every=1",
     "train.batch_size=8",
+    "stages.diffusion.model.unet={block_out_channels: [8, 16], layers_per_block: 1, attention_head_dim: 4, "
+    "norm_num_groups: 8, down_block_types: [DownBlock2D, CrossAttnDownBlock2D], "
+    "up_block_types: [CrossAttnUpBlock2D, UpBlock2D]}",
+    "stages.diffusion.model.sample_steps=3",
+    "stages.diffusion.data.train=[{format: world, kind: scenes, size: 32, languages: [en, zh]}]",
+    "stages.diffusion.data.eval=[{format: world, kind: scenes, split: val, size: 8, languages: [en, zh]}]",
+    "stages.diffusion.train.max_steps=10",
+    "stages.diffusion.options.generation={cfg_scales: [1.0, 2.0], eval_prompts: 4, fd_samples: 4}",
 ]
 for stage in T2I:
     OVERRIDES += [
@@ -89,6 +98,9 @@ def test_mars_tiny_through_cli(tmp_path, capsys, one_thread):
             assert f"{stage}/{key}" in metrics, (stage, key)
         assert (out / stage / "samples" / "t2i_zh_cfg2.png").is_file()
     assert metrics["align/text_ppl"] == metrics["align/text_ppl_before"]
+    for key in ["t2i_en_cfg2_object", "t2i_zh_cfg1_color", "fd", "fd_real_floor"]:
+        assert f"diffusion/{key}" in metrics, key  # the baseline is scored by the same code
+    assert metrics["diffusion/train_tflops"] > 0 and metrics["align/train_tflops"] > 0
     assert metrics["align_full/text_ppl"] != metrics["align_full/text_ppl_before"]
 
     initial = load_file(out / "align" / "final" / "t2i.safetensors")

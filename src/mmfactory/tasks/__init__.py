@@ -28,6 +28,7 @@ TASKS: dict[str, str] = {
     "mars_vq": "mmfactory.tasks.image_tokenizer:VQTokenizerTask",
     "mars_judge": "mmfactory.tasks.scene_judge:SceneJudgeTask",
     "mars_t2i": "mmfactory.tasks.mars:T2ITask",
+    "t2i_diffusion": "mmfactory.tasks.diffusion_t2i:DiffusionT2ITask",
 }
 
 
