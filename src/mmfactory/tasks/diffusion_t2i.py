@@ -9,7 +9,6 @@ that the two are compared at matched compute.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
-from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TEMPLATES, TemplateName
-from mmfactory.data.image_text import ImageCaptions
-from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.mars.evaluate import GenerationEval, evaluate_generator
 from mmfactory.mars.judge import SceneJudge
 from mmfactory.models.components.vq import pixels_from_uint8, uint8_from_pixels
-from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_tokenizer import IndexedImages, fitted_uint8, read_up_front
+from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, fitted_uint8
 from mmfactory.train.flops import stage_training_flops
 
 TEXT_META = "text_encoder.json"  # which LM folder and template condition a saved UNet
@@ -68,24 +63,10 @@ class DiffusionModelConfig:
 
 
 @dataclass
-class DiffusionData:
-    train: list[SourceConfig] = field(
-        default_factory=lambda: [SourceConfig("world", kind="scenes", size=4000, languages=["en", "zh"])]
-    )
-    eval: list[SourceConfig] = field(
-        default_factory=lambda: [
-            SourceConfig("world", kind="scenes", split="val", size=200, languages=["en", "zh"])
-        ]
-    )
+class DiffusionData(ImageSourcesData):
     image_size: int = 32
     max_prompt_length: int = 96
     template: TemplateName = "chatml"
-    max_bad_fraction: float | None = None
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
@@ -100,7 +81,7 @@ class DiffusionOptions:
             raise ConfigError(f"cfg_dropout: a fraction in [0, 1), got {self.cfg_dropout}")
 
 
-class DiffusionT2ITask(TrainingTask):
+class DiffusionT2ITask(ImageSourcesTask):
     model_config = DiffusionModelConfig
     data_config = DiffusionData
     options_config = DiffusionOptions
@@ -132,20 +113,6 @@ class DiffusionT2ITask(TrainingTask):
         self.noise_schedule = DDPMScheduler(**schedule)
         self.sampler = DDIMScheduler(**schedule)
         self.template = TEMPLATES[data_cfg.template]
-        self.counts: Counter[str] = Counter()
-        self._sources: dict[str, ImageCaptions] = {}
-
-    def source(self, split: str) -> ImageCaptions:
-        if split not in self._sources:
-            self._sources[split] = read_up_front(self, split)
-        return self._sources[split]
-
-    def train_dataset(self) -> Dataset:
-        return IndexedImages(self.source("train"), train=True)
-
-    def eval_dataset(self) -> Dataset | None:
-        source = self.source("eval")
-        return IndexedImages(source, train=False) if len(source) else None
 
     def _prompt_ids(self, captions: list[str]) -> dict[str, Tensor]:
         """The user turn of each caption (MARS's prompt up to its assistant turn), right-padded."""

@@ -57,6 +57,44 @@ def read_up_front(task: TrainingTask, split: str) -> ImageCaptions:
     return source or ImageCaptions.empty()
 
 
+@dataclass
+class ImageSourcesData:
+    """``image-text`` sources read up front (world scenes in English and Chinese by default)."""
+
+    train: list[SourceConfig] = field(default_factory=_scene_sources)
+    eval: list[SourceConfig] = field(default_factory=_eval_scenes)
+    max_bad_fraction: float | None = None
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
+
+
+class ImageSourcesTask(TrainingTask):
+    """A task over ``image-text`` sources read up front: :meth:`source` per split (cached); datasets of
+    :class:`IndexedImages` unless a subclass builds its own."""
+
+    sample_kind = "image-text"
+
+    def __init__(self, stage, ctx, model_cfg, data_cfg, options):
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.counts: Counter[str] = Counter()
+        self._sources: dict[str, ImageCaptions] = {}
+
+    def source(self, split: str) -> ImageCaptions:
+        if split not in self._sources:
+            self._sources[split] = read_up_front(self, split)
+        return self._sources[split]
+
+    def train_dataset(self) -> Dataset:
+        return IndexedImages(self.source("train"), train=True)
+
+    def eval_dataset(self) -> Dataset | None:
+        source = self.source("eval")
+        return IndexedImages(source, train=False) if len(source) else None
+
+
 class IndexedImages(Dataset):
     """Item ``i``: ``{"index": i, "image": uint8 [H, W, 3], "caption": str}``; training draws the caption
     from torch's RNG (resumed runs replay it), evaluation takes the first."""
@@ -100,16 +138,11 @@ class VQSpec:
 
 
 @dataclass
-class VQData:
-    train: list[SourceConfig] = field(default_factory=_scene_sources)
-    eval: list[SourceConfig] = field(default_factory=_eval_scenes)
-    max_bad_fraction: float | None = None
+class VQData(ImageSourcesData):
     image_sizes: list[int] = field(default_factory=lambda: [32])  # each batch at one, drawn uniformly
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        super().validate()
         if not self.image_sizes or min(self.image_sizes) < 8:
             raise ConfigError(f"image_sizes: one or more sides >= 8, got {self.image_sizes}")
 
@@ -131,7 +164,7 @@ def load_vq(spec: VQSpec, init_dir: Path | None) -> VQImageTokenizer:
     return VQImageTokenizer(VQTokenizerConfig(**(spec.tiny or {})))
 
 
-class VQTokenizerTask(TrainingTask):
+class VQTokenizerTask(ImageSourcesTask):
     """Reconstruction (L1 + L2) + commitment; logs PSNR and the batch's code perplexity and dead codes."""
 
     model_config = VQSpec
@@ -144,20 +177,6 @@ class VQTokenizerTask(TrainingTask):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.vq = load_vq(model_cfg, ctx.resolve_init(stage.init_from))
         check_sizes(data_cfg.image_sizes, self.vq.config.downsample, "data.image_sizes")
-        self.counts: Counter[str] = Counter()
-        self._sources: dict[str, ImageCaptions] = {}
-
-    def source(self, split: str) -> ImageCaptions:
-        if split not in self._sources:
-            self._sources[split] = read_up_front(self, split)
-        return self._sources[split]
-
-    def train_dataset(self) -> Dataset:
-        return IndexedImages(self.source("train"), train=True)
-
-    def eval_dataset(self) -> Dataset | None:
-        source = self.source("eval")
-        return IndexedImages(source, train=False) if len(source) else None
 
     def collate(self, samples: list[dict]) -> dict[str, Tensor]:
         return {"images": fitted_uint8([s["image"] for s in samples], max(self.data_cfg.image_sizes))}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TEMPLATES, TemplateName, collate_chats, tokenize_chat
 from mmfactory.data.image_text import ImageCaptions
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.sources import SourceConfig
 from mmfactory.data.world_source import world_scene_layout
 from mmfactory.mars.evaluate import (
     GenerationEval,
@@ -51,17 +50,8 @@ from mmfactory.models.components.vq import (
 )
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm, load_tokenizer
 from mmfactory.models.t2i import T2ILayout, TextToImageLM, is_t2i_folder
-from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_tokenizer import check_sizes, fitted_uint8, read_up_front
+from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, check_sizes, fitted_uint8
 from mmfactory.train.flops import stage_training_flops
-
-
-def _scene_sources() -> list[SourceConfig]:
-    return [SourceConfig("world", kind="scenes", size=4000, languages=["en", "zh"])]
-
-
-def _eval_scenes() -> list[SourceConfig]:
-    return [SourceConfig("world", kind="scenes", split="val", size=200, languages=["en", "zh"])]
 
 
 @dataclass
@@ -82,21 +72,16 @@ class T2IModelConfig:
 
 
 @dataclass
-class T2IData:
-    train: list[SourceConfig] = field(default_factory=_scene_sources)
-    eval: list[SourceConfig] = field(default_factory=_eval_scenes)  # evaluation prompts and real images
+class T2IData(ImageSourcesData):  # eval: the evaluation's prompts and real images
     text_eval: list[SourceConfig] = field(
         default_factory=lambda: [SourceConfig("world", kind="chat", split="val", size=200)]
     )  # held-out text for the LM's perplexity before / after
     image_size: int = 32  # images are tokenised at this side: (image_size / downsample)^2 codes
     max_length: int = 256
     template: TemplateName = "chatml"
-    max_bad_fraction: float | None = None
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        super().validate()
         if self.max_length < 8:
             raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
 
@@ -177,7 +162,7 @@ class T2IDataset(Dataset):
         }
 
 
-class T2ITask(TrainingTask):
+class T2ITask(ImageSourcesTask):
     """MARS: next-token prediction over text and image codes (:class:`TextToImageLM`)."""
 
     model_config = T2IModelConfig
@@ -226,18 +211,11 @@ class T2ITask(TrainingTask):
         self.builder = SequenceBuilder(
             self.tokenizer, self.template, self.model.boi, self.model.eoi, self.n_codes, options.instructions
         )
-        self.counts: Counter[str] = Counter()
-        self._sources: dict[str, ImageCaptions] = {}
         self._codes: dict[
             tuple[str, int], Tensor
         ] = {}  # (split, image index) -> codes [n]: a frozen tokenizer
 
     # -- data ----------------------------------------------------------------------------------------
-    def source(self, split: str) -> ImageCaptions:
-        if split not in self._sources:
-            self._sources[split] = read_up_front(self, split)
-        return self._sources[split]
-
     def train_dataset(self) -> Dataset:
         o = self.options
         return T2IDataset(self.source("train"), True, o.directions, o.cfg_dropout)

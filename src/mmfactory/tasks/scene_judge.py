@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.sources import SourceConfig
 from mmfactory.data.world_source import world_scene_layout, world_scene_vocabulary
 from mmfactory.mars.evaluate import (
     consistency_metrics,
@@ -25,7 +25,7 @@ from mmfactory.models.components.vq import (
     pixels_from_uint8,
 )
 from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_tokenizer import IndexedImages, fitted_uint8, read_up_front
+from mmfactory.tasks.image_tokenizer import ImageSourcesData, IndexedImages, fitted_uint8, read_up_front
 
 
 @dataclass
@@ -43,19 +43,13 @@ class JudgeSpec:
 
 
 @dataclass
-class JudgeData:
+class JudgeData(ImageSourcesData):
     train: list[SourceConfig] = field(
         default_factory=lambda: [SourceConfig("world", kind="scenes", size=4000)]
     )
     eval: list[SourceConfig] = field(
         default_factory=lambda: [SourceConfig("world", kind="scenes", split="val", size=400)]
     )
-    max_bad_fraction: float | None = None
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
 
 
 @dataclass
