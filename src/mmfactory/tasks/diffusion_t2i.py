@@ -26,7 +26,7 @@ from mmfactory.mars.evaluate import GenerationEval, evaluate_generator
 from mmfactory.mars.judge import SceneJudge
 from mmfactory.models.components.vq import pixels_from_uint8, uint8_from_pixels
 from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, fitted_uint8
-from mmfactory.train.flops import stage_training_flops
+from mmfactory.train.flops import stage_training_tflops
 
 TEXT_META = "text_encoder.json"  # which LM folder and template condition a saved UNet
 
@@ -195,13 +195,7 @@ class DiffusionT2ITask(ImageSourcesTask):
                     self.draw, source, judge, self.options.generation, self.data_cfg.image_size, out
                 )
             )
-        train = self.train_dataset()
-        with torch.enable_grad():
-            samples = [train[i] for i in range(min(self.stage.train.batch_size, len(train)))]
-            flops = stage_training_flops(
-                self, samples, self.stage.train.max_steps or 0, self.stage.train.grad_accum
-            )
-        metrics["train_tflops"] = flops / 1e12
+        metrics["train_tflops"] = stage_training_tflops(self)
         return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:

@@ -51,7 +51,7 @@ from mmfactory.models.components.vq import (
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm, load_tokenizer
 from mmfactory.models.t2i import T2ILayout, TextToImageLM, is_t2i_folder
 from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, check_sizes, fitted_uint8
-from mmfactory.train.flops import stage_training_flops
+from mmfactory.train.flops import stage_training_tflops
 
 
 @dataclass
@@ -276,13 +276,7 @@ class T2ITask(ImageSourcesTask):
             metrics.update(self._captions(source))
             metrics.update(self._joint(source, judge, samples_dir))
         metrics.update(self._perplexity())
-        train = self.train_dataset()
-        with torch.enable_grad():
-            samples = [train[i] for i in range(min(self.stage.train.batch_size, len(train)))]
-            flops = stage_training_flops(
-                self, samples, self.stage.train.max_steps or 0, self.stage.train.grad_accum
-            )
-        metrics["train_tflops"] = flops / 1e12
+        metrics["train_tflops"] = stage_training_tflops(self)
         return metrics
 
     def _consistency(self, source: ImageCaptions, judge: SceneJudge | None, out: Path) -> dict[str, float]:

@@ -22,7 +22,11 @@ def training_step_flops(task: TrainingTask, batch: dict[str, torch.Tensor]) -> i
     return int(counter.get_total_flops())
 
 
-def stage_training_flops(task: TrainingTask, samples: list, steps: int, grad_accum: int = 1) -> float:
-    """Training FLOPs of a whole stage: one step measured on ``samples`` (a micro-batch) x steps x
-    accumulation (every step sees batches of that size; lengths vary, so this is an estimate)."""
-    return float(training_step_flops(task, task.collate(samples)) * steps * grad_accum)
+def stage_training_tflops(task: TrainingTask) -> float:
+    """Training TFLOPs of the task's whole stage: one step measured on the first ``batch_size`` training
+    samples, times steps and accumulation (an estimate where lengths vary between batches)."""
+    train, cfg = task.train_dataset(), task.stage.train
+    with torch.enable_grad():
+        batch = task.collate([train[i] for i in range(min(cfg.batch_size, len(train)))])
+        flops = training_step_flops(task, batch)
+    return flops * (cfg.max_steps or 0) * cfg.grad_accum / 1e12
