@@ -24,7 +24,7 @@ from mmfactory.data.world_source import world_scene_layout
 from mmfactory.eval.metrics import frechet_distance
 from mmfactory.mars.judge import SceneJudge, consistency
 from mmfactory.mars.sampling import SamplingConfig, generate_mixed, sample_images
-from mmfactory.mars.sequences import SequenceBuilder, language_of
+from mmfactory.mars.sequences import SequenceBuilder, fill_codes, language_of
 from mmfactory.models.components.vq import VQImageTokenizer, pixels_from_uint8, uint8_from_pixels
 from mmfactory.models.t2i import TextToImageLM
 
@@ -110,8 +110,6 @@ def generate_captions(
     batch_size: int = 32,
 ) -> list[str]:
     """A greedy caption for each image (codes ``[N, n]``), asked in language ``langs[i]``."""
-    from mmfactory.mars.sequences import fill_codes
-
     out: list[str] = []
     for start in range(0, len(codes), batch_size):
         chunk = codes[start : start + batch_size]

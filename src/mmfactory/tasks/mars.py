@@ -194,14 +194,9 @@ class T2ITask(ImageSourcesTask):
             if lm_cfg.path is not None:
                 lm_cfg = CausalLMConfig(**{**asdict(lm_cfg), "path": str(ctx.resolve_init(lm_cfg.path))})
             lm, self.tokenizer = load_causal_lm(lm_cfg)
-            layout = T2ILayout(
-                lm.get_input_embeddings().num_embeddings,
-                0,
-                model_cfg.experts,
-                list(model_cfg.expert_modules),
-            )
             self.vq = VQImageTokenizer.from_pretrained(ctx.resolve_init(model_cfg.vq))
-            layout.codebook_size = self.vq.codebook_size
+            rows = lm.get_input_embeddings().num_embeddings
+            layout = T2ILayout(rows, self.vq.codebook_size, model_cfg.experts, list(model_cfg.expert_modules))
             self.model = TextToImageLM(lm, layout)
         self.vq.requires_grad_(False).eval()
         downsample = self.vq.config.downsample
@@ -352,7 +347,7 @@ class T2ITask(ImageSourcesTask):
     def _perplexity(self) -> dict[str, float]:
         """Perplexity of the LM's text path on ``data.text_eval`` (whole conversations, every token), and
         of ``options.text_reference`` (the LM before MARS) when set."""
-        chats = self.read_sources_named("text_eval")
+        chats = self._text_eval_chats()
         if not chats:
             return {}
         tokenized = [tokenize_chat(c, self.tokenizer, self.template, self.data_cfg.max_length) for c in chats]
@@ -380,14 +375,21 @@ class T2ITask(ImageSourcesTask):
             metrics["text_ppl_before"] = math.exp(before)
         return metrics
 
-    def read_sources_named(self, name: str) -> list:
+    def _text_eval_chats(self) -> list:
+        """The conversations of ``data.text_eval`` (chat sources)."""
         from mmfactory.data.sources import read_sources
 
-        sources = getattr(self.data_cfg, name)
+        sources = self.data_cfg.text_eval
         if not sources:
             return []
         chats = read_sources(
-            sources, "chat", self.counts, name, self.data_cfg.max_bad_fraction, self.stage.train.seed, False
+            sources,
+            "chat",
+            self.counts,
+            "text_eval",
+            self.data_cfg.max_bad_fraction,
+            self.stage.train.seed,
+            False,
         )
         return [] if chats is None else chats.messages
 
