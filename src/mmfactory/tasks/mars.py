@@ -206,9 +206,8 @@ class T2ITask(ImageSourcesTask):
         self.builder = SequenceBuilder(
             self.tokenizer, self.template, self.model.boi, self.model.eoi, self.n_codes, options.instructions
         )
-        self._codes: dict[
-            tuple[str, int], Tensor
-        ] = {}  # (split, image index) -> codes [n]: a frozen tokenizer
+        # (split, image index) -> its codes [n]; the tokenizer is frozen, so each image is tokenised once
+        self._codes: dict[tuple[str, int], Tensor] = {}
 
     # -- data ----------------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
