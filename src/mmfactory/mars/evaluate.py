@@ -22,6 +22,7 @@ from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.images import fit_image
 from mmfactory.data.world_source import world_scene_layout
 from mmfactory.eval.metrics import frechet_distance
+from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.judge import SceneJudge, consistency
 from mmfactory.mars.sampling import SamplingConfig, generate_mixed, sample_images
 from mmfactory.mars.sequences import SequenceBuilder, fill_codes, language_of
@@ -170,11 +171,11 @@ def text_nll(logits_of: Callable[[Tensor, Tensor], Tensor], batches: Sequence[di
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = logits_of(ids, mask)[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
         total += float(
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         )
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 

@@ -21,6 +21,7 @@ from mmfactory.data.chat import TEMPLATES, TemplateName, collate_chats, tokenize
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.sources import SourceConfig
 from mmfactory.data.world_source import world_scene_layout
+from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.evaluate import (
     GenerationEval,
     consistency_metrics,
@@ -241,7 +242,7 @@ class T2ITask(ImageSourcesTask):
         return torch.stack([self._codes[(split, k)] for k in index.tolist()])
 
     def loss_weight(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         codes = self.codes("train" if self.training else "eval", batch["index"], batch["images"])

@@ -128,18 +128,28 @@ def add_visual_experts(
     return routing
 
 
+def _routed(lm: nn.Module) -> list[str]:
+    """Qualified names of the routed modules of ``lm``."""
+    return [name for name, module in lm.named_modules() if isinstance(module, TokenTypeRouted)]
+
+
 def expert_state_dict(lm: nn.Module) -> dict[str, Tensor]:
-    """The visual experts' weights (``...image.*``), by the LM's parameter names."""
-    return {n: p.detach() for n, p in lm.named_parameters() if ".image." in f".{n}"}
+    """The visual experts' weights (``<routed module>.image.*``), by the LM's parameter names."""
+    experts = tuple(f"{name}.image." for name in _routed(lm))
+    return {n: p.detach() for n, p in lm.named_parameters() if experts and n.startswith(experts)}
 
 
 def text_state_dict(lm: nn.Module) -> dict[str, Tensor]:
-    """The LM's own weights under their original names (the routed modules' ``text`` halves unwrapped)."""
+    """The LM's own weights under their original names (each routed module's ``text`` half unwrapped, its
+    expert left out)."""
+    routed = _routed(lm)
     out = {}
     for name, tensor in lm.state_dict().items():
-        if ".image." in f".{name}":
-            continue
-        out[name.replace(".text.", ".")] = tensor
+        owner = next((r for r in routed if name.startswith(f"{r}.")), None)
+        if owner is None:
+            out[name] = tensor
+        elif name.startswith(f"{owner}.text."):
+            out[f"{owner}.{name[len(owner) + len('.text.') :]}"] = tensor
     return out
 
 
