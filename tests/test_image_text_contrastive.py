@@ -402,3 +402,79 @@ def test_tiny_run_through_cli_learns(tmp_path):
     matched = task.clip_scores(images, [c[0] for c in train.captions])
     shuffled = task.clip_scores(images, [c[0] for c in train.captions[1:] + train.captions[:1]])
     assert matched.abs().max() <= 1.0 + 1e-5 and matched.mean() > shuffled.mean() + 0.1
+
+
+def test_cell_head_labels_its_cells_and_adds_its_loss(tmp_path):
+    task = make_task(tmp_path, cell_head={"weight": 0.5}).double()
+    dataset = task.train_dataset()
+    samples = [dataset[i] for i in range(4)]
+    batch = task.collate(samples)
+    for sample, cells in zip(samples, batch["cells"], strict=True):
+        occupied = {int(k) for k in torch.nonzero(cells[:, 0]).flatten()}
+        assert len(occupied) == len(sample["scene"].objects)
+        for obj in sample["scene"].objects:
+            row, col = min(int(obj.y * 3), 2), min(int(obj.x * 3), 2)
+            assert cells[3 * row + col].tolist() == [
+                SHAPES.index(obj.shape) + 1,
+                list(COLORS).index(obj.color) + 1,
+            ]
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    out = task(batch)
+    contrastive = task({k: v for k, v in batch.items() if k != "cells"})["loss"]
+    hidden = task.model.vision_model(batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
+    naive = []
+    for a, head in enumerate(task.cell_head):  # one patch per cell at 30 / 10 pixels
+        logits = head(hidden[:, 1:])
+        naive.append(
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["cells"][..., a].flatten())
+        )
+    torch.testing.assert_close(out["loss"], contrastive + 0.5 * (naive[0] + naive[1]) / 2)
+    assert "cells" not in task.collate([task.eval_dataset()[i] for i in range(2)])
+
+
+def test_cell_head_learns_the_layout_and_reports_its_accuracy(tmp_path):
+    data = world_data(["scenes"], 64, 32)
+    task = make_task(tmp_path, data=data, cell_head={"weight": 1.0})
+    before = task.cell_accuracy()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    dataset = task.train_dataset()
+    torch.manual_seed(0)
+    losses = []
+    for step in range(150):
+        batch = task.collate([dataset[(16 * step + i) % len(dataset)] for i in range(16)])
+        out = task(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["cell_loss"].item())
+    after = task.cell_accuracy()
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert after["cell_empty_acc"] > 90.0 and after["cell_color_acc"] > before["cell_color_acc"] + 20.0
+
+
+@pytest.mark.parametrize(
+    "data, cell_head, message",
+    [
+        (
+            {"train": [{"format": "pairs", "path": "x.jsonl"}]},
+            {},
+            "options.cell_head: needs the world's scenes",
+        ),
+        (WORLD_DATA, {"weight": 0.0}, "cell_head.weight: must be > 0"),
+        (WORLD_DATA, {"layer": 5}, "options.cell_head.layer: 5 is not a hidden state of a 1-layer tower"),
+    ],
+)
+def test_cell_head_refusals(tmp_path, data, cell_head, message):
+    with pytest.raises(ConfigError, match=message):
+        make_task(tmp_path, data=data, cell_head=cell_head)
+
+
+def test_cell_head_refuses_a_patch_grid_the_cells_do_not_divide(tmp_path):
+    model = {
+        "tiny": {
+            **TINY_CLIP,
+            "vision_config": {**TINY_CLIP["vision_config"], "image_size": 32, "patch_size": 8},
+        }
+    }
+    with pytest.raises(ConfigError, match="4x4 patch grid does not divide into the world's 3x3 cells"):
+        make_task(tmp_path, model=model, cell_head={})

