@@ -19,6 +19,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -141,7 +142,11 @@ def load_causal_lm(
     dtype = DTYPES[cfg.dtype]
     if model_path is not None:
         folder, gguf = _split_gguf(model_path, None if init_dir is not None else cfg.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        # GGUF weights are unpacked into plain tensors, so the model trains and saves like any other
+        quantization = GgufConfig(gguf_file=gguf, dequantize=True) if gguf is not None else None
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf, quantization_config=quantization, dtype=dtype
+        )
     else:
         kwargs = dict(cfg.tiny)
         model_type = kwargs.pop("model_type")
