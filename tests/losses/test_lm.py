@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mmfactory.losses.lm import IGNORE_INDEX, causal_lm_loss
+from mmfactory.losses.lm import IGNORE_INDEX, causal_lm_loss, sample_mean_loss
 
 
 def _naive(logits, labels):
@@ -52,3 +52,22 @@ def test_all_masked_is_zero_with_zero_gradient():
     loss.backward()
     assert loss.item() == 0 and count.item() == 0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_sample_mean_matches_naive_forward_and_gradient():
+    torch.manual_seed(0)
+    token_losses = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 0, 0, 0, 0, 0, 2, 3, 3])  # row 1 has no targets: it does not count
+    loss = sample_mean_loss(token_losses, rows, num_rows=4)
+    ref = (token_losses[:6].mean() + token_losses[6] + token_losses[7:].mean()) / 3
+    (g,) = torch.autograd.grad(loss, token_losses)
+    (g_ref,) = torch.autograd.grad(ref, token_losses)
+    assert torch.allclose(loss, ref) and torch.allclose(g, g_ref)
+    assert g[6] > g[0]  # a one-token answer weighs as much as a six-token one
+
+
+def test_sample_mean_without_targets_is_zero():
+    token_losses = torch.zeros(0, requires_grad=True)
+    loss = sample_mean_loss(token_losses, torch.zeros(0, dtype=torch.long), num_rows=3)
+    loss.backward()
+    assert loss.item() == 0 and token_losses.grad.shape == (0,)

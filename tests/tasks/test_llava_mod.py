@@ -204,6 +204,13 @@ def test_a_stored_top_k_supports_only_forward_kl(tmp_path, teacher_dir):
         mimic(tmp_path, teacher_dir, divergence="reverse_kl", teacher_topk=4)
 
 
+def test_distillation_refuses_a_per_sample_loss_reduction_it_would_ignore(tmp_path, teacher_dir):
+    with pytest.raises(ConfigError, match="loss_reduction: the mimic loss averages over tokens"):
+        mimic(tmp_path, teacher_dir, loss_reduction="sample")
+    with pytest.raises(ConfigError, match="loss_reduction: preference losses are per pair"):
+        preference(tmp_path, teacher_dir, loss_reduction="sample")
+
+
 # -- preference distillation ---------------------------------------------------------------------------
 
 

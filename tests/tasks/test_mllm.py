@@ -254,6 +254,24 @@ def test_loss_on_kept_logits_equals_the_full_causal_lm_loss_in_value_and_gradien
     assert all(g is None or not g.any() for g in grad(loss))
 
 
+def test_sample_reduction_averages_each_samples_mean_token_loss(tmp_path):
+    torch.manual_seed(0)
+    options = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0, "loss_reduction": "sample"}
+    data = world_data(["vqa", "llava"], 8, 4, image_size=16)
+    task = build_task(tiny_stage(options=options, data=data), 0, StageContext(tmp_path, tmp_path / "s"))
+    dataset = task.train_dataset()
+    batch = task.collate([dataset[i] for i in (0, 9, 15)])
+    batch["labels"][1] = IGNORE_INDEX  # a sample without targets does not count
+    loss = task(batch)["loss"]
+    logits = task.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    per_sample = [causal_lm_loss(logits[b : b + 1], batch["labels"][b : b + 1]) for b in (0, 2)]
+    assert per_sample[0][1] != per_sample[1][1]  # different lengths: token and sample means differ
+    torch.testing.assert_close(loss, (per_sample[0][0] + per_sample[1][0]) / 2)
+    assert task.loss_weight(batch) == 2 and task.loss_unit == "samples"
+    token_mean, _ = causal_lm_loss(logits, batch["labels"])
+    assert not torch.isclose(loss, token_mean)
+
+
 def test_lora_trains_only_adapters_and_projector_and_saves_a_merged_plain_model(tmp_path):
     torch.manual_seed(0)
     stage = tiny_stage(

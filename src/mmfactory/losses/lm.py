@@ -24,3 +24,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / count.clamp(min=1), count
+
+
+def sample_mean_loss(token_losses: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mean over samples of each sample's mean token loss (every labelled sample weighs the same).
+
+    Args:
+        token_losses: ``[N]`` per-token losses of the labelled targets.
+        rows: ``[N]`` long, the sample (batch row) each target belongs to.
+        num_rows: ``B``, the batch size.
+    Returns:
+        The mean over the samples with at least one target (0 with a zero gradient when there are none).
+    """
+    sums = token_losses.new_zeros(num_rows).index_add(0, rows, token_losses)
+    counts = torch.bincount(rows, minlength=num_rows)
+    present = counts > 0
+    per_sample = sums[present] / counts[present]
+    return per_sample.sum() / present.sum().clamp(min=1)

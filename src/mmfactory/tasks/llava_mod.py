@@ -104,6 +104,8 @@ class MimicDistillOptions(MoELossWeights, MultimodalSFTOptions):
     def validate(self) -> None:
         if self.teacher is None:
             raise ConfigError("teacher: name the teacher (an earlier stage or a saved MultimodalLM folder)")
+        if self.loss_reduction != "token":
+            raise ConfigError("loss_reduction: the mimic loss averages over tokens; remove the setting")
         if self.teacher_topk is not None and self.divergence != "forward_kl":
             raise ConfigError("teacher_topk: a stored top-k teacher supports the forward_kl divergence only")
         if self.teacher_topk is not None and self.teacher_topk < 1:
@@ -123,6 +125,8 @@ class PreferenceDistillOptions(MoELossWeights, DPOOptions, MultimodalSFTOptions)
         DPOOptions.validate(self)
         if self.teacher is None:
             raise ConfigError("teacher: name the reference teacher (an earlier stage or a folder)")
+        if self.loss_reduction != "token":
+            raise ConfigError("loss_reduction: preference losses are per pair; remove the setting")
 
 
 @dataclass

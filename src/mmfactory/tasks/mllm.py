@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
 from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
+from mmfactory.losses.lm import sample_mean_loss
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
 from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, build_multimodal_lm
@@ -98,6 +100,10 @@ class MultimodalSFTOptions:
     """
 
     lora: LoraOptions | None = None
+    # How labelled tokens are averaged: "token" (LLaVA, transformers: every response token of the batch
+    # weighs the same, so long captions dominate one-word answers) or "sample" (each sample's mean token
+    # loss, averaged over samples: a yes/no answer weighs as much as a caption).
+    loss_reduction: Literal["token", "sample"] = "token"
     world_benchmarks: WorldBenchmarkConfig | None = field(default_factory=WorldBenchmarkConfig)
     # Multiplier of the stage's lr for the vision tower when ``trainable`` includes it (LLaVA-NeXT-style
     # tower tuning uses about 1/10 of the LM's lr; LLaVA-1.5 keeps the tower frozen).
@@ -128,6 +134,8 @@ class MultimodalSFTTask(TrainingTask):
         options: MultimodalSFTOptions,
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        if options.loss_reduction == "sample":
+            self.loss_unit = "samples"
         init_dir = ctx.resolve_init(stage.init_from)
         if init_dir is not None:
             if model_cfg.has_parts:
@@ -243,13 +251,20 @@ class MultimodalSFTTask(TrainingTask):
         on :meth:`response_logits`."""
         targets = batch["labels"][:, 1:]
         labelled = targets != IGNORE_INDEX
-        total = F.cross_entropy(
-            self.response_logits(self.model, batch).float(), targets[labelled], reduction="sum"
-        )
+        logits = self.response_logits(self.model, batch).float()
+        if self.options.loss_reduction == "sample":
+            token_losses = F.cross_entropy(logits, targets[labelled], reduction="none")
+            rows = labelled.nonzero()[:, 0]
+            return {"loss": sample_mean_loss(token_losses, rows, len(targets))}
+        total = F.cross_entropy(logits, targets[labelled], reduction="sum")
         return {"loss": total / labelled.sum().clamp(min=1)}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        """Labelled tokens, or labelled samples under ``loss_reduction: sample``."""
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+        if self.options.loss_reduction == "sample":
+            return int(labelled.any(dim=1).sum())
+        return int(labelled.sum())
 
     def lr_scale(self, name: str) -> float:
         return self.options.vision_lr_scale if name.startswith("model.vision_tower.") else 1.0
