@@ -158,7 +158,7 @@ def test_pad_to_square_centres_on_the_fill_colour():
 
 
 def test_world_kinds_share_one_format():
-    for kind in ("captions", "vqa", "llava", "pope"):
+    for kind in ("captions", "vqa", "existence_pairs", "llava", "pope"):
         source = world_conversations(kind, "val", 3)
         assert len(source.messages) == 3 and source.num_images == [1, 1, 1]
         assert source.messages[0][0]["content"].startswith("<image>\n")

@@ -104,6 +104,23 @@ def test_pope_negatives_are_absent_and_positives_present(kind):
             assert any(n.startswith(color + " ") or n.endswith(" " + shape) for n in names)
 
 
+def test_existence_pairs_ask_a_present_object_and_a_near_miss_on_one_image():
+    w = World()
+    items = w.existence_pairs("train", 41)  # odd: the last scene gives its yes question only
+    assert len(items) == 41 and [q["answer"] for q in items] == ["yes", "no"] * 20 + ["yes"]
+    for k, q in enumerate(items):
+        scene = w.scene("train", k // 2)
+        assert q["id"] == f"train-{k // 2:06d}"
+        assert np.array_equal(q["image"], render_scene(scene, w.image_size))
+        name = re.fullmatch(r"Is there an? (\w+ \w+) in the image\?", q["question"]).group(1)
+        assert (name in scene.names()) == (q["answer"] == "yes")
+        if q["answer"] == "no":  # a near miss: one attribute away from a present object
+            color, shape = name.split()
+            assert any(n.startswith(color + " ") or n.endswith(" " + shape) for n in scene.names())
+    zh = w.existence_pairs("train", 2, lang="zh")
+    assert [q["answer"] for q in zh] == ["有", "没有"] and zh[0]["question"].startswith("图中有")
+
+
 def test_llava_and_pairs_follow_the_formats():
     w = World()
     item = w.llava("train", 1)[0]

@@ -205,7 +205,7 @@ COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
 # world kind -> the sample kinds it yields
 WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
-    **{kind: ("image-chat",) for kind in ("captions", "vqa", "llava", "pope")},
+    **{kind: ("image-chat",) for kind in ("captions", "vqa", "existence_pairs", "llava", "pope")},
     "chat": CHAT_KINDS,
     "scenes": ("image-text",),
     "videos": ("video-text",),

@@ -1,7 +1,7 @@
 """The built-in world as a source (``format: world``): the data layer's one door into :mod:`mmfactory.world`.
 
-Kinds: ``captions``, ``vqa``, ``llava``, ``pope`` (image-chat: one image per conversation, see
-:func:`world_conversations`; ``size`` per language, in the order given; POPE
+Kinds: ``captions``, ``vqa``, ``existence_pairs``, ``llava``, ``pope`` (image-chat: one image per
+conversation, see :func:`world_conversations`; ``size`` per language, in the order given; POPE
 probes are English only), ``chat`` (text-only chats of :func:`mmfactory.world.text.chat_samples`,
 optionally filtered by ``chat_kinds``), ``scenes`` (image-text: scenes ``0..size-1`` of the split, each
 captioned in every language x detail level), ``videos`` (video-text: clips with their captions in every
@@ -63,7 +63,8 @@ def world_conversations(
 
     ``captions``: brief description requests (LLaVA's stage-1 data); ``vqa``: one short-answer question;
     ``llava``: 1-3 turns mixing a brief or detailed description and questions; ``pope``: yes/no object
-    probes, half present, half absent (random, popular and adversarial negatives in turn; English).
+    probes, half present, half absent (random, popular and adversarial negatives in turn; English);
+    ``existence_pairs``: existence questions in pairs on one image, a present object then a near miss.
     """
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE
@@ -77,6 +78,9 @@ def world_conversations(
         turns = [(item["question"], item["answer"]) for item in items]
     elif kind == "llava":
         items = world.llava(split, n, lang)
+    elif kind == "existence_pairs":
+        items = world.existence_pairs(split, n, lang)
+        turns = [(item["question"], item["answer"]) for item in items]
     elif kind == "pope":
         from mmfactory.world.vqa import POPE_KINDS
 
@@ -84,7 +88,9 @@ def world_conversations(
         items = [probes[i] for i in range(len(per_kind[0])) for probes in per_kind][:n]
         turns = [(item["question"], item["label"]) for item in items]
     else:
-        raise ValueError(f"unknown world kind {kind!r}; expected captions, vqa, llava or pope")
+        raise ValueError(
+            f"unknown world kind {kind!r}; expected captions, vqa, existence_pairs, llava or pope"
+        )
     if kind == "llava":  # as read_llava returns them
         messages, images = [item["conversations"] for item in items], [item["images"] for item in items]
     else:

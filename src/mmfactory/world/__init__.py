@@ -25,7 +25,7 @@ from mmfactory.world.scenes import Scene, render_scene, scene_at
 from mmfactory.world.text import chat_samples
 from mmfactory.world.tokenizer import world_tokenizer
 from mmfactory.world.video import av_question, clip_at, video_question, video_sample
-from mmfactory.world.vqa import POPE_KINDS, llava_conversation, pope_probe, scene_question
+from mmfactory.world.vqa import POPE_KINDS, existence_pair, llava_conversation, pope_probe, scene_question
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,17 @@ class World:
         return self._image_items(
             split, n, lambda s, i: scene_question(s, item_rng(self.seed, "vqa", split, i), lang)
         )
+
+    def existence_pairs(self, split: str, n: int, lang: str = "en") -> list[dict]:
+        """``n`` existence questions ``{"id", "image", "question", "answer", "type"}`` on ``ceil(n / 2)``
+        scenes: items ``2k`` (yes) and ``2k + 1`` (no, a near miss) share scene ``k``'s image."""
+        items = self._image_items(
+            split,
+            -(-n // 2),
+            lambda s, i: {"pair": existence_pair(s, item_rng(self.seed, "existence", split, i), lang)},
+        )
+        pairs = [item.pop("pair") for item in items]
+        return [{**item, **qa} for item, pair in zip(items, pairs, strict=True) for qa in pair][:n]
 
     def pope(self, split: str, n: int, kind: str = "random") -> list[dict]:
         """POPE probes ``{"id", "image", "question", "label", "object"}``; even items yes, odd items no."""

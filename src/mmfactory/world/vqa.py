@@ -126,6 +126,21 @@ def scene_question(
     return {"question": question, "answer": answer, "type": qtype}
 
 
+def existence_pair(scene: Scene, rng: np.random.Generator, lang: str = "en") -> list[dict]:
+    """Two existence questions about one scene, ``[yes, no]``: a present object and a near miss.
+
+    On one image the answers differ only through the question, so an answer from the image alone (e.g.
+    "yes" when the scene is crowded) gains nothing: the pair makes the model read the queried object.
+    """
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    misses = near_misses(scene)
+    names = (obj.name, misses[rng.integers(len(misses))])
+    return [
+        {"question": existence_question(name, lang), "answer": YES_NO[lang][k], "type": "existence"}
+        for k, name in enumerate(names)
+    ]
+
+
 def pope_probe(scene: Scene, rng: np.random.Generator, kind: str, positive: bool) -> dict:
     """POPE yes/no probe ``{"question", "label", "object"}`` about a ``"color shape"`` object.
 
