@@ -132,13 +132,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_filter_score(args: argparse.Namespace) -> int:
     from mmfactory.filter_align.score import score_pool
 
+    if args.model is None and args.scorer != "random":
+        raise ConfigError(f"--model: the {args.scorer} scorer needs a model folder")
     common = (args.model, args.pool, args.out, args.scorer, args.batch_size, args.chunk, args.shard_size)
     if args.ray_workers:
         from mmfactory.filter_align.score import score_pool_ray
 
-        summary = score_pool_ray(*common, workers=args.ray_workers, num_gpus=args.ray_gpus)
+        summary = score_pool_ray(*common, workers=args.ray_workers, num_gpus=args.ray_gpus, seed=args.seed)
     else:
-        summary = score_pool(*common)
+        summary = score_pool(*common, seed=args.seed)
     rate = summary["pairs"] / max(summary["seconds"], 1e-9)
     print(json.dumps({**summary, "pairs_per_s": round(rate, 1)}))
     return 0
@@ -210,10 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     filt = sub.add_parser("filter", help="Filter & Align: score a pool of image-text pairs, keep its best")
     filt_sub = filt.add_subparsers(dest="filter_command", required=True)
     p = filt_sub.add_parser("score", help="score a pool with a reward model (resumable, shards per process)")
-    p.add_argument("--model", required=True, help="an image_text_reward stage's final/ (or a CLIP folder)")
+    p.add_argument(
+        "--model", help="an image_text_reward / image_text_matching stage's final/, or a CLIP folder (cosine)"
+    )
     p.add_argument("--pool", required=True, help="world:N[:BAD], or webdataset shards (glob / brace pattern)")
     p.add_argument("--out", required=True, help="score folder: {shard}/part-*.parquet, {shard}/DONE.json")
-    p.add_argument("--scorer", choices=["reward", "cosine"], default="reward")
+    p.add_argument(
+        "--scorer",
+        choices=["reward", "cosine", "random"],
+        default="reward",
+        help="reward: the model's head (a reward or matching model); cosine: CLIP score; random: a baseline",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the random scorer's seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=1024, help="pairs per Parquet part (the resume granularity)")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard of a world pool")

@@ -192,6 +192,9 @@ class ScheduleConfig:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
 
 
+EXACTLY_ONE_LENGTH = "max_steps: set exactly one of train.max_steps and train.epochs"
+
+
 @dataclass
 class TrainConfig:
     """Loop settings; the global batch is ``batch_size * grad_accum * num_processes``."""
@@ -216,8 +219,8 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: needed when some trainable parameters may get no gradient
 
     def validate(self) -> None:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ConfigError("max_steps: set exactly one of train.max_steps and train.epochs")
+        if self.max_steps is not None and self.epochs is not None:  # neither: tasks.validate_stage
+            raise ConfigError(EXACTLY_ONE_LENGTH)
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_steps"):
             for_steps = getattr(self, name)
             if for_steps is not None and for_steps < 1:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
-from mmfactory.data.sources import check_source_paths
+from mmfactory.data.sources import check_source_paths, stage_sources
 from mmfactory.lineage import dir_fingerprint, stale_reason
 from mmfactory.lineage import lineage as stage_lineage
 from mmfactory.tasks import build_task, validate_stage
@@ -85,8 +86,8 @@ def _make_accelerator(stage: StageConfig) -> Accelerator:
 def run_stage(
     stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path], lineage: dict
 ) -> dict:
-    """Train one stage (resuming if it has checkpoints), save ``final/`` and write ``DONE`` with the
-    stage's fingerprint and ``lineage`` (:mod:`mmfactory.lineage`)."""
+    """Train one stage (resuming if it has checkpoints; a task that trains nothing runs instead), save
+    ``final/`` and write ``DONE`` with the stage's fingerprint and ``lineage`` (:mod:`mmfactory.lineage`)."""
     stage_dir = run_dir / stage.name
     accelerator = _make_accelerator(stage)
     text = _stage_yaml(stage)
@@ -98,7 +99,13 @@ def run_stage(
     set_seed(stage.train.seed)  # model init depends only on the seed: frozen parts rebuild identically
     ctx = StageContext(run_dir, stage_dir, dict(stage_outputs), accelerator.is_main_process)
     task = build_task(stage, index, ctx).to(accelerator.device)
-    summary = train_stage(task, stage, stage_dir, accelerator)
+    if task.trains:
+        summary = train_stage(task, stage, stage_dir, accelerator)
+    else:
+        start = time.perf_counter()
+        metrics = task.run(accelerator)
+        accelerator.wait_for_everyone()
+        summary = {"steps": 0, "time_s": round(time.perf_counter() - start, 2), "metrics": metrics}
     data_report = task.data_report()
     if data_report:
         summary["data"] = data_report
@@ -125,6 +132,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
         check_source_paths(data_cfg, f"stages[{i}].data")
         earlier = [s.name for s in recipe.stages[:i]]
         references = {"init_from": stage.init_from, "options.teacher": getattr(options, "teacher", None)}
+        for name, index, source in stage_sources(data_cfg):
+            references[f"data.{name}[{index}].keep_uids"] = source.keep_uids
         for key, value in references.items():
             if value is not None and value not in earlier and not Path(value).expanduser().exists():
                 known = ", ".join(earlier) or "none"

@@ -28,7 +28,7 @@ def reward_dir(tmp_path_factory):
     import torch
 
     with torch.no_grad():  # a head that is not the plain cosine
-        task.model.head.mlp[-1].weight.normal_()
+        task.model.head.fusion.mlp[-1].weight.normal_()
     task.save_pretrained(folder / "final")
     return folder / "final"
 

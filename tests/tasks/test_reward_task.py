@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from mmfactory.cli import main
 from mmfactory.config import StageConfig, TrainConfig
 from mmfactory.losses.reward import bradley_terry_loss
+from mmfactory.models.image_text_scorer import load_scorer
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.reward import load_reward_model
 from tests.helpers import world_data, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP
 
@@ -64,11 +64,11 @@ def test_a_fresh_head_ranks_as_the_cosine_and_the_loss_is_bradley_terry(tmp_path
 def test_the_saved_reward_model_scores_as_the_trained_one(tmp_path):
     task = make_task(tmp_path)
     with torch.no_grad():
-        task.model.head.mlp[-1].weight.normal_()
+        task.model.head.fusion.mlp[-1].weight.normal_()
     dataset = task.train_dataset()
     batch = task.collate([dataset[i] for i in range(4)])
     task.save_pretrained(tmp_path / "saved")
-    model, _, _ = load_reward_model(tmp_path / "saved")
+    model, _, _ = load_scorer(tmp_path / "saved")
     args = (batch["pixel_values"], batch["chosen_input_ids"], batch["chosen_attention_mask"])
     torch.testing.assert_close(model.score(*args), task.model.score(*args))
 
@@ -112,4 +112,4 @@ def test_the_reward_model_learns_through_the_cli_with_frozen_towers(tmp_path):
     reward = load_file(out / "reward/final/model.safetensors")
     assert clip.keys() == reward.keys() and all(torch.equal(clip[k], reward[k]) for k in clip)  # frozen
     head = load_file(out / "reward/final/reward_head.safetensors")
-    assert head["mlp.2.weight"].abs().sum() > 0  # the output layer started at zero and learned
+    assert head["fusion.mlp.2.weight"].abs().sum() > 0  # the output layer started at zero and learned

@@ -87,7 +87,9 @@ class SourceConfig:
     ``image_size`` (pixels of images and video frames), ``chat_kinds`` (of the ``size`` chats drawn, keep
     these kinds), ``details`` (caption levels of ``kind: scenes``, every language x detail per image),
     ``label`` and ``max_objects`` (``kind: labelled``: scenes of 1..max_objects objects labelled by the
-    ``shape`` of the largest or their ``count``). ``languages`` also filters ``format: articles``.
+    ``shape`` of the largest or their ``count``), ``bad_fraction`` and ``keep_uids`` (``kind: web_pool``: the
+    pool's misaligned share; a uid file, or the name of an earlier ``pool_filter`` stage, whose pairs alone
+    are kept). ``languages`` also filters ``format: articles``.
     """
 
     format: str
@@ -118,6 +120,8 @@ class SourceConfig:
     details: list[Literal["brief", "detailed"]] = field(default_factory=lambda: ["brief", "detailed"])
     label: Literal["shape", "count"] = "count"
     max_objects: int | None = None
+    bad_fraction: float = 0.5  # world web_pool: the share of misaligned pairs
+    keep_uids: str | None = None  # world web_pool: a uid file (or an earlier pool_filter stage) to keep
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -166,6 +170,12 @@ class SourceConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {value}")
         if self.subset == "random" and self.limit is None:
             raise ConfigError("subset: random draws `limit` samples; set limit")
+        if not 0.0 <= self.bad_fraction <= 1.0:
+            raise ConfigError(f"bad_fraction: must be in [0, 1], got {self.bad_fraction}")
+        for name in ("bad_fraction", "keep_uids"):
+            changed = getattr(self, name) != getattr(SourceConfig(format=self.format), name)
+            if changed and self.kind != "web_pool":
+                raise ConfigError(f"{name}: only the world's web_pool reads it, not {self.where}")
         if self.languages is not None and not self.languages:
             raise ConfigError("languages: name at least one of en, zh")
 
@@ -214,8 +224,9 @@ WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     "article_preference": ("preference",),  # SAG C-DPO notes, languages in turn
     "articles": ("article",),
     "rankings": ("ranking",),  # every caption kind of a scene, graded, ranked (rank 1 best, ties)
+    "web_pool": ("image-text", "image-chat"),  # Filter & Align's noisy pool (a filter's selection)
 }
-ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings")
+ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings", "web_pool")
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(
@@ -231,6 +242,8 @@ FORMATS: dict[str, Format] = {
                 "details",
                 "label",
                 "max_objects",
+                "bad_fraction",
+                "keep_uids",
             }
         ),
         "mmfactory.data.world_source:read_world",
@@ -363,30 +376,37 @@ def check_kinds(sources: list[SourceConfig], kind: SampleKind, where: str) -> No
             )
 
 
+def stage_sources(data_cfg: Any) -> list[tuple[str, int, SourceConfig]]:
+    """``(field, index, source)`` for every source of every source list of a stage's data config."""
+    return [
+        (f.name, index, source)
+        for f in dataclasses.fields(data_cfg)
+        if isinstance(sources := getattr(data_cfg, f.name), list)
+        and all(isinstance(s, SourceConfig) for s in sources)
+        for index, source in enumerate(sources)
+    ]
+
+
 def check_source_paths(data_cfg: Any, where: str) -> None:
     """Refuse a source whose ``path`` (or ``labels``, ``image_root``, ``video_root``) names nothing, for
     every source list of a stage's data config: checked before any stage trains."""
-    for f in dataclasses.fields(data_cfg):
-        sources = getattr(data_cfg, f.name)
-        if not isinstance(sources, list) or not all(isinstance(s, SourceConfig) for s in sources):
-            continue
-        for index, source in enumerate(sources):
-            for key in ("path", "labels", "image_root", "video_root"):
-                value = getattr(source, key)
-                if value is None or (key == "path" and source.format == "webdataset"):
-                    continue
-                if not glob.glob(str(Path(value).expanduser())):  # hf streams may name a glob of files
-                    raise ConfigError(f"{where}.{f.name}[{index}].{key}: {value!r} does not exist")
-            if source.format == "webdataset":
-                from mmfactory.data.streaming import expand_shards
+    for name, index, source in stage_sources(data_cfg):
+        for key in ("path", "labels", "image_root", "video_root"):
+            value = getattr(source, key)
+            if value is None or (key == "path" and source.format == "webdataset"):
+                continue
+            if not glob.glob(str(Path(value).expanduser())):  # hf streams may name a glob of files
+                raise ConfigError(f"{where}.{name}[{index}].{key}: {value!r} does not exist")
+        if source.format == "webdataset":
+            from mmfactory.data.streaming import expand_shards
 
-                try:
-                    shards = expand_shards(source.path)
-                except BadSampleError:
-                    shards = []
-                missing = next((s for s in shards if not Path(s).is_file()), None) if shards else source.path
-                if missing is not None:
-                    raise ConfigError(f"{where}.{f.name}[{index}].path: no shard {missing!r}")
+            try:
+                shards = expand_shards(source.path)
+            except BadSampleError:
+                shards = []
+            missing = next((s for s in shards if not Path(s).is_file()), None) if shards else source.path
+            if missing is not None:
+                raise ConfigError(f"{where}.{name}[{index}].path: no shard {missing!r}")
 
 
 def check_fraction(max_bad_fraction: float | None) -> None:

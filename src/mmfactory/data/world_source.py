@@ -8,7 +8,9 @@ captioned in every language x detail level), ``videos`` (video-text: clips with 
 language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects labelled by ``shape`` or
 ``count``), ``preference`` (image pairs: faithful vs hallucinated descriptions and answers),
 ``article_preference`` (text pairs: SAG's faithful vs hallucinated notes, languages in turn) and
-``articles`` (SAG fact sets, each in every language). Items ``offset .. offset + size - 1``.
+``articles`` (SAG fact sets, each in every language), ``web_pool`` (Filter & Align's noisy pool of ``size``
+pairs, ``bad_fraction`` of them misaligned, as image-text pairs or image-chat caption requests; ``keep_uids``
+keeps a filter's selection). Items ``offset .. offset + size - 1``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import operator
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
+from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
@@ -168,8 +172,52 @@ def world_articles(split: str, n: int, seed: int, languages: Sequence[str], offs
     return Samples([article(seed, split, i, lang) for i in range(offset, offset + n) for lang in languages])
 
 
+def read_uid_list(path: str | Path) -> set[str]:
+    """The uids of a uid file (one per line, as ``mmfactory filter select`` and DataComp write them)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"keep_uids: {str(path)!r} does not exist")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def world_pool_samples(
+    n: int, bad_fraction: float, image_size: int, keep_uids: str | None, kind: SampleKind, counts: Counter
+) -> ImageCaptions | ImageConversations:
+    """The world's web pool (:func:`world_web_pool`) as ``image-text`` pairs or as ``image-chat`` brief-
+    caption requests answered by the pool's text; with ``keep_uids``, only the pairs that file lists (a
+    filter's selection), in pool order. ``counts``: ``web_pool_kept`` and ``web_pool_misaligned`` (kept pairs
+    that the world's hidden truth calls misaligned)."""
+    pool = world_web_pool(n, bad_fraction, image_size)
+    if keep_uids is not None:
+        wanted = read_uid_list(keep_uids)
+        pool = [pair for pair in pool if pair["uid"] in wanted]
+        if len(pool) != len(wanted):
+            raise ConfigError(
+                f"keep_uids: {keep_uids} lists {len(wanted) - len(pool)} uids that are not in the world's "
+                f"pool of {n} (was it selected from another pool?)"
+            )
+    counts.update(web_pool_kept=len(pool), web_pool_misaligned=sum(not p["aligned"] for p in pool))
+    images = [pair["image"] for pair in pool]
+    if kind == "image-text":
+        return ImageCaptions([[pair["text"]] for pair in pool], partial(operator.getitem, images))
+    from mmfactory.world.vqa import DESCRIBE
+
+    messages = [
+        [
+            {"role": "user", "content": f"{IMAGE_TOKEN}\n{DESCRIBE['en']['brief']}"},
+            {"role": "assistant", "content": pair["text"]},
+        ]
+        for pair in pool
+    ]
+    return ImageConversations(messages, [1] * len(pool), partial(operator.getitem, [[i] for i in images]))
+
+
 def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
     size = DEFAULT_SIZE if source.size is None else source.size
+    if source.kind == "web_pool":
+        return world_pool_samples(
+            size, source.bad_fraction, source.image_size, source.keep_uids, kind, counts
+        )
     if source.kind == "videos":
         return world_videos(source.split, size, source.seed, source.image_size, source.world_languages)
     if source.kind == "labelled":
@@ -319,13 +367,13 @@ def world_zero_shot(size: int, seed: int, image_size: int, languages: Sequence[s
     return benchmarks
 
 
-def world_web_pool(n: int, bad_fraction: float) -> list[dict]:
+def world_web_pool(n: int, bad_fraction: float, image_size: int = 32) -> list[dict]:
     """The world's web-like pool: ``n`` pairs ``{"uid", "image", "text", "aligned", "kind"}`` of which
     exactly ``round(n * bad_fraction)`` are misaligned or low quality (the hidden truth a filter is
     measured against)."""
     from mmfactory.world import World
 
-    pairs, truth = World().web_pool(n, bad_fraction)
+    pairs, truth = World(image_size=image_size).web_pool(n, bad_fraction)
     return [{**pair, **{k: t[k] for k in ("aligned", "kind")}} for pair, t in zip(pairs, truth, strict=True)]
 
 

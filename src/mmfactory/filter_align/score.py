@@ -20,6 +20,7 @@ atomically after ``chunk`` pairs, and, once the shard is finished, ``{shard}/DON
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -40,36 +41,66 @@ from mmfactory.tasks.image_text import tokenize_for_clip
 SCHEMA = pa.schema([("uid", pa.string()), ("score", pa.float64()), ("status", pa.string())])
 
 
+SCORERS = ("reward", "cosine", "random")
+
+
+def make_scorer(model: str | Path | None, scorer: str = "reward", seed: int = 0):
+    """The scorer a job uses (:class:`PairScorer` or, for ``random``, :class:`RandomScorer`)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer: {scorer!r}; expected one of {SCORERS}")
+    if scorer == "random":
+        return RandomScorer(seed)
+    if model is None:
+        raise ValueError(f"scorer {scorer!r} needs a model folder")
+    return PairScorer(model, scorer)
+
+
+class RandomScorer:
+    """The random-subset baseline: a pair's score is a uniform draw in [0, 1) fixed by ``(seed, uid)`` (a
+    SHA-256 of both), so every process, engine and rerun gives a pair the same score."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def __call__(self, images: list[np.ndarray], texts: list[str], uids: list[str]) -> np.ndarray:
+        digests = [hashlib.sha256(f"{self.seed}\0{uid}".encode()).digest() for uid in uids]
+        return np.array([int.from_bytes(d[:8], "big") / 2.0**64 for d in digests], dtype=np.float64)
+
+
 class PairScorer:
-    """Scores ``(images, texts)`` batches: the reward model's ``r(i, t)`` (``scorer="reward"``) or the
-    cosine of its (or a plain CLIP folder's) embeddings (``scorer="cosine"``, CLIP-score filtering)."""
+    """Scores ``(images, texts)`` batches: the model's head ``r(i, t)`` (``scorer="reward"``: a reward
+    model, or an image-text matching model's match logit) or the cosine of its (or a plain CLIP folder's)
+    embeddings (``scorer="cosine"``, CLIP-score filtering)."""
 
     def __init__(self, folder: str | Path, scorer: str = "reward", device: str | None = None):
+        from mmfactory.models.image_text_scorer import HEAD_CONFIG, ImageTextScorer, load_scorer
         from mmfactory.tasks.image_text import CLIPSpec, load_clip
-        from mmfactory.tasks.reward import HEAD_CONFIG, ImageTextRewardModel, load_reward_model
 
         folder = Path(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if (folder / HEAD_CONFIG).is_file():
-            self.model, self.tokenizer, self.image_processor = load_reward_model(folder)
+            self.model, self.tokenizer, self.image_processor = load_scorer(folder)
         elif scorer == "reward":
-            raise FileNotFoundError(f"{folder}: no reward head ({HEAD_CONFIG}); score with --scorer cosine")
+            raise FileNotFoundError(f"{folder}: no scorer head ({HEAD_CONFIG}); score with --scorer cosine")
         else:
             clip, self.tokenizer, self.image_processor = load_clip(CLIPSpec(), folder)
-            self.model = ImageTextRewardModel(clip, None)
+            self.model = ImageTextScorer(clip, None)
         self.model.to(self.device).eval()
         self.scorer = scorer
         self.max_length = self.model.clip.config.text_config.max_position_embeddings
 
     @torch.no_grad()
-    def __call__(self, images: list[np.ndarray], texts: list[str]) -> np.ndarray:
+    def __call__(self, images: list[np.ndarray], texts: list[str], uids: list[str]) -> np.ndarray:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
         tokens = tokenize_for_clip(self.tokenizer, texts, self.max_length)
         image = self.model.embed_images(pixels)
         text = self.model.embed_texts(
             tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
         )
-        scores = (image * text).sum(-1) if self.scorer == "cosine" else self.model.head(image, text)
+        if self.scorer == "cosine":
+            scores = (image.embedding * text.embedding).sum(-1)
+        else:
+            scores = self.model.head(image, text)
         return scores.double().cpu().numpy()
 
 
@@ -91,7 +122,7 @@ def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def score_shard(scorer: PairScorer, shard: Shard, out: Path, batch_size: int, chunk: int, bar) -> dict:
+def score_shard(scorer, shard: Shard, out: Path, batch_size: int, chunk: int, bar) -> dict:
     """Score one shard into ``out/{shard}/`` from where an earlier run left it; returns its counts."""
     folder = out / shard.name
     if (folder / "DONE.json").is_file():
@@ -107,7 +138,8 @@ def score_shard(scorer: PairScorer, shard: Shard, out: Path, batch_size: int, ch
     for batch in _batches(items, batch_size):
         decoded = [decode_item(item) for item in batch]
         good = [i for i, (_, status) in enumerate(decoded) if status == "ok"]
-        scores = scorer([decoded[i][0] for i in good], [batch[i]["text"] for i in good]) if good else []
+        images, texts = [decoded[i][0] for i in good], [batch[i]["text"] for i in good]
+        scores = scorer(images, texts, [str(batch[i]["uid"]) for i in good]) if good else []
         by_index = dict(zip(good, scores, strict=True))
         for i, item in enumerate(batch):
             rows["uid"].append(str(item["uid"]))
@@ -132,7 +164,7 @@ def score_shard(scorer: PairScorer, shard: Shard, out: Path, batch_size: int, ch
 
 
 def score_pool(
-    model: str | Path,
+    model: str | Path | None,
     pool: str,
     out: str | Path,
     scorer: str = "reward",
@@ -141,14 +173,15 @@ def score_pool(
     shard_size: int = 1000,
     rank: int | None = None,
     world_size: int | None = None,
+    seed: int = 0,
 ) -> dict:
     """Score this process's shards of ``pool`` into ``out`` (module docstring); returns the counts of the
-    shards it scored and the time it took."""
+    shards it scored and the time it took. ``seed``: the random scorer's."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     out = Path(out)
     shards = pool_shards(pool, shard_size)[rank::world_size]
-    pair_scorer = PairScorer(model, scorer)
+    pair_scorer = make_scorer(model, scorer, seed)
     start = time.perf_counter()
     summaries = []
     with tqdm(desc=f"scoring (process {rank})", unit="pairs", disable=rank != 0, dynamic_ncols=True) as bar:
@@ -170,9 +203,11 @@ class _NoBar:
 class ShardScorer:
     """Ray Data actor: loads the scorer once, then scores each shard of its batches into ``out``."""
 
-    def __init__(self, model: str, out: str, scorer: str, batch_size: int, chunk: int, threads: int):
+    def __init__(
+        self, model: str | None, out: str, scorer: str, batch_size: int, chunk: int, threads: int, seed: int
+    ):
         torch.set_num_threads(threads)
-        self.scorer, self.out = PairScorer(model, scorer), Path(out)
+        self.scorer, self.out = make_scorer(model, scorer, seed), Path(out)
         self.batch_size, self.chunk = batch_size, chunk
 
     def __call__(self, batch: dict) -> dict:
@@ -189,7 +224,7 @@ class ShardScorer:
 
 
 def score_pool_ray(
-    model: str | Path,
+    model: str | Path | None,
     pool: str,
     out: str | Path,
     scorer: str = "reward",
@@ -199,6 +234,7 @@ def score_pool_ray(
     workers: int = 2,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    seed: int = 0,
 ) -> dict:
     """Score ``pool`` into ``out`` with ``workers`` Ray actors (module docstring). Ray must be started
     (``ray.init()``, or ``RAY_ADDRESS`` for a cluster); otherwise it starts a local one."""
@@ -212,12 +248,13 @@ def score_pool_ray(
     results = items.map_batches(
         ShardScorer,
         fn_constructor_kwargs={
-            "model": str(model),
+            "model": None if model is None else str(model),
             "out": str(out),
             "scorer": scorer,
             "batch_size": batch_size,
             "chunk": chunk,
             "threads": max(1, int(num_cpus)),
+            "seed": seed,
         },
         batch_size=1,
         concurrency=workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from mmfactory.config import ConfigError, StageConfig, from_dict
+from mmfactory.config import EXACTLY_ONE_LENGTH, ConfigError, StageConfig, from_dict
 from mmfactory.data.sources import check_kinds
 from mmfactory.tasks.base import StageContext, TrainingTask
 
@@ -22,6 +22,8 @@ TASKS: dict[str, str] = {
     "video_text_contrastive": "mmfactory.tasks.contrastive:VideoTextContrastiveTask",
     "image_text_contrastive": "mmfactory.tasks.image_text:ImageTextContrastiveTask",
     "image_text_reward": "mmfactory.tasks.reward:ImageTextRewardTask",
+    "image_text_matching": "mmfactory.tasks.matching:ImageTextMatchingTask",
+    "pool_filter": "mmfactory.tasks.pool_filter:PoolFilterTask",
     "arm_pretrain": "mmfactory.tasks.arm:ARMPretrainTask",
     "arm_mae_pretrain": "mmfactory.tasks.arm:MaskedPretrainTask",
     "arm_finetune": "mmfactory.tasks.arm:ImageClassificationTask",
@@ -44,6 +46,8 @@ def task_class(name: str, where: str = "task") -> type[TrainingTask]:
 def validate_stage(stage: StageConfig, index: int) -> tuple[type[TrainingTask], object, object, object]:
     """Check the stage's task-specific sections against the task's schemas (before anything runs)."""
     cls = task_class(stage.task, f"stages[{index}].task")
+    if cls.trains and stage.train.max_steps is None and stage.train.epochs is None:
+        raise ConfigError(f"stages[{index}].train.{EXACTLY_ONE_LENGTH}")
     model_cfg = from_dict(cls.model_config, stage.model, f"stages[{index}].model")
     data_cfg = from_dict(cls.data_config, stage.data, f"stages[{index}].data")
     options = from_dict(cls.options_config, stage.options, f"stages[{index}].options")

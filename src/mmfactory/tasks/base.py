@@ -8,6 +8,7 @@ names a method.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +50,17 @@ class TrainingTask(nn.Module):
 
     Schemas (dataclasses) validate the stage's ``model``, ``data`` and ``options`` sections.
     ``loss_unit`` names what :meth:`loss_weight` counts (shown as throughput, e.g. ``tokens/s``).
-    ``sample_kind`` is the kind of sample the task reads from its ``data.train`` / ``data.eval`` sources
-    (:mod:`mmfactory.data.sources`), ``extra_sources`` the kinds of its other source lists (data field ->
-    kind); both are checked when the recipe is validated.
+    A task with ``trains = False`` (scoring or selecting data, say) implements :meth:`run` instead of the
+    training hooks. ``sample_kind`` is the kind of sample the task reads from its ``data.train`` /
+    ``data.eval`` sources (:mod:`mmfactory.data.sources`), ``extra_sources`` the kinds of its other source
+    lists (data field -> kind); both are checked when the recipe is validated.
     """
 
     model_config: ClassVar[type]
     data_config: ClassVar[type]
     options_config: ClassVar[type]
     loss_unit: ClassVar[str] = "samples"
+    trains: ClassVar[bool] = True  # False: a stage that trains nothing; the runner calls run() instead
     sample_kind: ClassVar[str | None] = None
     extra_sources: ClassVar[dict[str, str]] = {}
 
@@ -85,9 +88,17 @@ class TrainingTask(nn.Module):
         from mmfactory.data.sources import read_sources
 
         cfg = self.data_cfg
-        sources = cfg.train if split == "train" else cfg.eval
+        sources = [self.resolve_source(s) for s in (cfg.train if split == "train" else cfg.eval)]
         seed, report = self.stage.train.seed, self.ctx.is_main_process
         return read_sources(sources, self.sample_kind, counts, split, cfg.max_bad_fraction, seed, report)
+
+    def resolve_source(self, source):
+        """``source`` with a ``keep_uids`` that names an earlier stage read from that stage's
+        ``final/kept_uids.txt`` (a ``pool_filter`` stage's selection)."""
+        if source.keep_uids in self.ctx.stage_outputs:
+            kept = self.ctx.stage_outputs[source.keep_uids] / "kept_uids.txt"
+            return dataclasses.replace(source, keep_uids=str(kept))
+        return source
 
     def train_lengths(self) -> list[int] | None:
         """Per training sample, its length in tokens, negative for a text-only sample (LLaVA's
@@ -120,6 +131,11 @@ class TrainingTask(nn.Module):
     def evaluate(self) -> dict[str, float]:
         """Task-level evaluation after training (generation metrics, accuracy...). Main process only."""
         return {}
+
+    def run(self, accelerator) -> dict[str, float]:
+        """The work of a stage that trains nothing (``trains = False``), on every process; returns the
+        stage's metrics (the main process's are recorded)."""
+        raise NotImplementedError
 
     def save_pretrained(self, out_dir: Path) -> None:
         """Write Hugging Face-native artifacts that a later stage's ``init_from`` can load."""

@@ -1,14 +1,12 @@
 """Filter & Align's reward model (arXiv 2312.06726), the ``image_text_reward`` task: an image-text scorer
 trained on caption rankings with the Bradley-Terry loss.
 
-Model: a CLIP dual encoder (``init_from`` a CLIP stage, a local folder, or ``tiny``) and a fusion head on
-its L2-normalised embeddings ``i``, ``t`` (``D`` wide)::
-
-    r(i, t) = s * cos(i, t) + MLP([i, t, i * t])        (MLP: 3D -> head_hidden -> 1, GELU)
-
-The MLP's output layer starts at zero and ``s`` at ``cosine_scale``, so a fresh reward model *is* the
-CLIP-score filter and learns from the rankings what cosine similarity misses; which parameters train (the
-head alone, or the towers too) is the stage's ``trainable``.
+Model: :class:`~mmfactory.models.image_text_scorer.ImageTextScorer`, a CLIP dual encoder (``init_from`` a
+CLIP stage, a local folder, or ``tiny``) with a head ``r(i, t) = s * cos(i, t) + f(i, t)`` whose fusion ``f``
+(``fusion: mlp`` on the global embeddings, or ``cross``: an image-grounded text encoder over the towers'
+token states, BLIP-ITM / ImageReward style) starts at zero, so a fresh reward model *is* the CLIP-score
+filter and learns from the rankings what cosine similarity misses; which parameters train (the head alone,
+or the towers too) is the stage's ``trainable``.
 
 Data: ``ranking`` sources (``format: world, kind: rankings`` or rankings JSONL). Every ranking becomes
 its ``(chosen, rejected, target)`` pairs (:func:`~mmfactory.data.readers.ranking.ranking_pairs`; ties
@@ -19,85 +17,33 @@ excluded, or kept with target 0.5 with ``data.ties: half``), counted as ``{split
 (``eval_cosine_pair_accuracy``), in percent; a tie in score counts half.
 
 ``final/`` is the CLIP folder (``CLIPModel.from_pretrained`` reads it) plus ``reward_head.safetensors``
-and ``reward_head.json`` (:func:`load_reward_model`).
+and ``reward_head.json`` (:func:`~mmfactory.models.image_text_scorer.load_scorer`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmfactory.config import ConfigError
 from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
+from mmfactory.models.image_text_scorer import (
+    HEAD_CONFIG,
+    ImageTextScorer,
+    ScorerHead,
+    head_config_for,
+    load_scorer,
+)
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.tasks.image_text import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
-
-HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
-
-
-class RewardHead(nn.Module):
-    """``[N, D]`` normalised image and text embeddings -> ``[N]`` rewards (module docstring)."""
-
-    def __init__(self, dim: int, hidden: int, cosine_scale: float):
-        super().__init__()
-        self.dim, self.hidden = dim, hidden
-        self.cosine_scale = nn.Parameter(torch.tensor(float(cosine_scale)))
-        self.mlp = nn.Sequential(nn.Linear(3 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, image: Tensor, text: Tensor) -> Tensor:
-        fused = torch.cat([image, text, image * text], dim=-1)
-        return self.cosine_scale * (image * text).sum(-1) + self.mlp(fused).squeeze(-1)
-
-
-class ImageTextRewardModel(nn.Module):
-    """CLIP + :class:`RewardHead`: ``score(pixel_values, input_ids, attention_mask) -> [N]``."""
-
-    def __init__(self, clip, head: RewardHead):
-        super().__init__()
-        self.clip, self.head = clip, head
-
-    def embed_images(self, pixel_values: Tensor) -> Tensor:
-        return F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-
-    def embed_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return F.normalize(out, dim=-1)
-
-    def score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.head(self.embed_images(pixel_values), self.embed_texts(input_ids, attention_mask))
-
-    def save_pretrained(self, folder: Path) -> None:
-        self.clip.save_pretrained(folder)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-            folder / HEAD_WEIGHTS,
-        )
-        (folder / HEAD_CONFIG).write_text(json.dumps({"dim": self.head.dim, "hidden": self.head.hidden}))
-
-
-def load_reward_model(folder: str | Path):
-    """``(model, tokenizer, image_processor)`` of a saved reward model (a stage's ``final/``)."""
-    folder = Path(folder)
-    if not (folder / HEAD_CONFIG).is_file():
-        raise FileNotFoundError(f"{folder}: no {HEAD_CONFIG}; not a reward model saved by image_text_reward")
-    clip, tokenizer, image_processor = load_clip(CLIPSpec(), folder)
-    config = json.loads((folder / HEAD_CONFIG).read_text())
-    head = RewardHead(config["dim"], config["hidden"], 0.0)
-    head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
-    return ImageTextRewardModel(clip, head).eval(), tokenizer, image_processor
 
 
 @dataclass
@@ -105,13 +51,21 @@ class RewardModelSpec(CLIPSpec):
     """The CLIP towers (:class:`~mmfactory.tasks.image_text.CLIPSpec`, or the stage's ``init_from``) and
     the fusion head."""
 
-    head_hidden: int = 256
+    fusion: Literal["mlp", "cross"] = "mlp"  # mmfactory.models.image_text_scorer
+    head_hidden: int = 256  # the MLP's hidden width, or the cross head's width
+    head_layers: int = 2  # cross: image-grounded blocks
+    head_heads: int = 4  # cross: attention heads
     cosine_scale: float = 10.0  # s at initialisation: a fresh head ranks exactly as the CLIP cosine
 
     def validate(self) -> None:
         CLIPSpec.validate(self)
-        if self.head_hidden < 1:
-            raise ConfigError(f"head_hidden: must be >= 1, got {self.head_hidden}")
+        for name in ("head_hidden", "head_layers", "head_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.head_hidden % self.head_heads:
+            raise ConfigError(
+                f"head_hidden: {self.head_hidden} is not a multiple of head_heads {self.head_heads}"
+            )
 
 
 @dataclass
@@ -143,6 +97,17 @@ class RewardOptions:
     eval_batch_size: int = 64
 
 
+def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
+    """``(scorer, tokenizer, image_processor)``: a saved scorer from ``init_dir``, or a CLIP (``init_dir``,
+    or ``model_cfg``'s) with a fresh head."""
+    if init_dir is not None and (init_dir / HEAD_CONFIG).is_file():
+        return load_scorer(init_dir)
+    clip, tokenizer, image_processor = load_clip(model_cfg, init_dir)
+    m = model_cfg
+    config = head_config_for(clip, m.fusion, m.head_hidden, m.head_layers, m.head_heads)
+    return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale)), tokenizer, image_processor
+
+
 class RankedPairs(torch.utils.data.Dataset):
     """Item ``p``: ``{"image": uint8 [H, W, 3], "chosen": str, "rejected": str, "target": float}``."""
 
@@ -172,13 +137,9 @@ class ImageTextRewardTask(TrainingTask):
 
     def __init__(self, stage, ctx, model_cfg: RewardModelSpec, data_cfg: RewardDataConfig, options):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
-        init_dir = ctx.resolve_init(stage.init_from)
-        if init_dir is not None and (init_dir / HEAD_CONFIG).is_file():
-            self.model, self.tokenizer, self.image_processor = load_reward_model(init_dir)
-        else:
-            clip, self.tokenizer, self.image_processor = load_clip(model_cfg, init_dir)
-            head = RewardHead(clip.config.projection_dim, model_cfg.head_hidden, model_cfg.cosine_scale)
-            self.model = ImageTextRewardModel(clip, head)
+        self.model, self.tokenizer, self.image_processor = build_scorer(
+            model_cfg, ctx.resolve_init(stage.init_from)
+        )
         self.max_text_length = (
             data_cfg.max_text_length or self.model.clip.config.text_config.max_position_embeddings
         )
@@ -235,7 +196,7 @@ class ImageTextRewardTask(TrainingTask):
             side: self.model.embed_texts(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
             for side in ("chosen", "rejected")
         }
-        cosine_gap = (image * texts["chosen"]).sum(-1) - (image * texts["rejected"]).sum(-1)
+        cosine_gap = (image.embedding * (texts["chosen"].embedding - texts["rejected"].embedding)).sum(-1)
         return self.model.head(image, texts["chosen"]), self.model.head(image, texts["rejected"]), cosine_gap
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,184 @@
+"""Image-text scorers on a CLIP dual encoder: Filter & Align's reward model (trained on caption rankings) and
+the image-text matching baseline (BLIP-score) share the model; they differ in what trains the head.
+
+``r(i, t) = s * cos(i, t) + f(i, t)``: the CLIP cosine of the L2-normalised projected embeddings, scaled by
+a learnt ``s`` (``cosine_scale`` at initialisation), plus a fusion head ``f`` whose output layer starts at
+zero, so a fresh scorer ranks exactly as the CLIP cosine and learns what the cosine misses. Heads:
+
+* ``mlp``: ``MLP([i, t, i * t])`` on the global embeddings (``3D -> hidden -> 1``, GELU);
+* ``cross``: an image-grounded text encoder, as BLIP's ITM head and ImageReward have it: the text tower's
+  token states (projected to ``hidden``) pass ``layers`` pre-norm blocks of text self-attention, cross-
+  attention to the vision tower's patch states (projected) and an FFN; the first token's output is scored.
+  It sees which patch holds which colour and shape, which a global embedding may not carry.
+
+Saved as the CLIP folder (``CLIPModel.from_pretrained`` reads it) plus ``reward_head.safetensors`` and
+``reward_head.json`` (:func:`load_scorer`; a ``reward_head.json`` without ``fusion`` is an ``mlp`` head).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
+FUSIONS = ("mlp", "cross")
+
+
+@dataclass
+class Encoded:
+    """One tower's output for ``N`` inputs: ``embedding [N, D]`` (L2-normalised, projected), ``tokens
+    [N, T, H]`` (last hidden states) and ``mask [N, T]`` (1 = a real token; None: all real)."""
+
+    embedding: Tensor
+    tokens: Tensor
+    mask: Tensor | None = None
+
+
+class MLPFusion(nn.Module):
+    """``MLP([i, t, i * t]) -> [N]`` on the global embeddings."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, image: Encoded, text: Encoded) -> Tensor:
+        i, t = image.embedding, text.embedding
+        return self.mlp(torch.cat([i, t, i * t], dim=-1)).squeeze(-1)
+
+
+class GroundedBlock(nn.Module):
+    """Pre-norm text self-attention, cross-attention to image tokens, FFN: ``[N, L, W] -> [N, L, W]``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_image, self.norm_ffn = (
+            nn.LayerNorm(width) for _ in range(4)
+        )
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor, padding: Tensor | None, image: Tensor) -> Tensor:
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        v = self.norm_image(image)
+        x = x + self.cross_attn(self.norm_cross(x), v, v, need_weights=False)[0]
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class CrossFusion(nn.Module):
+    """An image-grounded text encoder over token states: ``-> [N]`` (module docstring)."""
+
+    def __init__(self, text_width: int, image_width: int, hidden: int, layers: int, heads: int):
+        super().__init__()
+        self.text_in, self.image_in = nn.Linear(text_width, hidden), nn.Linear(image_width, hidden)
+        self.blocks = nn.ModuleList(GroundedBlock(hidden, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image: Encoded, text: Encoded) -> Tensor:
+        x, v = self.text_in(text.tokens), self.image_in(image.tokens)
+        padding = None if text.mask is None else text.mask == 0
+        for block in self.blocks:
+            x = block(x, padding, v)
+        return self.out(self.norm(x[:, 0])).squeeze(-1)
+
+
+@dataclass
+class HeadConfig:
+    fusion: str = "mlp"
+    dim: int = 64  # the projected embedding width (CLIP's projection_dim)
+    hidden: int = 256
+    layers: int = 2  # cross only
+    heads: int = 4  # cross only
+    text_width: int = 64  # cross only: the text tower's hidden size
+    image_width: int = 64  # cross only: the vision tower's hidden size
+
+
+class ScorerHead(nn.Module):
+    """``s * cos(i, t) + fusion(i, t)``: ``(Encoded image, Encoded text) -> [N]`` scores."""
+
+    def __init__(self, config: HeadConfig, cosine_scale: float):
+        super().__init__()
+        if config.fusion not in FUSIONS:
+            raise ValueError(f"fusion: {config.fusion!r}; expected one of {FUSIONS}")
+        self.config = config
+        self.cosine_scale = nn.Parameter(torch.tensor(float(cosine_scale)))
+        if config.fusion == "mlp":
+            self.fusion = MLPFusion(config.dim, config.hidden)
+        else:
+            self.fusion = CrossFusion(
+                config.text_width, config.image_width, config.hidden, config.layers, config.heads
+            )
+
+    def forward(self, image: Encoded, text: Encoded) -> Tensor:
+        cosine = (image.embedding * text.embedding).sum(-1)
+        return self.cosine_scale * cosine + self.fusion(image, text)
+
+
+class ImageTextScorer(nn.Module):
+    """CLIP + :class:`ScorerHead` (``head`` None: the cosine alone is meaningful)."""
+
+    def __init__(self, clip, head: ScorerHead | None):
+        super().__init__()
+        self.clip, self.head = clip, head
+
+    def embed_images(self, pixel_values: Tensor) -> Encoded:
+        out = self.clip.get_image_features(pixel_values=pixel_values)
+        return Encoded(F.normalize(out.pooler_output, dim=-1), out.last_hidden_state)
+
+    def embed_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Encoded:
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return Encoded(F.normalize(out.pooler_output, dim=-1), out.last_hidden_state, attention_mask)
+
+    def score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.embed_images(pixel_values), self.embed_texts(input_ids, attention_mask))
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.clip.save_pretrained(folder)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(weights, folder / HEAD_WEIGHTS)
+        (folder / HEAD_CONFIG).write_text(json.dumps(vars(self.head.config), indent=1))
+
+
+def head_config_for(clip, fusion: str, hidden: int, layers: int, heads: int) -> HeadConfig:
+    """The head's shapes for a CLIP model's towers."""
+    return HeadConfig(
+        fusion,
+        clip.config.projection_dim,
+        hidden,
+        layers,
+        heads,
+        clip.config.text_config.hidden_size,
+        clip.config.vision_config.hidden_size,
+    )
+
+
+def load_scorer(folder: str | Path):
+    """``(model, tokenizer, image_processor)`` of a saved scorer (an ``image_text_reward`` or
+    ``image_text_matching`` stage's ``final/``)."""
+    from mmfactory.tasks.image_text import CLIPSpec, load_clip
+
+    folder = Path(folder)
+    if not (folder / HEAD_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{folder}: no {HEAD_CONFIG}; not a scorer saved by a reward or matching stage"
+        )
+    clip, tokenizer, image_processor = load_clip(CLIPSpec(), folder)
+    config = json.loads((folder / HEAD_CONFIG).read_text())
+    weights = load_file(folder / HEAD_WEIGHTS)
+    if "fusion" not in config:  # saved before the cross head existed: an MLP head at the top level
+        weights = {k if k == "cosine_scale" else f"fusion.{k}": v for k, v in weights.items()}
+    head = ScorerHead(HeadConfig(**config), 0.0)
+    head.load_state_dict(weights)
+    return ImageTextScorer(clip, head).eval(), tokenizer, image_processor
