@@ -95,7 +95,7 @@ class PoolFilterTask(TrainingTask):
         if not accelerator.is_main_process:
             return {}
         metrics: dict[str, float] = {f"pool_{k}": v for k, v in Counter(scored["statuses"]).items()}
-        truth = {p["uid"]: p["kind"] for p in world_pool(*self.world_pool_spec())} if self.is_world else None
+        truth = {p["uid"]: p for p in world_pool(*self.world_pool_spec())} if self.is_world else None
         for fraction in dict.fromkeys([o.keep, *o.report_keeps]):
             summary = select_top(self.scores, self.selection_dir(fraction), keep=fraction)
             if fraction == o.keep:
@@ -115,13 +115,12 @@ class PoolFilterTask(TrainingTask):
     def selection_dir(self, fraction: float) -> Path:
         return self.selections / f"keep-{fraction:g}"
 
-    def detection(self, fraction: float, truth: dict[str, str]) -> dict[str, float]:
-        """The selection at ``fraction`` as a detector of misaligned pairs (module docstring)."""
-        from mmfactory.world.rankings import ALIGNED_KINDS
-
+    def detection(self, fraction: float, truth: dict[str, dict]) -> dict[str, float]:
+        """The selection at ``fraction`` as a detector of misaligned pairs (module docstring); ``truth``:
+        uid -> the world pool's pair with its ``aligned`` flag and caption ``kind``."""
         kept_file = str(self.selection_dir(fraction) / "kept.parquet").replace("'", "''")
         kept = {row[0] for row in duckdb.connect().execute(f"SELECT uid FROM '{kept_file}'").fetchall()}
-        bad = {uid for uid, kind in truth.items() if kind not in ALIGNED_KINDS}
+        bad = {uid for uid, pair in truth.items() if not pair["aligned"]}
         dropped = set(truth) - kept
         caught = len(dropped & bad)
         prefix = f"keep{round(100 * fraction)}_"
@@ -129,8 +128,8 @@ class PoolFilterTask(TrainingTask):
             prefix + "drop_precision": 100.0 * caught / max(len(dropped), 1),
             prefix + "drop_recall": 100.0 * caught / max(len(bad), 1),
         }
-        per_kind = Counter(truth.values())
-        kept_kinds = Counter(truth[uid] for uid in kept)
+        per_kind = Counter(pair["kind"] for pair in truth.values())
+        kept_kinds = Counter(truth[uid]["kind"] for uid in kept)
         for kind in sorted(per_kind):
             metrics[f"{prefix}kept_{kind}"] = 100.0 * kept_kinds[kind] / per_kind[kind]
         return metrics
