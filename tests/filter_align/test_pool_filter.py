@@ -137,3 +137,13 @@ def test_pool_sources_refuse_uids_from_another_pool_and_keys_of_other_kinds(tmp_
         SourceConfig("world", kind="scenes", bad_fraction=0.2).validate()
     chats = world_pool_samples(10, 0.5, 32, None, "image-chat", Counter())
     assert len(chats) == 10 and chats.messages[0][1]["content"] == world_web_pool(10, 0.5)[0]["text"]
+
+
+def test_captioners_of_a_mixed_pool_are_scored_against_brief_and_detailed_references():
+    from mmfactory.data.world_source import world_benchmarks
+
+    brief = world_benchmarks(0, 0, 3).captions
+    both = world_benchmarks(0, 0, 3, caption_details=["brief", "detailed"]).captions
+    assert [c["references"][:1] for c in both] == [c["references"] for c in brief]
+    assert all(len(c["references"]) == 2 and c["references"][1] != c["references"][0] for c in both)
+    assert [c["objects"] for c in both] == [c["objects"] for c in brief]

@@ -271,24 +271,35 @@ def world_object_mentions(text: str) -> list[str]:
 
 
 def world_benchmarks(
-    vqa: int, pope: int, captions: int, seed: int = 0, split: str = "test", image_size: int = 32
+    vqa: int,
+    pope: int,
+    captions: int,
+    seed: int = 0,
+    split: str = "test",
+    image_size: int = 32,
+    caption_details: Sequence[str] = ("brief",),
 ):
     """Held-out :class:`~mmfactory.eval.mllm.Benchmarks` from the built-in world (English): ``vqa``
     questions, ``pope`` probes per POPE split (random, popular, adversarial; half yes) and ``captions``
-    images with their brief caption and objects, asked as training asks for captions and scored for
-    object hallucination with the world's object vocabulary."""
+    images with their captions of each of ``caption_details`` as references and the objects of the first,
+    asked as training asks for brief captions and scored for object hallucination with the world's object
+    vocabulary."""
     from mmfactory.eval.mllm import Benchmarks
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE, POPE_KINDS
 
     world = World(seed=seed, image_size=image_size)
-    pairs = world.pairs(split, captions, detail="brief") if captions else []
+    per_detail = [world.pairs(split, captions, detail=d) if captions else [] for d in caption_details]
     return Benchmarks(
         vqa=world.vqa(split, vqa) if vqa else [],
         pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
         captions=[
-            {"image": p["image"], "references": [p["text"]], "objects": world_object_mentions(p["text"])}
-            for p in pairs
+            {
+                "image": pairs[0]["image"],
+                "references": [p["text"] for p in pairs],
+                "objects": world_object_mentions(pairs[0]["text"]),
+            }
+            for pairs in zip(*per_detail, strict=True)
         ],
         caption_prompt=DESCRIBE["en"]["brief"],
         mentions=world_object_mentions,

@@ -77,6 +77,13 @@ class WorldBenchmarkConfig:
 
     seed: int = 0
     image_size: int = 32
+    # The caption references of each test image: its brief caption (LLaVA's caption prompt asks for one),
+    # or brief and detailed (a captioner trained on a mix of both, as Filter & Align's pool has them).
+    caption_details: list[Literal["brief", "detailed"]] = field(default_factory=lambda: ["brief"])
+
+    def validate(self) -> None:
+        if not self.caption_details:
+            raise ConfigError("world_benchmarks.caption_details: name brief, detailed or both")
 
 
 @dataclass
@@ -276,7 +283,12 @@ class MultimodalSFTTask(TrainingTask):
         if o.world_benchmarks is not None:
             w = o.world_benchmarks
             bench = world_benchmarks(
-                o.eval_vqa, o.eval_pope, o.eval_captions, w.seed, image_size=w.image_size
+                o.eval_vqa,
+                o.eval_pope,
+                o.eval_captions,
+                w.seed,
+                image_size=w.image_size,
+                caption_details=w.caption_details,
             )
         else:
             bench = Benchmarks()
