@@ -185,3 +185,35 @@ def test_ray_data_actors_score_what_one_process_does(tmp_path, reward_dir):
     a, b = sorted(read_scores(one)), sorted(read_scores(tmp_path / "ray"))
     assert [r[0] for r in a] == [r[0] for r in b]
     np.testing.assert_allclose([r[1] for r in a], [r[1] for r in b], atol=1e-6)
+
+
+def test_jsonl_and_parquet_pools_score_alike_and_count_their_bad_rows(tmp_path, reward_dir):
+    import pyarrow as pa
+
+    (tmp_path / "img").mkdir()
+    pngs = {name: _png(v) for name, v in (("a", 10), ("b", 90), ("c", 200))}
+    for name, data in pngs.items():
+        (tmp_path / "img" / f"{name}.png").write_bytes(data)
+    texts = {"a": "a red square", "b": "a blue circle", "c": "a green star"}
+    rows = [{"uid": n, "image": f"img/{n}.png", "text": texts[n]} for n in pngs]
+    lines = [json.dumps(r) for r in rows] + [
+        json.dumps({"id": "gone", "image": "img/none.png", "text": "x"}),
+        json.dumps({"uid": "silent", "image": "img/a.png", "caption": " "}),
+        "{not json",
+    ]
+    (tmp_path / "pool.jsonl").write_text("\n".join(lines) + "\n")
+    table = {
+        "uid": list(pngs),
+        "image": [{"bytes": pngs[n], "path": None} for n in pngs],  # a Hugging Face Image column
+        "text": [texts[n] for n in pngs],
+    }
+    pq.write_table(pa.table(table), tmp_path / "pool.parquet")
+    jsonl = score_pool(reward_dir, str(tmp_path / "pool.jsonl"), tmp_path / "s-jsonl")
+    parquet = score_pool(reward_dir, str(tmp_path / "pool.parquet"), tmp_path / "s-parquet")
+    assert jsonl["statuses"] == {"ok": 3, "missing_file": 1, "empty_text": 1, "malformed_json": 1}
+    assert parquet["statuses"] == {"ok": 3}
+    from_paths = {u: s for u, s, st in read_scores(tmp_path / "s-jsonl") if st == "ok"}
+    from_bytes = {u: s for u, s, _ in read_scores(tmp_path / "s-parquet")}
+    assert from_paths.keys() == from_bytes.keys() == set(pngs)
+    np.testing.assert_allclose([from_paths[u] for u in pngs], [from_bytes[u] for u in pngs], atol=1e-6)
+    assert {u for u, _, _ in read_scores(tmp_path / "s-jsonl")} >= {"gone", "silent", "pool-5"}

@@ -6,7 +6,11 @@
 * ``world:N`` or ``world:N:BAD``: the world's web-like pool of N pairs (a known ``BAD`` share misaligned,
   default 0.5), cut into shards of ``shard_size`` pairs (``world-00000`` ...);
 * a webdataset shard, glob or brace pattern (``pool-{000..099}.tar.gz``): each file one shard, a sample's
-  ``uid`` its ``{key}.json`` ``id`` or else its key.
+  ``uid`` its ``{key}.json`` ``id`` or else its key;
+* JSONL or Parquet files (``pool-*.parquet``, ``pairs.jsonl``), each one shard, a row ``{"uid" (or "id"),
+  "image", "text" (or "caption")}`` whose ``image`` is encoded bytes, a Hugging Face image cell
+  (``{"bytes", "path"}``) or a path (relative to the file's folder). A row without a uid is
+  ``{file stem}-{row}``; a line that is not JSON is a ``malformed_json`` row.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def shard_items(shard: Shard) -> Iterator[dict[str, Any]]:
         _, n, bad, lo, hi = shard.spec.split(":")
         yield from world_pool(int(n), float(bad))[int(lo) : int(hi)]
         return
+    if shard.spec.endswith((".jsonl", ".parquet")):
+        yield from _table_items(Path(shard.spec))
+        return
     # The streaming reader's member grouping (a broken tar raises naming the shard).
     for raw in ImageTextStream([shard.spec]).shard_samples(shard.spec):
         image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
@@ -82,6 +89,46 @@ def shard_items(shard: Shard) -> Iterator[dict[str, Any]]:
         text = raw.get("txt", b"").decode("utf-8", errors="replace")
         item = {"uid": uid, "image": image, "text": text}
         if image is None or not text.strip():
+            item["bad"] = BadReason.MISSING_FILE.value if image is None else BadReason.EMPTY_TEXT.value
+        yield item
+
+
+def _table_rows(path: Path) -> Iterator[dict | None]:
+    """The rows of a JSONL (None for a line that is not a JSON object) or Parquet file, in file order."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                yield row if isinstance(row, dict) else None
+
+
+def _table_items(path: Path) -> Iterator[dict[str, Any]]:
+    for index, row in enumerate(_table_rows(path)):
+        if row is None:
+            yield {
+                "uid": f"{path.stem}-{index}",
+                "image": None,
+                "text": "",
+                "bad": BadReason.MALFORMED_JSON.value,
+            }
+            continue
+        uid = str(row.get("uid", row.get("id", f"{path.stem}-{index}")))
+        image, text = row.get("image"), row.get("text", row.get("caption")) or ""
+        if isinstance(image, dict):  # a Hugging Face Image cell
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, str):
+            image = str(path.parent / image)
+        item = {"uid": uid, "image": image, "text": str(text)}
+        if image is None or not str(text).strip():
             item["bad"] = BadReason.MISSING_FILE.value if image is None else BadReason.EMPTY_TEXT.value
         yield item
 
