@@ -215,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="an image_text_reward / image_text_matching stage's final/, or a CLIP folder (cosine)"
     )
-    p.add_argument("--pool", required=True, help="world:N[:BAD], webdataset shards, JSONL or Parquet files (glob / brace pattern)")
+    p.add_argument(
+        "--pool",
+        required=True,
+        help="world:N[:BAD], webdataset shards, JSONL or Parquet files (glob / brace pattern)",
+    )
     p.add_argument("--out", required=True, help="score folder: {shard}/part-*.parquet, {shard}/DONE.json")
     p.add_argument(
         "--scorer",
