@@ -34,7 +34,7 @@ from mmfactory.tasks.image_text import (
     clip_pixel_values,
     tokenize_for_clip,
 )
-from mmfactory.tasks.reward import RewardModelSpec, build_scorer
+from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder
 
 
 @dataclass
@@ -128,6 +128,4 @@ class ImageTextMatchingTask(TrainingTask):
         return {"loss": matching_loss(positive, negatives), "itm_accuracy": 100 * correct.mean()}
 
     def save_pretrained(self, out_dir: Path) -> None:
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+        save_scorer_folder(self, out_dir)

@@ -108,6 +108,13 @@ def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
     return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale)), tokenizer, image_processor
 
 
+def save_scorer_folder(task: TrainingTask, out_dir: Path) -> None:
+    """A scorer task's ``final/``: the scorer, its tokenizer and its image processor."""
+    task.model.save_pretrained(out_dir)
+    task.tokenizer.save_pretrained(out_dir)
+    task.image_processor.save_pretrained(out_dir)
+
+
 class RankedPairs(torch.utils.data.Dataset):
     """Item ``p``: ``{"image": uint8 [H, W, 3], "chosen": str, "rejected": str, "target": float}``."""
 
@@ -215,6 +222,4 @@ class ImageTextRewardTask(TrainingTask):
         }
 
     def save_pretrained(self, out_dir: Path) -> None:
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+        save_scorer_folder(self, out_dir)
