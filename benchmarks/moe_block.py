@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/moe_block.py                       # default shapes, median of 7
     .venv/bin/python benchmarks/moe_block.py --threads 1 --repeats 3 --shapes 256x1024x2048
+    .venv/bin/python benchmarks/moe_block.py --device cuda --shapes 1024x4096x8192 2048x8192x16384
 
 Both blocks get the same weights (E=4 experts, top-2, SwiGLU experts of width 4H); ours holds them as
 Hugging Face ``LlamaMLP`` copies (what ``upcycle`` produces), Mixtral as fused 3D tensors. Mixtral runs with
@@ -59,11 +60,14 @@ def build_blocks(hidden: int, ffn: int) -> tuple[SparseMoeBlock, dict[str, Mixtr
 
 
 def step_times(block: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one forward + backward."""
+    """(wall, process CPU) seconds of one forward + backward (a CUDA step is waited for)."""
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None
     block.zero_grad(set_to_none=True)
     inputs = x.detach().requires_grad_()
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     block(inputs).square().mean().backward()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -77,18 +81,25 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), E={NUM_EXPERTS}, top-{TOP_K}, fp32\n")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(
+        f"torch {torch.__version__}, {where}, {args.threads} thread(s), E={NUM_EXPERTS}, top-{TOP_K}, fp32\n"
+    )
     columns = ["hidden x ffn x tokens", "time", "ours ms", "Mixtral eager ms", "eager / ours"]
     columns += ["Mixtral grouped_mm ms", "grouped_mm / ours"]
     print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for shape in args.shapes:
         hidden, ffn, tokens = (int(v) for v in shape.split("x"))
         ours, mixtral = build_blocks(hidden, ffn)
+        ours.to(args.device)
+        for block in mixtral.values():
+            block.to(args.device)
         torch.manual_seed(1)
-        x = torch.randn(2, tokens // 2, hidden)
+        x = torch.randn(2, tokens // 2, hidden, device=args.device)
         with torch.no_grad():
             expected = ours(x)
             for block in mixtral.values():

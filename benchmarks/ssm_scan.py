@@ -2,6 +2,7 @@
 
     python benchmarks/ssm_scan.py                        # ARM sizes: d 192, N 16, expand 1, L 144 and 576
     python benchmarks/ssm_scan.py --lengths 144 --repeats 9 --threads 2
+    python benchmarks/ssm_scan.py --device cuda --lengths 196 576 2304
 
 Rows:
 - ``MambaMixer`` vs ``transformers.models.mamba.modeling_mamba.MambaMixer`` (same weights and input) without
@@ -51,11 +52,15 @@ def logspace_chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=Tr
 
 
 def median_seconds(step: Callable[[], None], repeats: int) -> float:
+    """Median wall seconds of ``step`` after one warm-up; CUDA work is waited for."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
     step()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--peer-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()  # its "falling back to the torch implementation" notices
@@ -96,27 +102,30 @@ def main() -> None:
     peer = HFMambaMixer(config, layer_idx=0)
     ours = MambaMixer(args.d_model, d_state=args.d_state, d_conv=4, expand=args.expand)
     ours.load_state_dict(peer.state_dict())
+    peer.to(args.device), ours.to(args.device)
+    device = torch.device(args.device)
     inner = args.expand * args.d_model
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch},")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} thread(s), batch {args.batch},")
     print(f"d {args.d_model}, N {args.d_state}, expand {args.expand}; median seconds of forward + backward\n")
     print("| ours vs peer | L | ours (s) | peer (s) | speed-up |")
     print("|---|---|---|---|---|")
     for length in args.lengths:
-        x = torch.randn(args.batch, length, args.d_model, requires_grad=True)
+        x = torch.randn(args.batch, length, args.d_model, device=device, requires_grad=True)
         torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-5)
         ours_s = median_seconds(forward_backward(ours, hidden_states=x), args.repeats)
         peer_s = median_seconds(forward_backward(peer, hidden_states=x), args.peer_repeats)
         print_row("MambaMixer vs transformers MambaMixer", length, ours_s, peer_s)
 
         scan_inputs = {
-            "u": torch.randn(args.batch, inner, length),
-            "delta": torch.randn(args.batch, inner, length) * 0.5 - 3,
+            "u": torch.randn(args.batch, inner, length, device=device),
+            "delta": torch.randn(args.batch, inner, length, device=device) * 0.5 - 3,
             "A": -torch.exp(ours.A_log.detach()),
-            "B": torch.randn(args.batch, args.d_state, length),
-            "C": torch.randn(args.batch, args.d_state, length),
-            "D": torch.ones(inner),
-            "z": torch.randn(args.batch, inner, length),
+            "B": torch.randn(args.batch, args.d_state, length, device=device),
+            "C": torch.randn(args.batch, args.d_state, length, device=device),
+            "D": torch.ones(inner, device=device),
+            "z": torch.randn(args.batch, inner, length, device=device),
             "delta_bias": ours.dt_proj.bias.detach().clone(),
             "delta_softplus": True,
         }

@@ -51,10 +51,12 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args.hidden, args.layers, args.heads, args.kv_heads, args.vocab, args.codes)
+    model = build(args.hidden, args.layers, args.heads, args.kv_heads, args.vocab, args.codes).to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, args.vocab, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     uncond = prompts[0][:8]
@@ -74,15 +76,17 @@ def main() -> None:
     codes = {}
     for _ in range(args.repeats):
         for name, cfg in paths.items():
+            sync()
             start = time.perf_counter()
             codes[name] = sample_images(model, prompts, uncond, n, cfg)
+            sync()
             times[name].append(time.perf_counter() - start)
     first = next(iter(codes.values()))
     assert all(torch.equal(first, c) for c in codes.values()), "the sampling paths drew different codes"
     base = statistics.median(times["no cache + batched CFG"])
     print(
         f"{args.batch} images of {args.grid}x{args.grid} codes, prompt {args.prompt}, CFG {args.cfg_scale}, "
-        f"LM hidden {args.hidden} x {args.layers} layers, threads {torch.get_num_threads()}"
+        f"LM hidden {args.hidden} x {args.layers} layers, {args.device}, threads {torch.get_num_threads()}"
     )
     print("| path | s per batch | image tokens/s | speed-up vs no cache |\n|---|---|---|---|")
     for name, ts in times.items():
