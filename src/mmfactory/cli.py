@@ -1,5 +1,7 @@
 """The ``mmfactory`` command line.
 
+    mmfactory reproduce [--profile quick|full]         every method's claim in miniature: the claims table
+    mmfactory report RUN_DIR [--out report.html]       one self-contained HTML report of a run folder
     mmfactory recipes                                  list the shipped recipes
     mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
     mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
@@ -42,6 +44,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     output = Path(args.output) if args.output else Path("runs") / recipe.name.replace("/", "-")
     run_recipe(recipe, output, rerun_stale=not args.no_rerun_stale)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from mmfactory.reproduce.run import format_claims, reproduce
+
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    out = Path(args.output or f"runs/reproduce-{args.profile}")
+    rows, errors = reproduce(out, args.profile, only, args.seeds)
+    print(format_claims(rows, args.profile))
+    print(f"claims table: {out / 'claims.md'}; report: mmfactory report {out}")
+    for line in errors:
+        print(f"mmfactory: {line}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmfactory.report import write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report: {path.resolve()}")
     return 0
 
 
@@ -166,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfactory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reproduce", help="run every method's recipe and collect the claims table")
+    p.add_argument(
+        "--profile",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: reduced steps, a pipeline check (minutes); full: the recipes as shipped (hours)",
+    )
+    p.add_argument("--only", help="comma-separated method names, e.g. 'ARM,MAC' (default: all)")
+    p.add_argument("--seeds", type=int, help="seeds per recipe (default: 1 quick, 2 full)")
+    p.add_argument("--output", "-o", help="output folder (default: runs/reproduce-<profile>)")
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run or reproduce folder")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_cmd_recipes)

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
 from mmfactory.data.sources import check_source_paths, stage_sources
+from mmfactory.environment import environment
 from mmfactory.lineage import dir_fingerprint, stale_reason
 from mmfactory.lineage import lineage as stage_lineage
 from mmfactory.tasks import build_task, validate_stage
@@ -123,10 +125,15 @@ def run_stage(
     return summary
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
+def run_recipe(
+    recipe: Recipe,
+    run_dir: Path,
+    rerun_stale: bool = True,
+    on_stage: Callable[[int, StageConfig], None] | None = None,
+) -> dict:
     """Run every stage not yet done, or done from inputs that changed since (stale, :mod:`mmfactory.lineage`:
     run again, or refused when ``rerun_stale`` is False); returns (and writes, on the main process) the
-    results dict."""
+    results dict. ``on_stage(index, stage)`` is called before each stage (for progress lines)."""
     for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
         _, _, data_cfg, options = validate_stage(stage, i)
         check_source_paths(data_cfg, f"stages[{i}].data")
@@ -142,10 +149,12 @@ def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
                 )
     run_dir = Path(run_dir)
     stage_outputs: dict[str, Path] = {}
-    results: dict = {"recipe": recipe.name, "stages": {}, "metrics": {}}
+    results: dict = {"recipe": recipe.name, "compare": recipe.compare, "stages": {}, "metrics": {}}
     is_main = int(os.environ.get("RANK", "0")) == 0
     fingerprints: dict[str, str] = {}
     for i, stage in enumerate(recipe.stages):
+        if on_stage is not None:
+            on_stage(i, stage)
         stage_dir = run_dir / stage.name
         summary = _done_summary(stage_dir, is_main)
         current = stage_lineage(stage, fingerprints)
@@ -173,6 +182,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, rerun_stale: bool = True) -> dict:
         results["stages"][stage.name] = summary
         for key, value in summary.get("metrics", {}).items():
             results["metrics"][f"{stage.name}/{key}"] = value
+    results["environment"] = environment()
     if is_main:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
         print(format_results(results))

@@ -32,9 +32,13 @@ from mmfactory.eval.metrics import (
     vqa_accuracy,
     yes_no_metrics,
 )
+from mmfactory.examples import Example, right_and_wrong
 from mmfactory.models.components.moe import moe_param_counts
 from mmfactory.models.generation import GenerationConfig, end_of_turn_ids
 from mmfactory.models.mllm import MultimodalLM
+
+EXAMPLES_SCANNED = 64  # VQA answers looked at for some right and some wrong ones to show
+EXAMPLES_SHOWN = 8
 
 
 def load_mllm(
@@ -115,13 +119,26 @@ def evaluate_vqa(
     samples: list[dict],
     cfg: GenerationConfig,
     meter: GenerationMeter | None = None,
+    examples: dict[str, list[Example]] | None = None,
 ) -> dict[str, float]:
-    """``vqa_accuracy`` and ``vqa_accuracy_<type>`` (percent, exact match after VQA normalisation)."""
+    """``vqa_accuracy`` and ``vqa_accuracy_<type>`` (percent, exact match after VQA normalisation); with
+    ``examples``, ``examples["VQA answers"]``: some right and some wrong answers beside their images."""
     replies = generate_replies(
         model, processor, [_ask(s["question"]) for s in samples], [[s["image"]] for s in samples], cfg, meter
     )
     types = [s["type"] for s in samples] if all("type" in s for s in samples) else None
     result = vqa_accuracy(replies, [s["answer"] for s in samples], types)
+    if examples is not None:
+        shown = [
+            Example(
+                s.get("type", "vqa"),
+                {"question": s["question"], "answer": reply, "truth": str(s["answer"])},
+                [s["image"]],
+                correct=vqa_accuracy([reply], [s["answer"]])["accuracy"] == 100.0,
+            )
+            for s, reply in zip(samples[:EXAMPLES_SCANNED], replies, strict=False)
+        ]
+        examples["VQA answers"] = right_and_wrong(shown, EXAMPLES_SHOWN)
     per_type = {f"vqa_accuracy_{kind}": r["accuracy"] for kind, r in result["per_type"].items()}
     return {"vqa_accuracy": result["accuracy"], **per_type}
 
@@ -163,11 +180,12 @@ def evaluate_captions(
     prompt: str,
     mentions: Callable[[str], list[str]] | None = None,
     meter: GenerationMeter | None = None,
+    examples: dict[str, list[Example]] | None = None,
 ) -> dict[str, float]:
     """``caption_cider_d`` (pycocoevalcap's x10 scale) and ``caption_bleu4`` (sacrebleu 13a, 0-100) of the
     replies to ``prompt``; with ``mentions`` and samples that list their ``objects``, ``caption_chair_i`` /
     ``caption_chair_s`` / ``caption_object_recall`` (:func:`~mmfactory.eval.metrics.object_hallucination`
-    of the objects ``mentions`` finds in each reply)."""
+    of the objects ``mentions`` finds in each reply); with ``examples``, ``examples["Captions"]``."""
     replies = generate_replies(
         model, processor, [_ask(prompt) for _ in samples], [[s["image"]] for s in samples], cfg, meter
     )
@@ -176,6 +194,11 @@ def evaluate_captions(
         [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]
     )
     metrics = {"caption_cider_d": cider["cider_d"], "caption_bleu4": corpus_bleu(replies, references)["bleu"]}
+    if examples is not None:
+        examples["Captions"] = [
+            Example("caption", {"caption": reply, "a reference": refs[0]}, [s["image"]])
+            for s, reply, refs in zip(samples[: EXAMPLES_SHOWN // 2], replies, references, strict=False)
+        ]
     if mentions is not None and all("objects" in s for s in samples):
         rates = object_hallucination([mentions(r) for r in replies], [s["objects"] for s in samples])
         metrics.update({f"caption_{key}": rates[key] for key in ("chair_i", "chair_s", "object_recall")})
@@ -207,9 +230,11 @@ def evaluate_mllm(
     benchmarks: Benchmarks,
     cfg: GenerationConfig,
     caption_max_new_tokens: int = 32,
+    examples: dict[str, list[Example]] | None = None,
 ) -> dict[str, float]:
     """Every non-empty benchmark, then ``gen_tokens_per_s`` over all of them and ``peak_memory_mb``, and the
-    parameter counts ``params_total_m`` / ``params_activated_m`` (millions; they differ for a sparse MoE)."""
+    parameter counts ``params_total_m`` / ``params_activated_m`` (millions; they differ for a sparse MoE).
+    ``examples`` (when given) receives answers and captions to show (:mod:`mmfactory.examples`)."""
     was_training = model.training
     model.eval()
     if model.device.type == "cuda":
@@ -217,7 +242,7 @@ def evaluate_mllm(
     meter = GenerationMeter()
     metrics: dict[str, float] = {}
     if benchmarks.vqa:
-        metrics.update(evaluate_vqa(model, processor, benchmarks.vqa, cfg, meter))
+        metrics.update(evaluate_vqa(model, processor, benchmarks.vqa, cfg, meter, examples))
     if benchmarks.pope:
         metrics.update(evaluate_pope(model, processor, benchmarks.pope, cfg, meter))
     if benchmarks.captions:
@@ -231,6 +256,7 @@ def evaluate_mllm(
                 benchmarks.caption_prompt,
                 benchmarks.mentions,
                 meter,
+                examples,
             )
         )
     if meter.seconds > 0:

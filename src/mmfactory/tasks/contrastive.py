@@ -38,6 +38,7 @@ from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.video_text import video_clip
 from mmfactory.eval.metrics import text_video_retrieval
+from mmfactory.examples import retrieval_examples, write_examples
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.models.components.vit import MaskKind
 from mmfactory.models.dual_encoder import DualEncoderSpec, TextMaskMode, load_dual_encoder, tokenize_captions
@@ -259,6 +260,14 @@ class VideoTextContrastiveTask(TrainingTask):
         metrics = {
             f"{direction}_{name}": value for direction, m in results.items() for name, value in m.items()
         }
+        if self.ctx.is_main_process:
+
+            def middle_frame(i: int) -> np.ndarray:
+                frames = video_clip(videos.media(i), num_frames, "uniform", None)
+                return frames[len(frames) // 2]
+
+            shown = retrieval_examples(similarity.cpu(), captions, video_of_text, middle_frame)
+            write_examples(self.ctx.stage_dir, "Text-to-video retrieval", shown)
         return {**metrics, "retrieval_videos": len(videos), "retrieval_captions": len(captions)}
 
     def profile_training_step(self) -> dict[str, float]:

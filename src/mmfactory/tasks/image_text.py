@@ -92,6 +92,7 @@ from mmfactory.data.world_source import (
 )
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.eval.zero_shot import zero_shot_accuracy
+from mmfactory.examples import retrieval_examples, write_examples
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.losses.dense import cell_attribute_loss, pool_patches_to_cells
 from mmfactory.models.vision import load_image_processor
@@ -570,6 +571,9 @@ class ImageTextContrastiveTask(TrainingTask):
         image_of_text = [i for i, captions in enumerate(source.captions) for _ in captions]
         similarity = self.encode_texts(texts) @ image_embeds.T  # [T, I]
         results = text_video_retrieval(similarity, image_of_text)
+        if self.ctx.is_main_process:
+            shown = retrieval_examples(similarity.cpu(), texts, image_of_text, source.image)
+            write_examples(self.ctx.stage_dir, "Text-to-image retrieval", shown)
         names = {"t2v": "t2i", "v2t": "i2t"}
         metrics = {f"{names[d]}_{name}": value for d, m in results.items() for name, value in m.items()}
         return {**metrics, "retrieval_images": len(source), "retrieval_captions": len(texts)}

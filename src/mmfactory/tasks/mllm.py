@@ -39,6 +39,7 @@ from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
 from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
+from mmfactory.examples import Example, write_examples
 from mmfactory.losses.lm import sample_mean_loss
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
@@ -310,7 +311,12 @@ class MultimodalSFTTask(TrainingTask):
     def evaluate(self) -> dict[str, float]:
         o = self.options
         cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
-        return evaluate_mllm(self.model, self.processor, self.benchmarks(), cfg, o.caption_max_new_tokens)
+        examples: dict[str, list[Example]] = {}
+        bench = self.benchmarks()
+        metrics = evaluate_mllm(self.model, self.processor, bench, cfg, o.caption_max_new_tokens, examples)
+        for group, shown in examples.items():  # evaluate() runs on the main process only
+            write_examples(self.ctx.stage_dir, group, shown)
+        return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:
         """A plain MultimodalLM (LoRA merged in; the stage is over) and its processor files."""

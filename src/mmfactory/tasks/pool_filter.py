@@ -26,6 +26,7 @@ from typing import Literal
 import duckdb
 
 from mmfactory.config import ConfigError
+from mmfactory.examples import Example, write_examples
 from mmfactory.filter_align.pool import world_pool
 from mmfactory.filter_align.score import score_pool
 from mmfactory.filter_align.select import select_top
@@ -102,7 +103,25 @@ class PoolFilterTask(TrainingTask):
                 metrics.update(kept=summary["kept"], scored=summary["scored"], threshold=summary["threshold"])
             if truth is not None:
                 metrics.update(self.detection(fraction, truth))
+        if truth is not None:
+            write_examples(self.ctx.stage_dir, "Kept and rejected pool pairs", self.extremes(truth))
         return metrics
+
+    def extremes(self, truth: dict[str, dict], n: int = 4) -> list[Example]:
+        """The ``n`` best- and ``n`` worst-scored pairs with the world's truth: right when a kept pair is
+        aligned or a rejected one is not."""
+        scores = str(self.scores / "*" / "*.parquet").replace("'", "''")
+        query = f"SELECT uid, score FROM '{scores}' WHERE status = 'ok' ORDER BY score DESC, uid"
+        rows = duckdb.connect().execute(query).fetchall()
+        shown = []
+        for verdict, picked in (("kept", rows[:n]), ("rejected", rows[::-1][:n])):
+            for uid, score in picked:
+                pair = truth[uid]
+                fields = {"caption": pair["text"], "score": f"{score:.3f}", "truth": pair["kind"]}
+                shown.append(
+                    Example(verdict, fields, [pair["image"]], correct=pair["aligned"] == (verdict == "kept"))
+                )
+        return shown
 
     @property
     def is_world(self) -> bool:

@@ -34,6 +34,7 @@ from mmfactory.config import ConfigError, to_dict
 from mmfactory.data.chat import TEMPLATES, TemplateName
 from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.data.world_source import world_claims
+from mmfactory.examples import Example, write_examples
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm, locate_gguf
 from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
@@ -323,6 +324,7 @@ class SAGStage:
                 for i, (a, p) in enumerate(zip(articles, predictions, strict=True))
             ]
             _write_jsonl(self.ctx.stage_dir / "notebench" / f"{system}.jsonl", records)
+            write_examples(self.ctx.stage_dir, f"NoteBench: {system}", _note_examples(records))
         self._write_comparison(metrics)
         return metrics
 
@@ -347,6 +349,23 @@ def _fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
         return []
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [(str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _note_examples(records: list[dict[str, Any]], per_lang: int = 2) -> list[Example]:
+    """The first ``per_lang`` notes of each language beside their facts (and draft), the claims the facts
+    do not support or contradict marked; right when there are none."""
+    shown = []
+    for lang in sorted({r["lang"] for r in records}):
+        for r in [r for r in records if r["lang"] == lang][:per_lang]:
+            claims = world_claims(r["prediction"], lang)
+            wrong = [v for a, v in claims.items() if r["facts"].get(a) != v]
+            fields = {"facts": ", ".join(f"{a}: {v}" for a, v in r["facts"].items())}
+            if "draft" in r:
+                fields["draft"] = r["draft"]
+            fields["styled note"] = r["prediction"]
+            marks = {"styled note": [v for v in wrong if v in r["prediction"]]}
+            shown.append(Example(f"{lang} · {r['id']}", fields, correct=not wrong, marks=marks))
+    return shown
 
 
 def _article_record(article: dict[str, Any]) -> dict[str, Any]:
