@@ -52,7 +52,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     out = Path(args.output or f"runs/reproduce-{args.profile}")
-    rows, errors = reproduce(out, args.profile, only, args.seeds)
+    rows, errors = reproduce(out, args.profile, only, args.seeds, args.overrides)
     print(format_claims(rows, args.profile))
     print(f"claims table: {out / 'claims.md'}; report: mmfactory report {out}")
     for line in errors:
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated method names, e.g. 'ARM,MAC' (default: all)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default: 1 quick, 2 full)")
     p.add_argument("--output", "-o", help="output folder (default: runs/reproduce-<profile>)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for every recipe, after the profile's")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run or reproduce folder")

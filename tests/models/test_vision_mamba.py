@@ -334,3 +334,21 @@ def test_classifier_mean_pools_normalised_tokens():
     torch.testing.assert_close(model(x), expected)
     with pytest.raises(ValueError, match=r"expected \[B, 16, 16, 3\] images"):
         model(images(channels=1))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_reconstruct_inverts_the_targets_exactly_and_keeps_the_first_cluster(monkeypatch, channels):
+    """A decoder that predicted its targets exactly draws the image back; the first cluster is the input's
+    whatever the decoder says."""
+    stats = {"pixel_mean": [0.5] * channels, "pixel_std": [0.25] * channels}
+    encoder = encoder_config(in_channels=channels, **stats)
+    model = ARMPretrainingModel(encoder, PixelDecoderConfig(**DECODER), cluster_size=2).eval()
+    x = images(channels=channels)
+    assert model.reconstruct(x).shape == x.shape and model.reconstruct(x).dtype == torch.uint8
+    perfect = ARMPretrainingModel.forward(model, x)[1]
+    monkeypatch.setattr(model, "forward", lambda images: (perfect, perfect))
+    assert (model.reconstruct(x).int() - x.int()).abs().max() <= 1  # float round trip of uint8 pixels
+    monkeypatch.setattr(model, "forward", lambda images: (torch.zeros_like(perfect), perfect))
+    drawn = model.reconstruct(x)
+    assert torch.equal(drawn[:, :8, :8], x[:, :8, :8])  # cluster 1: the top-left 2x2 patches of 4 px
+    assert not torch.equal(drawn[:, 8:, 8:], x[:, 8:, 8:])

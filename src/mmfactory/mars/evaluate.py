@@ -22,12 +22,15 @@ from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.images import fit_image
 from mmfactory.data.world_source import world_scene_layout
 from mmfactory.eval.metrics import frechet_distance
+from mmfactory.examples import Example, write_examples
 from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.judge import SceneJudge, consistency
 from mmfactory.mars.sampling import SamplingConfig, generate_mixed, sample_images
 from mmfactory.mars.sequences import SequenceBuilder, fill_codes, language_of
 from mmfactory.models.components.vq import VQImageTokenizer, pixels_from_uint8, uint8_from_pixels
 from mmfactory.models.t2i import TextToImageLM
+
+EXAMPLES_PER_LANGUAGE = 4  # drawn images shown with their prompts
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 2) -> None:
@@ -216,13 +219,16 @@ def evaluate_generator(
     judge: SceneJudge | None,
     cfg: GenerationEval,
     image_size: int,
-    out_dir: Path,
+    stage_dir: Path,
 ) -> dict[str, float]:
     """Consistency per language and guidance scale (``t2i_{lang}_cfg{s}_{metric}``, with a judge and world
-    scenes), sample grids and prompts in ``out_dir``, and the Fréchet distance at ``default_scale`` of
-    images drawn for eval images ``0..n-1`` against real images ``n..2n-1`` beside the floor (real
-    ``0..n-1`` against the same ``n..2n-1``)."""
+    scenes), sample grids and prompts in ``stage_dir/samples/``, examples at the largest scale (prompt,
+    image, the judge's share of objects right; :mod:`mmfactory.examples`), and the Fréchet distance at
+    ``default_scale`` of images drawn for eval images ``0..n-1`` against real images ``n..2n-1`` beside the
+    floor (real ``0..n-1`` against the same ``n..2n-1``)."""
     metrics: dict[str, float] = {}
+    out_dir = stage_dir / "samples"
+    shown: list[Example] = []
     cells = world_scene_layout(source.scenes)[0] if source.scenes is not None else None
     for lang, (indices, prompts) in sorted(eval_prompts(source, min(cfg.eval_prompts, len(source))).items()):
         (out_dir / f"t2i_{lang}_prompts.txt").parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +236,18 @@ def evaluate_generator(
         for scale in cfg.cfg_scales:
             images = draw(prompts, scale, cfg.seed)
             save_grid(images[:32], out_dir / f"t2i_{lang}_cfg{scale:g}.png")
+            objects = None
             if judge is not None and cells is not None:
                 judged = judge_images(judge, images)
                 metrics.update(consistency_metrics(judged, cells[indices], f"t2i_{lang}_cfg{scale:g}"))
+                objects = consistency(judged, torch.from_numpy(cells[indices]))["object"]
+            if scale == max(cfg.cfg_scales):
+                for k in range(min(EXAMPLES_PER_LANGUAGE, len(prompts))):
+                    fields = {"prompt": prompts[k]}
+                    if objects is not None:
+                        fields["judge"] = f"{100 * float(objects[k]):.0f} % of the objects right"
+                    shown.append(Example(f"{lang} · CFG {scale:g}", fields, [images[k]]))
+    write_examples(stage_dir, "Drawn images", shown)
     n = min(cfg.fd_samples, len(source) // 2)
     if judge is not None and n >= 2:
         first = np.stack([fit_image(source.image(i), image_size, 3) for i in range(n)])

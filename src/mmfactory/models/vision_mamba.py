@@ -532,6 +532,25 @@ class ARMPretrainingModel(_PretrainedModel):
         target = normalize_patches(patchify(pixels, self.encoder.config.patch_size))[:, predicted]
         return pred, target
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """uint8 ``[B, H, W, C]`` -> uint8 ``[B, H, W, C]``: the first cluster as given, clusters ``2..K``
+        predicted, each predicted patch mapped back to pixels with the true patch's mean and variance (the
+        targets are per-patch normalised; MAE's figures are drawn the same way)."""
+        pred, _ = self(images)
+        pixels = self.encoder.normalize(images)
+        p = self.encoder.config.patch_size
+        patches = patchify(pixels, p)  # [B, L, P * P * C]
+        predicted = self.order[self.cluster_len :]
+        true = patches[:, predicted]
+        std, mean = (true.var(-1, keepdim=True) + 1e-6).sqrt(), true.mean(-1, keepdim=True)
+        patches[:, predicted] = pred.to(patches.dtype) * std + mean
+        b, c, h, w = pixels.shape
+        grid = h // p
+        x = patches.reshape(b, grid, grid, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        x = x * self.encoder.pixel_std + self.encoder.pixel_mean
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
     def config_dict(self) -> dict[str, Any]:
         return {
             "encoder": dataclasses.asdict(self.encoder.config),

@@ -90,10 +90,15 @@ def claims_markdown(rows: list[dict], profile: str, seeds: list[int]) -> str:
 
 
 def reproduce(
-    out: Path, profile: str = "quick", only: list[str] | None = None, seeds: int | None = None
+    out: Path,
+    profile: str = "quick",
+    only: list[str] | None = None,
+    seeds: int | None = None,
+    overrides: list[str] = (),
 ) -> tuple[list[dict], list[str]]:
-    """Run the selected methods' recipes (``seeds`` seeds: 0..n-1; default 1 for quick, 2 for full) and
-    write the claims table; returns ``(rows, errors)``."""
+    """Run the selected methods' recipes (``seeds`` seeds: 0..n-1; default 1 for quick, 2 for full; the
+    profile's overrides, then ``overrides``, then the seed) and write the claims table; returns
+    ``(rows, errors)``."""
     if profile not in PROFILES:
         raise ConfigError(f"--profile: {profile!r} is not one of {list(PROFILES)}")
     n_seeds = seeds if seeds is not None else (1 if profile == "quick" else 2)
@@ -112,8 +117,8 @@ def reproduce(
     for name in recipes:  # every recipe and override is checked before anything trains
         settings = getattr(registry.recipes[name], profile)
         for seed in seed_list:
-            overrides = [*settings.overrides, f"train.seed={seed}"]
-            loaded[name, seed] = load_recipe(resolve_recipe(name), overrides)
+            extra = [*settings.overrides, *overrides, f"train.seed={seed}"]
+            loaded[name, seed] = load_recipe(resolve_recipe(name), extra)
     plan = [
         (name, seed, 60 * getattr(registry.recipes[name], profile).minutes)
         for name in recipes

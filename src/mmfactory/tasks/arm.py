@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.images import FittedImages, align_classes
 from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.examples import Example, write_examples
 from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,
     MaskedPretrainingModel,
@@ -166,6 +167,14 @@ class _ImageTask(TrainingTask):
         self.model.save_pretrained(out_dir)
 
 
+RECONSTRUCTIONS = 6  # eval images ARM pretraining draws back as examples
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, C]`` with C in {1, 3} -> ``[H, W]`` or ``[H, W, 3]`` (what a PNG takes)."""
+    return image[..., 0] if image.shape[-1] == 1 else image
+
+
 class _PixelPretrainTask(_ImageTask):
     """MSE between predicted and target normalised pixels, ``model(images) -> (pred, target)``."""
 
@@ -197,6 +206,23 @@ class ARMPretrainTask(_PixelPretrainTask):
     def __init__(self, stage, ctx, model_cfg: ARMModelSpec, data_cfg: ImageDataConfig, options: NoOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model = ARMPretrainingModel(model_cfg.encoder, model_cfg.decoder, model_cfg.cluster_size)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """No metric beyond the eval loss; writes reconstructions of the first eval images as examples."""
+        data = self.eval_dataset()
+        if data is None:
+            return {}
+        batch = self.collate([data[i] for i in range(min(RECONSTRUCTIONS, len(data)))])
+        images = batch["images"].to(next(self.model.parameters()).device)
+        drawn = self.model.reconstruct(images).cpu().numpy()
+        fields = {"left": "the image", "right": "cluster 1 given, clusters 2..K predicted"}
+        shown = [
+            Example(f"eval image {i}", fields, [_rgb(x), _rgb(y)])
+            for i, (x, y) in enumerate(zip(images.cpu().numpy(), drawn, strict=True))
+        ]
+        write_examples(self.ctx.stage_dir, "Reconstructions", shown)
+        return {}
 
 
 class MaskedPretrainTask(_PixelPretrainTask):

@@ -189,10 +189,10 @@ class DiffusionT2ITask(ImageSourcesTask):
             judge = judge.to(next(self.unet.parameters()).device).eval()
         source = self.source("eval")
         if len(source):
-            out = self.ctx.stage_dir / "samples"
+            stage_dir = self.ctx.stage_dir
             metrics.update(
                 evaluate_generator(
-                    self.draw, source, judge, self.options.generation, self.data_cfg.image_size, out
+                    self.draw, source, judge, self.options.generation, self.data_cfg.image_size, stage_dir
                 )
             )
         metrics["train_tflops"] = stage_training_tflops(self)

@@ -282,7 +282,9 @@ class T2ITask(ImageSourcesTask):
             batch = o.eval_batch_size
             return generate_images(self.model, self.vq, self.builder, prompts, sampling, seed, batch)
 
-        return evaluate_generator(draw, source, judge, o.generation_eval(), self.data_cfg.image_size, out)
+        return evaluate_generator(
+            draw, source, judge, o.generation_eval(), self.data_cfg.image_size, self.ctx.stage_dir
+        )
 
     def _captions(self, source: ImageCaptions) -> dict[str, float]:
         o, metrics = self.options, {}
