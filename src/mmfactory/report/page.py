@@ -94,7 +94,7 @@ def _claims_section(folder: Path) -> str:
     parts.append("</table>")
     if summary.get("runs"):
         parts.append(
-            "<table><tr><th>run</th><th>state</th><th>stage time</th><th>wall time of the last call</th></tr>"
+            "<table><tr><th>run</th><th>state</th><th>training time</th><th>wall time of the last call</th></tr>"
         )
         for name, run in summary["runs"].items():
             parts.append(
@@ -108,34 +108,54 @@ def _claims_section(folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _comparison(results: dict) -> str:
-    """The recipe's ``compare`` metrics per stage, or every stage's non-training metrics."""
-    compare = results.get("compare") or []
-    stages = results["stages"]
-    if compare:
-        rows = [(s, v["metrics"]) for s, v in stages.items() if any(m in v["metrics"] for m in compare)]
-        head = "".join(f"<th>{_e(m)}</th>" for m in compare)
-        body = "".join(
-            f"<tr><td>{_e(s)}</td>"
-            + "".join(f"<td class='num'>{_number(m.get(k, '-'))}</td>" for k in compare)
-            + "</tr>"
-            for s, m in rows
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of already-escaped cells; numeric-looking cells align right."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='num'>{c}</td>" if re.fullmatch(r"-?[\d.e+-]+( s)?", c) else f"<td>{c}</td>"
+            for c in row
         )
-        return f"<table><tr><th>stage</th>{head}</tr>{body}</table>"
-    body = []
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _comparison(results: dict) -> str:
+    """The recipe's ``compare`` metrics per stage, then every stage's steps, time and evaluation metrics
+    (folded, one table per stage)."""
+    stages, parts = results["stages"], []
+    compare = results.get("compare") or []
+    if compare:
+        rows = [
+            [_e(s), *(_number(v["metrics"].get(k, "-")) for k in compare)]
+            for s, v in stages.items()
+            if any(m in v["metrics"] for m in compare)
+        ]
+        parts.append(_table(["stage", *map(_e, compare)], rows))
     for stage, summary in stages.items():
         shown = {k: v for k, v in summary["metrics"].items() if not k.startswith("train_")}
-        cells = ", ".join(f"{_e(k)} = {_number(v)}" for k, v in shown.items())
-        time_s = summary.get("time_s", 0)
-        body.append(
-            f"<tr><td>{_e(stage)}</td><td class='num'>{summary.get('steps', 0)}</td>"
-            f"<td class='num'>{time_s:.0f} s</td><td>{cells}</td></tr>"
+        steps, time_s = summary.get("steps", 0), summary.get("time_s", 0)
+        table = _table(["metric", "value"], [[_e(k), _number(v)] for k, v in shown.items()])
+        parts.append(
+            f"<details><summary>{_e(stage)}: {steps} steps, {time_s:.0f} s, {len(shown)} metrics</summary>"
+            f"{table}</details>"
         )
-    return (
-        "<table><tr><th>stage</th><th>steps</th><th>time</th><th>metrics</th></tr>"
-        + "".join(body)
-        + "</table>"
-    )
+    return "\n".join(parts)
+
+
+def _markdown_tables(run_dir: Path) -> str:
+    """The Markdown tables a run wrote at its top (e.g. SAG's ``notebench.md``) as HTML tables."""
+    parts = []
+    for path in sorted(run_dir.glob("*.md")):
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+        if len(lines) < 2:
+            continue
+        cells = [[_e(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+        parts.append(f"<h4>{_e(path.name)}</h4>" + _table(cells[0], cells[2:]))
+    return "\n".join(parts)
 
 
 def _card(record: dict) -> str:
@@ -166,7 +186,9 @@ def _run_section(run_dir: Path, anchor: str, heading: str) -> str:
         if png
         else "<p>No stage logged a training loss.</p>"
     )
-    parts.append(f'<h3 id="{anchor}-comparison">Comparison</h3>{_comparison(results)}')
+    parts.append(
+        f'<h3 id="{anchor}-comparison">Comparison</h3>{_comparison(results)}{_markdown_tables(run_dir)}'
+    )
     parts.append(f'<h3 id="{anchor}-examples">Examples</h3>')
     shown = 0
     for stage in results["stages"]:

@@ -153,7 +153,7 @@ def reproduce(
         runs[f"{name}/seed-{seed}"] = {
             "state": state,
             "seconds": round(seconds, 1),  # this call's wall time (a resumed run skips finished stages)
-            "stage_seconds": round(stage_seconds, 1),  # the stages' own times, whenever they ran
+            "stage_seconds": round(stage_seconds, 1),  # the stages' training time, whenever they ran
             "dir": str(run_dir),
         }
     rows = [_row(m, out, seed_list, runs) for m in methods]
