@@ -94,7 +94,7 @@ def _claims_section(folder: Path) -> str:
     parts.append("</table>")
     if summary.get("runs"):
         parts.append(
-            "<table><tr><th>run</th><th>state</th><th>training time</th><th>wall time of the last call</th></tr>"
+            "<table><tr><th>run</th><th>state</th><th>training time</th><th>wall time, last call</th></tr>"
         )
         for name, run in summary["runs"].items():
             parts.append(
