@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated method names, e.g. 'ARM,MAC' (default: all)")
     p.add_argument("--seeds", type=int, help="seeds per recipe (default: 1 quick, 2 full)")
     p.add_argument("--output", "-o", help="output folder (default: runs/reproduce-<profile>)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides of every recipe (after the profile)")
+    p.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides of every recipe (after the profile)"
+    )
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run or reproduce folder")
