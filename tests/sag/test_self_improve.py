@@ -56,3 +56,17 @@ def test_chinese_candidates():
         texts, [[0.9, 0.9]], [{"lang": "zh", "facts": facts}], FilterConfig(), extract_claims
     )
     assert [text for _, text, _ in result.kept] == [texts[0][0]]
+
+
+def test_claim_verdicts_follow_notebench_normalisation_and_fact_check_counts_them():
+    from mmfactory.sag.self_improve import claim_verdicts
+
+    facts = {"Color": "Red ", "price": "49"}
+    claims = {"color": "red", "price": "59", "material": "ceramic"}
+    assert claim_verdicts(claims, facts) == {
+        "color": "stated",
+        "price": "contradicted",
+        "material": "unsupported",
+    }
+    check = fact_check(claims, facts)
+    assert (check.contradicted, check.unsupported, check.recall) == (1, 1, 0.5)

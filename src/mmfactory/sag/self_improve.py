@@ -39,19 +39,28 @@ def _normalize(text: str) -> str:
     return text.strip().casefold()
 
 
-def fact_check(claims: dict[str, str], facts: dict[str, str]) -> FactCheck:
-    """Compare a text's claims with its source facts, with NoteBench's rule (:func:`hallucination_rates`:
-    keys and values compared after ``strip().casefold()``)."""
+def claim_verdicts(claims: dict[str, str], facts: dict[str, str]) -> dict[str, str]:
+    """Each claim's verdict against the source facts, ``"stated"``, ``"contradicted"`` or
+    ``"unsupported"``, with NoteBench's rule (:func:`hallucination_rates`: keys and values compared after
+    ``strip().casefold()``)."""
     source = {_normalize(key): _normalize(value) for key, value in facts.items()}
-    contradicted = unsupported = 0
+    verdicts = {}
     for key, value in claims.items():
         source_value = source.get(_normalize(key))
         if source_value is None:
-            unsupported += 1
-        elif source_value != _normalize(value):
-            contradicted += 1
-    stated = len(claims) - contradicted - unsupported
-    return FactCheck(contradicted, unsupported, stated / len(facts) if facts else 1.0)
+            verdicts[key] = "unsupported"
+        else:
+            verdicts[key] = "stated" if source_value == _normalize(value) else "contradicted"
+    return verdicts
+
+
+def fact_check(claims: dict[str, str], facts: dict[str, str]) -> FactCheck:
+    """Counts of :func:`claim_verdicts` and the share of the facts stated."""
+    verdicts = list(claim_verdicts(claims, facts).values())
+    stated = verdicts.count("stated")
+    return FactCheck(
+        verdicts.count("contradicted"), verdicts.count("unsupported"), stated / len(facts) if facts else 1.0
+    )
 
 
 @dataclass

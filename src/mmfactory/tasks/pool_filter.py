@@ -111,11 +111,12 @@ class PoolFilterTask(TrainingTask):
         """The ``n`` best- and ``n`` worst-scored pairs with the world's truth: right when a kept pair is
         aligned or a rejected one is not."""
         scores = str(self.scores / "*" / "*.parquet").replace("'", "''")
-        query = f"SELECT uid, score FROM '{scores}' WHERE status = 'ok' ORDER BY score DESC, uid"
-        rows = duckdb.connect().execute(query).fetchall()
-        shown = []
-        for verdict, picked in (("kept", rows[:n]), ("rejected", rows[::-1][:n])):
-            for uid, score in picked:
+        db, shown = duckdb.connect(), []
+        for verdict, order in (("kept", "DESC"), ("rejected", "ASC")):
+            query = (
+                f"SELECT uid, score FROM '{scores}' WHERE status = 'ok' ORDER BY score {order}, uid LIMIT {n}"
+            )
+            for uid, score in db.execute(query).fetchall():
                 pair = truth[uid]
                 fields = {"caption": pair["text"], "score": f"{score:.3f}", "truth": pair["kind"]}
                 shown.append(

@@ -40,7 +40,7 @@ from mmfactory.models.lm import CausalLMConfig, load_causal_lm, locate_gguf
 from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
 from mmfactory.sag.notebench import comparison_table, notebench_scores, rows_from_metrics
 from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
-from mmfactory.sag.self_improve import FilterConfig, filter_candidates
+from mmfactory.sag.self_improve import FilterConfig, claim_verdicts, filter_candidates
 from mmfactory.sag.style import StyleScorer, StyleScorerConfig
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.causal_lm import CHAT_META, CausalLMSFTTask
@@ -358,7 +358,8 @@ def _note_examples(records: list[dict[str, Any]], per_lang: int = 2) -> list[Exa
     for lang in sorted({r["lang"] for r in records}):
         for r in [r for r in records if r["lang"] == lang][:per_lang]:
             claims = world_claims(r["prediction"], lang)
-            wrong = [v for a, v in claims.items() if r["facts"].get(a) != v]
+            verdicts = claim_verdicts(claims, r["facts"])
+            wrong = [claims[a] for a, verdict in verdicts.items() if verdict != "stated"]
             fields = {"facts": ", ".join(f"{a}: {v}" for a, v in r["facts"].items())}
             if "draft" in r:
                 fields["draft"] = r["draft"]
