@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from mmfactory.config import ConfigError, apply_overrides, parse_override, recipe_from_dict
@@ -47,6 +49,18 @@ def test_missing_and_inconsistent_fields():
     raw = tiny_sft_recipe()
     raw["stages"][0]["init_from"] = "sft"
     assert "stages[0].init_from: stage 'sft' does not run before 'sft'" in _error(raw)
+
+
+def test_a_disabled_stage_is_left_out_and_may_not_be_initialised_from():
+    raw = tiny_sft_recipe()
+    second = {**copy.deepcopy(raw["stages"][0]), "name": "more", "init_from": "sft"}
+    raw["stages"].append(second)
+    assert [s.name for s in recipe_from_dict(raw, ["stages.more.enabled=false"]).stages] == ["sft"]
+    error = _error(raw, ["stages.sft.enabled=false"])
+    assert "stages[1].init_from: stage 'sft' is disabled" in error and "stages.more.init_from" in error
+    kept = recipe_from_dict(raw, ["stages.sft.enabled=false", "stages.more.init_from=null"]).stages
+    assert [s.name for s in kept] == ["more"]
+    assert _error(raw, ["stages.sft.enabled=false", "stages.more.enabled=false"]).startswith("stages: every")
 
 
 def test_yaml_exponent_strings_are_accepted_for_floats():

@@ -143,11 +143,15 @@ def test_two_stages_through_cli_learn_and_keep_frozen_parts_bit_identical(tmp_pa
 
 def test_the_shipped_recipe_validates():
     recipe = load_recipe(resolve_recipe("llava/tiny"))
-    assert [s.name for s in recipe.stages] == ["vision", "align", "instruct"]
+    assert [s.name for s in recipe.stages] == ["vision", "align", "general", "ground", "instruct"]
     for i, stage in enumerate(recipe.stages):
         validate_stage(stage, i)
     assert recipe.stages[1].model["vision"] == {"path": "vision"}  # the tower pretrained in stage 0
-    assert recipe.stages[1].trainable == ["model.projector.*"] and recipe.stages[2].init_from == "align"
+    assert recipe.stages[1].trainable == ["model.projector.*"]
+    assert [s.init_from for s in recipe.stages[2:]] == ["align", "general", "ground"]
+    # grounding trains yes/no existence only; the last stage keeps it in the full mix
+    kinds = [{source.get("kind") for source in s.data["train"]} for s in recipe.stages[3:]]
+    assert kinds[0] == {"existence_pairs", "pope"} and kinds[0] < kinds[1]
 
 
 def test_a_llava_file_laid_out_as_llava_expects_trains_through_the_cli(tmp_path, capsys):

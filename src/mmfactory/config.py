@@ -242,11 +242,13 @@ class StageConfig:
 
     ``model`` / ``data`` / ``options`` are validated by the schemas the task declares.
     ``trainable`` and ``frozen`` are glob patterns over the task's parameter names (``frozen`` wins).
-    ``init_from`` is an earlier stage's name (its ``final/`` output) or a local path.
+    ``init_from`` is an earlier stage's name (its ``final/`` output) or a local path. A stage with
+    ``enabled: false`` is left out of the run (e.g. a from-scratch curriculum step, with real checkpoints).
     """
 
     name: str
     task: str
+    enabled: bool = True
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -382,12 +384,21 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "") -> 
             raise ConfigError(f"stages[{i}]: expected a mapping, got {stage_raw!r}")
         stages.append(from_dict(StageConfig, deep_merge(defaults, stage_raw), f"stages[{i}]"))
     names = [s.name for s in stages]
+    disabled = {s.name for s in stages if not s.enabled}
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"stages[{i}].name: duplicate stage name {name!r}")
         init = stages[i].init_from
         if init is not None and init in names[i:]:
             raise ConfigError(f"stages[{i}].init_from: stage {init!r} does not run before {name!r}")
+        if init in disabled and name not in disabled:
+            raise ConfigError(
+                f"stages[{i}].init_from: stage {init!r} is disabled (enabled: false); "
+                f"set stages.{name}.init_from to a stage that runs"
+            )
+    stages = [s for s in stages if s.enabled]
+    if not stages:
+        raise ConfigError("stages: every stage is disabled (enabled: false)")
     return Recipe(
         name=_convert(str, raw["name"], "name"),
         description=_convert(str, raw.get("description", ""), "description"),

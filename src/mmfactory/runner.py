@@ -38,7 +38,9 @@ class StageConfigChanged(ConfigError):
 
 
 def _stage_yaml(stage: StageConfig) -> str:
-    return yaml.safe_dump(to_dict(stage), sort_keys=False, allow_unicode=True)
+    """The stage's config as saved in its folder; ``enabled`` is left out (a stage that runs has it on)."""
+    config = {k: v for k, v in to_dict(stage).items() if k != "enabled"}
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
 def _check_same_config(stage_dir: Path, text: str) -> None:

@@ -1,9 +1,14 @@
-"""VQA accuracy and yes/no (POPE) metrics on hand-made examples."""
+"""VQA accuracy, yes/no (POPE), MME acc / acc+ and MMBench CircularEval metrics on hand-made examples."""
+
+import random
 
 import pytest
 
 from mmfactory.eval.metrics import (
+    circular_accuracy,
+    mme_scores,
     normalize_answer,
+    parse_choice,
     parse_yes_no,
     vqa_accuracy,
     yes_no_metrics,
@@ -85,3 +90,41 @@ def test_yes_no_metrics_without_positive_predictions_and_bad_labels():
     assert (result["precision"], result["recall"], result["f1"], result["accuracy"]) == (0.0, 0.0, 0.0, 50.0)
     with pytest.raises(ValueError, match="'yes' or 'no'"):
         yes_no_metrics(["yes"], ["maybe"])
+
+
+def test_mme_acc_and_acc_plus_equal_a_naive_count():
+    rng = random.Random(0)
+    pairs = [i // 2 for i in range(40)]
+    categories = [("existence", "count", "color")[p % 3] for p in pairs]
+    correct = [rng.random() < 0.7 for _ in pairs]
+    scores = mme_scores(correct, pairs, categories)
+    assert scores["acc"] == pytest.approx(100 * sum(correct) / 40)
+    both = [correct[2 * p] and correct[2 * p + 1] for p in range(20)]
+    assert scores["acc_plus"] == pytest.approx(100 * sum(both) / 20)
+    count_images = [p for p in range(20) if p % 3 == 1]
+    assert scores["count_acc_plus"] == pytest.approx(
+        100 * sum(both[p] for p in count_images) / len(count_images)
+    )
+    always_yes = [i % 2 == 0 for i in range(40)]  # right on every yes, wrong on every no
+    assert mme_scores(always_yes, pairs, categories)["acc_plus"] == 0.0
+    with pytest.raises(ValueError, match="two categories"):
+        mme_scores([True, True], [0, 0], ["count", "color"])
+
+
+def test_circular_accuracy_counts_a_question_only_if_every_rotation_is_right():
+    rng = random.Random(1)
+    questions = [i // 4 for i in range(48)]
+    correct = [rng.random() < 0.8 for _ in questions]
+    scores = circular_accuracy(correct, questions)
+    naive = [all(correct[4 * q : 4 * q + 4]) for q in range(12)]
+    assert scores["circular"] == pytest.approx(100 * sum(naive) / 12)
+    assert scores["vanilla"] == pytest.approx(100 * sum(correct[4 * q] for q in range(12)) / 12)
+    assert scores["circular"] <= scores["vanilla"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [("B", "B"), ("b.", "B"), ("(C) circle", "C"), (" D: red", "D"), ("E", None), ("Blue", None)],
+)
+def test_parse_choice(reply, letter):
+    assert parse_choice(reply) == letter

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from mmfactory.world import World
-from mmfactory.world.captions import caption
+from mmfactory.world.captions import at_position, caption
 from mmfactory.world.rng import item_rng
 from mmfactory.world.scenes import COLORS, HELD_OUT, RADIUS, render_scene, sample_scene
-from mmfactory.world.vqa import POPE_KINDS, QUESTION_TYPES, scene_question
+from mmfactory.world.vqa import CHOICE_LETTERS, POPE_KINDS, QUESTION_TYPES, format_choice, scene_question
 
 
 def test_same_seed_same_items_different_seed_differs():
@@ -119,6 +119,38 @@ def test_existence_pairs_ask_a_present_object_and_a_near_miss_on_one_image():
             assert any(n.startswith(color + " ") or n.endswith(" " + shape) for n in scene.names())
     zh = w.existence_pairs("train", 2, lang="zh")
     assert [q["answer"] for q in zh] == ["有", "没有"] and zh[0]["question"].startswith("图中有")
+
+
+def test_mme_pairs_are_true_then_false_about_one_image_of_one_category():
+    w = World()
+    items = w.yes_no_pairs("val", 16)
+    assert [q["answer"] for q in items] == ["yes", "no"] * 8
+    assert [q["type"] for q in items[::2]] == ["existence", "count", "position", "color"] * 2
+    for k in range(0, 16, 2):
+        yes, no = items[k], items[k + 1]
+        scene = w.scene("val", k // 2)
+        assert yes["pair"] == no["pair"] == k // 2 and yes["question"] != no["question"]
+        if yes["type"] == "count":
+            number = int(re.search(r"(\d) object", yes["question"]).group(1))
+            assert number == len(scene.objects) != int(re.search(r"(\d) object", no["question"]).group(1))
+        if yes["type"] == "color":
+            place, color = re.fullmatch(r"Is the object (.+) (\w+)\?", yes["question"]).groups()
+            assert any(at_position(o.position) == place and o.color == color for o in scene.objects)
+            assert no["question"].startswith(f"Is the object {place} ") and not no["question"].endswith(
+                f" {color}?"
+            )
+
+
+def test_multiple_choice_rotations_move_the_right_letter_with_its_option():
+    item = World().choices("train", 3)[2]
+    assert len(item["options"]) == len(CHOICE_LETTERS) == len(set(item["options"]))
+    seen = set()
+    for shift in range(4):
+        prompt, letter = format_choice(item, shift)
+        line = next(x for x in prompt.splitlines() if x.startswith(f"{letter}. "))
+        assert line == f"{letter}. {item['options'][item['answer']]}"
+        seen.add(letter)
+    assert seen == set(CHOICE_LETTERS)  # the right option takes every position once
 
 
 def test_llava_and_pairs_follow_the_formats():

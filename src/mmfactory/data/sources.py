@@ -215,7 +215,10 @@ COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
 # world kind -> the sample kinds it yields
 WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
-    **{kind: ("image-chat",) for kind in ("captions", "vqa", "existence_pairs", "llava", "pope")},
+    **{
+        kind: ("image-chat",)
+        for kind in ("captions", "vqa", "existence_pairs", "yesno_pairs", "choice", "llava", "pope")
+    },
     "chat": CHAT_KINDS,
     "scenes": ("image-text",),
     "videos": ("video-text",),

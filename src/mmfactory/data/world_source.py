@@ -68,7 +68,9 @@ def world_conversations(
     ``captions``: brief description requests (LLaVA's stage-1 data); ``vqa``: one short-answer question;
     ``llava``: 1-3 turns mixing a brief or detailed description and questions; ``pope``: yes/no object
     probes, half present, half absent (random, popular and adversarial negatives in turn; English);
-    ``existence_pairs``: existence questions in pairs on one image, a present object then a near miss.
+    ``existence_pairs``: existence questions in pairs on one image, a present object then a near miss;
+    ``yesno_pairs``: MME-style yes/no pairs (existence, count, position, colour; English); ``choice``:
+    MMBench-style four-option questions answered by letter, the options in a random rotation (English).
     """
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE
@@ -85,6 +87,18 @@ def world_conversations(
     elif kind == "existence_pairs":
         items = world.existence_pairs(split, n, lang)
         turns = [(item["question"], item["answer"]) for item in items]
+    elif kind == "yesno_pairs":
+        items = world.yes_no_pairs(split, n)
+        turns = [(item["question"], item["answer"]) for item in items]
+    elif kind == "choice":
+        from mmfactory.world.rng import item_rng
+        from mmfactory.world.vqa import format_choice
+
+        items = world.choices(split, n)
+        turns = [
+            format_choice(item, int(item_rng(seed, "choice-shift", split, i).integers(len(item["options"]))))
+            for i, item in enumerate(items)
+        ]
     elif kind == "pope":
         from mmfactory.world.vqa import POPE_KINDS
 
@@ -93,7 +107,8 @@ def world_conversations(
         turns = [(item["question"], item["label"]) for item in items]
     else:
         raise ValueError(
-            f"unknown world kind {kind!r}; expected captions, vqa, existence_pairs, llava or pope"
+            f"unknown world kind {kind!r}; expected captions, vqa, existence_pairs, yesno_pairs, choice, "
+            "llava or pope"
         )
     if kind == "llava":  # as read_llava returns them
         messages, images = [item["conversations"] for item in items], [item["images"] for item in items]
@@ -278,12 +293,14 @@ def world_benchmarks(
     split: str = "test",
     image_size: int = 32,
     caption_details: Sequence[str] = ("brief",),
+    mme: int = 0,
+    mmbench: int = 0,
 ):
     """Held-out :class:`~mmfactory.eval.mllm.Benchmarks` from the built-in world (English): ``vqa``
     questions, ``pope`` probes per POPE split (random, popular, adversarial; half yes) and ``captions``
     images with their captions of each of ``caption_details`` as references and the objects of the first,
     asked as training asks for brief captions and scored for object hallucination with the world's object
-    vocabulary."""
+    vocabulary; ``mme`` MME-style yes/no questions (in pairs) and ``mmbench`` four-option questions."""
     from mmfactory.eval.mllm import Benchmarks
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE, POPE_KINDS
@@ -293,6 +310,8 @@ def world_benchmarks(
     return Benchmarks(
         vqa=world.vqa(split, vqa) if vqa else [],
         pope={kind: world.pope(split, pope, kind) for kind in POPE_KINDS} if pope else {},
+        mme=world.yes_no_pairs(split, mme) if mme else [],
+        mmbench=world.choices(split, mmbench) if mmbench else [],
         captions=[
             {
                 "image": pairs[0]["image"],

@@ -26,8 +26,12 @@ import torch
 from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor
 from mmfactory.eval.metrics import (
     cider_d,
+    circular_accuracy,
     corpus_bleu,
+    mme_scores,
     object_hallucination,
+    parse_choice,
+    parse_yes_no,
     tokenize_13a,
     vqa_accuracy,
     yes_no_metrics,
@@ -167,6 +171,51 @@ def evaluate_pope(
     return metrics
 
 
+def evaluate_mme(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    pairs: list[dict],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> dict[str, float]:
+    """MME-style yes/no pairs ``{"image", "question", "answer", "type", "pair"}``: ``mme_acc``,
+    ``mme_acc_plus`` and both per category (percent; :func:`~mmfactory.eval.metrics.mme_scores`)."""
+    replies = generate_replies(
+        model, processor, [_ask(p["question"]) for p in pairs], [[p["image"]] for p in pairs], cfg, meter
+    )
+    correct = [parse_yes_no(r) == p["answer"] for r, p in zip(replies, pairs, strict=True)]
+    scores = mme_scores(correct, [p["pair"] for p in pairs], [p["type"] for p in pairs])
+    return {f"mme_{key}": value for key, value in scores.items()}
+
+
+def evaluate_mmbench(
+    model: MultimodalLM,
+    processor: MultimodalProcessor,
+    questions: list[dict],
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> dict[str, float]:
+    """MMBench-style multiple choice ``{"image", "question", "options", "answer"}``, every question asked
+    once per rotation of its options: ``mmbench_circular`` and ``mmbench_vanilla`` (percent)."""
+    from mmfactory.world.vqa import CHOICE_LETTERS, format_choice
+
+    asked = [
+        (i, format_choice(q, shift)) for i, q in enumerate(questions) for shift in range(len(q["options"]))
+    ]
+    replies = generate_replies(
+        model,
+        processor,
+        [_ask(prompt) for _, (prompt, _) in asked],
+        [[questions[i]["image"]] for i, _ in asked],
+        cfg,
+        meter,
+    )
+    letters = CHOICE_LETTERS
+    correct = [parse_choice(r, letters) == right for r, (_, (_, right)) in zip(replies, asked, strict=True)]
+    scores = circular_accuracy(correct, [i for i, _ in asked])
+    return {f"mmbench_{key}": value for key, value in scores.items()}
+
+
 def caption_tokens(text: str) -> str:
     """Lowercased, 13a-tokenised words without punctuation tokens (close to COCO's PTB tokenisation)."""
     return " ".join(t for t in tokenize_13a(text.lower()).split() if any(c.isalnum() for c in t))
@@ -220,6 +269,8 @@ class Benchmarks:
     vqa: list[dict] = field(default_factory=list)
     pope: dict[str, list[dict]] = field(default_factory=dict)
     captions: list[dict] = field(default_factory=list)
+    mme: list[dict] = field(default_factory=list)  # MME-style yes/no pairs
+    mmbench: list[dict] = field(default_factory=list)  # MMBench-style multiple choice
     caption_prompt: str = "Describe the image briefly."
     mentions: Callable[[str], list[str]] | None = None
 
@@ -245,6 +296,10 @@ def evaluate_mllm(
         metrics.update(evaluate_vqa(model, processor, benchmarks.vqa, cfg, meter, examples))
     if benchmarks.pope:
         metrics.update(evaluate_pope(model, processor, benchmarks.pope, cfg, meter))
+    if benchmarks.mme:
+        metrics.update(evaluate_mme(model, processor, benchmarks.mme, cfg, meter))
+    if benchmarks.mmbench:
+        metrics.update(evaluate_mmbench(model, processor, benchmarks.mmbench, cfg, meter))
     if benchmarks.captions:
         caption_cfg = GenerationConfig(**{**vars(cfg), "max_new_tokens": caption_max_new_tokens})
         metrics.update(

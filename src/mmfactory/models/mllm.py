@@ -16,6 +16,7 @@ over placeholder tokens, so audio or video encoders plug in the same way. A dens
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -40,10 +41,12 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmfactory.config import ConfigError
+from mmfactory.config import ConfigError, from_dict, to_dict
 from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor, chat_template_jinja
-from mmfactory.models.components.moe import UPCYCLING_CONFIG_KEY, moe_blocks, upcycle
+from mmfactory.models.components.hyper import VisualExpertProjector
+from mmfactory.models.components.moe import UPCYCLING_CONFIG_KEY, decoder_layers, moe_blocks, upcycle
 from mmfactory.models.components.projector import build_projector, projector_depth
+from mmfactory.models.hyperllava import HyperExpertsConfig, LanguageExperts
 from mmfactory.models.lm import DTYPES, CausalLMConfig, load_causal_lm
 from mmfactory.models.vision import (
     VisionTowerConfig,
@@ -132,6 +135,8 @@ class MultimodalLMConfig(PreTrainedConfig):
         vision_feature_select: ``patch`` drops the CLS token (LLaVA's ``default``; towers without one
             keep all), ``full`` keeps it.
         image_token: the placeholder text in conversations; ``image_token_id`` its token id.
+        hyper: HyperLLaVA's experts (a :class:`~mmfactory.models.hyperllava.HyperExpertsConfig` as a
+            dict), or None for a static model.
     """
 
     model_type = "mmfactory_mllm"
@@ -147,6 +152,11 @@ class MultimodalLMConfig(PreTrainedConfig):
     vision_feature_select: Literal["patch", "full"] = "patch"
     image_token: str = IMAGE_TOKEN
     image_token_id: int | None = None
+    hyper: dict | None = None
+
+    @property
+    def hyper_experts(self) -> HyperExpertsConfig | None:
+        return None if self.hyper is None else from_dict(HyperExpertsConfig, self.hyper, "hyper")
 
     @property
     def drops_cls(self) -> bool:
@@ -165,7 +175,8 @@ class MultimodalLM(PreTrainedModel):
     otherwise they are built from ``config``, the LM upcycled to sparse MoE when its config records
     ``moe_upcycling`` (so a saved LLaVA-MoD student loads with ``from_pretrained``). Submodules:
     ``vision_tower``, ``projector``, ``language_model`` (so stage patterns read ``model.projector.*``,
-    ``model.language_model.*``).
+    ``model.language_model.*``), and with HyperLLaVA's experts (``config.hyper``) a projector holding the
+    visual expert and ``language_expert`` (:mod:`mmfactory.models.hyperllava`).
     """
 
     config_class = MultimodalLMConfig
@@ -198,6 +209,7 @@ class MultimodalLM(PreTrainedModel):
             if upcycling is not None:  # a saved LLaVA-MoD student: rebuild its MoE layers before loading
                 upcycle(language_model, **upcycling)
         self.language_model = language_model
+        self.language_expert: LanguageExperts | None = None
         # One config object per part, shared with the part (from_config may copy; resizing edits the LM's),
         # and the attention implementation resolved for the whole model where a part has none.
         config.vision_config, config.text_config = self.vision_tower.config, self.language_model.config
@@ -205,6 +217,8 @@ class MultimodalLM(PreTrainedModel):
             if part._attn_implementation is None:
                 part._attn_implementation = config._attn_implementation
         self.post_init()
+        if config.hyper is not None:  # after post_init, which would re-initialise the zeroed up-projections
+            _attach_experts(self, config.hyper_experts)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.language_model.get_input_embeddings()
@@ -228,16 +242,28 @@ class MultimodalLM(PreTrainedModel):
             embeds, input_ids, {token_id: features}, {token_id: self.config.image_token}
         )
 
+    def guided(self, mask: Tensor | None, hold: bool = False):
+        """The language experts' guidance context (:meth:`LanguageExperts.guided`); a no-op without them."""
+        return nullcontext() if self.language_expert is None else self.language_expert.guided(mask, hold)
+
     def forward(
         self,
         input_ids: Tensor,
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        guidance_mask: Tensor | None = None,
         **lm_kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits ``[B, T, V]`` (the LM's output); the task owns the loss."""
+        """Logits ``[B, T, V]`` (the LM's output); the task owns the loss.
+
+        ``guidance_mask [B, T]``: the tokens the language experts' guidance pools over (training: the prompt,
+        :func:`~mmfactory.models.hyperllava.prompt_mask`); default ``attention_mask``.
+        """
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
+        with self.guided(guidance_mask if guidance_mask is not None else attention_mask):
+            return self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs
+            )
 
     @torch.no_grad()
     def generate(
@@ -245,9 +271,39 @@ class MultimodalLM(PreTrainedModel):
     ) -> Tensor:
         """New tokens ``[B, T_new]`` after left-padded prompts ``[B, T]``, via the LM's ``generate``."""
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        with self.guided(attention_mask, hold=True):  # the prompt's guidance for every new token
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
+
+
+def _attach_experts(model: MultimodalLM, hyper: HyperExpertsConfig) -> None:
+    if hyper.visual is not None:
+        model.projector = VisualExpertProjector(model.projector, hyper.visual, hyper.visual.place)
+    if hyper.language is not None:
+        lm = model.language_model
+        model.language_expert = LanguageExperts(decoder_layers(lm), lm.config.hidden_size, hyper.language)
+    model.to(model.dtype)
+
+
+def add_hyper_experts(model: MultimodalLM, hyper: HyperExpertsConfig) -> MultimodalLM:
+    """Give a (trained) model the experts of ``hyper`` it lacks, fresh (their outputs start at zero, so its
+    outputs are unchanged); experts it already has must be configured the same. In place; ``model``."""
+    have = model.config.hyper_experts or HyperExpertsConfig(visual=None, language=None)
+    new = HyperExpertsConfig(visual=None, language=None)
+    for part in ("visual", "language"):
+        wanted, present = getattr(hyper, part), getattr(have, part)
+        if wanted is not None and present is not None and wanted != present:
+            raise ConfigError(
+                f"model.hyper.{part}: the init_from model already has a {part} expert configured as "
+                f"{to_dict(present)}; drop model.hyper.{part} or configure it the same"
+            )
+        if wanted is not None and present is None:
+            setattr(new, part, wanted)
+    _attach_experts(model, new)
+    merged = {part: getattr(have, part) or getattr(new, part) for part in ("visual", "language")}
+    model.config.hyper = to_dict(HyperExpertsConfig(**merged))
+    return model
 
 
 AutoConfig.register(MultimodalLMConfig.model_type, MultimodalLMConfig)
@@ -265,7 +321,8 @@ class MultimodalLMSpec:
 
     ``vision`` and ``lm`` say where the tower and the LM come from (tiny configs or local checkpoints;
     the LM also from GGUF); leave both empty when the stage has ``init_from`` (a saved MultimodalLM).
-    ``lm.dtype`` is the dtype of the whole model.
+    ``lm.dtype`` is the dtype of the whole model. ``hyper`` adds HyperLLaVA's experts (with ``init_from``:
+    the ones the loaded model lacks, see :func:`add_hyper_experts`).
     """
 
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
@@ -274,6 +331,7 @@ class MultimodalLMSpec:
     vision_feature_layer: int = -2
     vision_feature_select: Literal["patch", "full"] = "patch"
     image_token: str = IMAGE_TOKEN
+    hyper: HyperExpertsConfig | None = None
 
     def validate(self) -> None:
         try:
@@ -317,6 +375,7 @@ def build_multimodal_lm(
         vision_feature_select=spec.vision_feature_select,
         image_token=spec.image_token,
         image_token_id=add_placeholder_token(tokenizer, language_model, spec.image_token),
+        hyper=None if spec.hyper is None else to_dict(spec.hyper),
     )
     model = MultimodalLM(config, vision_tower=tower, language_model=language_model).to(dtype)
     return model, tokenizer, load_image_processor(spec.vision.path, tower.config.image_size)
@@ -358,6 +417,8 @@ def export_llava(
     cfg = model.config
     if moe_blocks(model):
         raise ValueError("LLaVA has no MoE layers: only a dense MultimodalLM exports to LLaVA")
+    if cfg.hyper is not None:
+        raise ValueError("LLaVA has no HyperLLaVA experts: only a static MultimodalLM exports to LLaVA")
     if cfg.projector_type != "mlp2x_gelu":
         raise ValueError(f"LLaVA's projector is mlp2x_gelu; this model's is {cfg.projector_type!r}")
     strategy = "default" if cfg.drops_cls else "full"

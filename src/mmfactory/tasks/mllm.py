@@ -42,8 +42,9 @@ from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
 from mmfactory.examples import Example, write_examples
 from mmfactory.losses.lm import sample_mean_loss
 from mmfactory.models.generation import GenerationConfig
+from mmfactory.models.hyperllava import prompt_mask
 from mmfactory.models.lm import DTYPES
-from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, build_multimodal_lm
+from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, add_hyper_experts, build_multimodal_lm
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import StageContext, TrainingTask
 
@@ -119,6 +120,8 @@ class MultimodalSFTOptions:
     eval_vqa: int = 200
     eval_pope: int = 100  # probes per POPE split
     eval_captions: int = 100
+    eval_mme: int = 0  # MME-style yes/no questions (two per image; acc and acc+)
+    eval_mmbench: int = 0  # MMBench-style four-option questions, each asked in every rotation
     eval_vqa_file: str | None = None
     eval_pope_files: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 16
@@ -149,6 +152,8 @@ class MultimodalSFTTask(TrainingTask):
             if model_cfg.has_parts:
                 raise ConfigError("model: init_from provides the whole model; remove model.vision / model.lm")
             self.model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
+            if model_cfg.hyper is not None:
+                add_hyper_experts(self.model, model_cfg.hyper)
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
             image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
         else:
@@ -250,8 +255,13 @@ class MultimodalSFTTask(TrainingTask):
         order (no vocabulary projection of prompt and image positions)."""
         # [B, T]: position t predicts token t + 1
         keep = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
+        guidance = prompt_mask(batch["labels"], batch["attention_mask"], IGNORE_INDEX)  # HyperLLaVA's
         return model(
-            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], logits_to_keep=keep
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["attention_mask"],
+            guidance_mask=guidance,
+            logits_to_keep=keep,
         ).logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,6 +300,8 @@ class MultimodalSFTTask(TrainingTask):
                 w.seed,
                 image_size=w.image_size,
                 caption_details=w.caption_details,
+                mme=o.eval_mme,
+                mmbench=o.eval_mmbench,
             )
         else:
             bench = Benchmarks()

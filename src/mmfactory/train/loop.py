@@ -299,6 +299,7 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     train_time = time.perf_counter() - stage_start
 
     metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
+    metrics["trainable_params_m"] = sum(p.numel() for p in trainable) / 1e6
     if first_loss is not None:
         metrics["train_first_loss"] = first_loss
     final_eval = evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size)

@@ -25,7 +25,16 @@ from mmfactory.world.scenes import Scene, render_scene, scene_at
 from mmfactory.world.text import chat_samples
 from mmfactory.world.tokenizer import world_tokenizer
 from mmfactory.world.video import av_question, clip_at, video_question, video_sample
-from mmfactory.world.vqa import POPE_KINDS, existence_pair, llava_conversation, pope_probe, scene_question
+from mmfactory.world.vqa import (
+    MME_CATEGORIES,
+    POPE_KINDS,
+    choice_question,
+    existence_pair,
+    llava_conversation,
+    pope_probe,
+    scene_question,
+    yes_no_pair,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,29 @@ class World:
         )
         pairs = [item.pop("pair") for item in items]
         return [{**item, **qa} for item, pair in zip(items, pairs, strict=True) for qa in pair][:n]
+
+    def yes_no_pairs(self, split: str, n: int) -> list[dict]:
+        """MME-style pairs ``{"id", "image", "question", "answer", "type", "pair"}`` (English): items ``2k``
+        (yes) and ``2k + 1`` (no) share scene ``k``'s image and category (``MME_CATEGORIES`` in turn)."""
+        items = self._image_items(
+            split,
+            -(-n // 2),
+            lambda s, i: {
+                "qas": yes_no_pair(
+                    s, item_rng(self.seed, "mme", split, i), MME_CATEGORIES[i % len(MME_CATEGORIES)]
+                ),
+                "pair": i,
+            },
+        )
+        qas = [item.pop("qas") for item in items]
+        return [{**item, **qa} for item, pair in zip(items, qas, strict=True) for qa in pair][:n]
+
+    def choices(self, split: str, n: int) -> list[dict]:
+        """MMBench-style questions ``{"id", "image", "question", "options", "answer", "type"}`` (English;
+        ``answer``: the right option's index; :func:`~mmfactory.world.vqa.format_choice` writes them)."""
+        return self._image_items(
+            split, n, lambda s, i: choice_question(s, item_rng(self.seed, "choice", split, i))
+        )
 
     def pope(self, split: str, n: int, kind: str = "random") -> list[dict]:
         """POPE probes ``{"id", "image", "question", "label", "object"}``; even items yes, odd items no."""

@@ -141,6 +141,70 @@ def existence_pair(scene: Scene, rng: np.random.Generator, lang: str = "en") -> 
     ]
 
 
+MME_CATEGORIES = ("existence", "count", "position", "color")  # MME's perception subtasks the world has
+
+
+def yes_no_pair(scene: Scene, rng: np.random.Generator, category: str) -> list[dict]:
+    """MME-style: two English yes/no questions about one image, ``[yes, no]``, of one ``category``.
+
+    MME scores a model per question (acc) and per image (acc+: both answers right), so answering from the
+    image alone or always "yes" gets acc 50 and acc+ 0.
+    """
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    if category == "existence":
+        questions = [qa["question"] for qa in existence_pair(scene, rng, "en")]
+    elif category == "count":
+        n = len(scene.objects)
+        wrong = [k for k in range(1, 5) if k != n]
+        questions = [
+            "Is there 1 object in the image?" if k == 1 else f"Are there {k} objects in the image?"
+            for k in (n, wrong[rng.integers(len(wrong))])
+        ]
+    elif category == "position":
+        ref = referring_expression(scene, obj, "en")
+        others = [p for row in POSITIONS for p in row if p != obj.position]
+        questions = [f"Is {ref} {at_position(p)}?" for p in (obj.position, others[rng.integers(len(others))])]
+    elif category == "color":
+        others = [c for c in COLORS if c != obj.color]
+        at = at_position(obj.position)
+        questions = [f"Is the object {at} {c}?" for c in (obj.color, others[rng.integers(len(others))])]
+    else:
+        raise ValueError(f"unknown MME category {category!r}; expected one of {MME_CATEGORIES}")
+    return [{"question": q, "answer": YES_NO["en"][k], "type": category} for k, q in enumerate(questions)]
+
+
+CHOICE_LETTERS = "ABCD"
+CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench
+
+
+def choice_question(scene: Scene, rng: np.random.Generator) -> dict:
+    """MMBench-style: a colour or shape question with four options ``{"question", "options", "answer",
+    "type"}`` (``answer``: the index of the right option); :func:`format_choice` writes it out."""
+    qtype = ("color", "shape")[rng.integers(2)]
+    qa = scene_question(scene, rng, "en", qtype)
+    pool = [w for w in (COLORS if qtype == "color" else SHAPES) if w != qa["answer"]]
+    distractors = [pool[i] for i in rng.permutation(len(pool))[: len(CHOICE_LETTERS) - 1]]
+    options = [qa["answer"], *distractors]
+    order = rng.permutation(len(options))
+    options = [options[i] for i in order]
+    return {
+        "question": qa["question"],
+        "options": options,
+        "answer": options.index(qa["answer"]),
+        "type": qtype,
+    }
+
+
+def format_choice(item: dict, shift: int = 0) -> tuple[str, str]:
+    """``(prompt, right letter)`` with the options rotated by ``shift`` (MMBench's CircularEval asks every
+    rotation and counts a question right only if every one is answered right)."""
+    n = len(item["options"])
+    options = [item["options"][(k + shift) % n] for k in range(n)]
+    lines = [f"{CHOICE_LETTERS[k]}. {option}" for k, option in enumerate(options)]
+    prompt = "\n".join([item["question"], *lines, CHOICE_PROMPT])
+    return prompt, CHOICE_LETTERS[(item["answer"] - shift) % n]
+
+
 def pope_probe(scene: Scene, rng: np.random.Generator, kind: str, positive: bool) -> dict:
     """POPE yes/no probe ``{"question", "label", "object"}`` about a ``"color shape"`` object.
 

@@ -7,7 +7,15 @@ CIDEr-D as pycocoevalcap (x10); retrieval recalls, accuracies and hallucination 
 
 from mmfactory.eval.metrics.bleu import corpus_bleu, tokenize_13a, tokenize_zh
 from mmfactory.eval.metrics.cider import cider_d
-from mmfactory.eval.metrics.classification import normalize_answer, parse_yes_no, vqa_accuracy, yes_no_metrics
+from mmfactory.eval.metrics.classification import (
+    circular_accuracy,
+    mme_scores,
+    normalize_answer,
+    parse_choice,
+    parse_yes_no,
+    vqa_accuracy,
+    yes_no_metrics,
+)
 from mmfactory.eval.metrics.frechet import frechet_distance
 from mmfactory.eval.metrics.hallucination import hallucination_rates, object_hallucination
 from mmfactory.eval.metrics.retrieval import retrieval_metrics, retrieval_ranks, text_video_retrieval
@@ -15,12 +23,15 @@ from mmfactory.eval.metrics.rouge import lcs_length, rouge_l, tokenize_rouge
 
 __all__ = [
     "cider_d",
+    "circular_accuracy",
     "corpus_bleu",
     "frechet_distance",
     "hallucination_rates",
     "lcs_length",
+    "mme_scores",
     "normalize_answer",
     "object_hallucination",
+    "parse_choice",
     "parse_yes_no",
     "retrieval_metrics",
     "retrieval_ranks",

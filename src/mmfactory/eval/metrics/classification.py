@@ -126,3 +126,61 @@ def yes_no_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[st
         "num": num,
         "num_non_answers": parsed.count(None),
     }
+
+
+def mme_scores(correct: Sequence[bool], pairs: Sequence[int], categories: Sequence[str]) -> dict[str, float]:
+    """MME's two scores (percent): ``acc`` over questions and ``acc_plus`` over images (both questions of
+    an image right), overall and per category (``<category>_acc``, ``<category>_acc_plus``).
+
+    Args:
+        correct: ``N`` per-question outcomes.
+        pairs: ``N`` image ids (the questions of one image share one; MME asks two per image).
+        categories: ``N`` categories (one per image).
+    """
+    if not len(correct) == len(pairs) == len(categories):
+        raise ValueError(f"{len(correct)} outcomes, {len(pairs)} image ids, {len(categories)} categories")
+    if not correct:
+        raise ValueError("no questions to score")
+    by_image: dict[int, list[bool]] = defaultdict(list)
+    category_of: dict[int, str] = {}
+    for right, pair, category in zip(correct, pairs, categories, strict=True):
+        by_image[pair].append(bool(right))
+        if category_of.setdefault(pair, category) != category:
+            raise ValueError(f"image {pair} has questions of two categories")
+    scores: dict[str, float] = {}
+    for name in [None, *sorted(set(categories))]:
+        images = [p for p in by_image if name is None or category_of[p] == name]
+        answers = [r for p in images for r in by_image[p]]
+        prefix = "" if name is None else f"{name}_"
+        scores[f"{prefix}acc"] = 100.0 * sum(answers) / len(answers)
+        scores[f"{prefix}acc_plus"] = 100.0 * sum(all(by_image[p]) for p in images) / len(images)
+    return scores
+
+
+def parse_choice(text: str, letters: str = "ABCD") -> str | None:
+    """The option letter a reply gives ("B", "B.", "(B) circle", "b"), or None."""
+    match = re.match(r"\s*\(?([A-Za-z])(?:[).:\s]|$)", text)
+    letter = match.group(1).upper() if match else None
+    return letter if letter is not None and letter in letters else None
+
+
+def circular_accuracy(correct: Sequence[bool], questions: Sequence[int]) -> dict[str, float]:
+    """MMBench's CircularEval (percent): a question counts only if every rotation of its options was
+    answered right (``circular``); ``vanilla`` scores each question's first rotation alone.
+
+    Args:
+        correct: ``N`` outcomes, one per (question, rotation), each question's rotations in order.
+        questions: ``N`` question ids.
+    """
+    if len(correct) != len(questions):
+        raise ValueError(f"{len(correct)} outcomes for {len(questions)} question ids")
+    if not correct:
+        raise ValueError("no questions to score")
+    by_question: dict[int, list[bool]] = defaultdict(list)
+    for right, question in zip(correct, questions, strict=True):
+        by_question[question].append(bool(right))
+    n = len(by_question)
+    return {
+        "circular": 100.0 * sum(all(r) for r in by_question.values()) / n,
+        "vanilla": 100.0 * sum(r[0] for r in by_question.values()) / n,
+    }
