@@ -24,6 +24,7 @@ batched matmuls vs a loop applying each sample's generated weights with ``F.line
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,8 @@ def main() -> None:
     model = next(iter(settings.values()))
     image_id, p = model.config.image_token_id, model.config.num_image_tokens
     text = torch.randint(0, image_id, (args.batch, args.seq), generator=generator)
-    input_ids = torch.cat([text[:, :1], torch.full((args.batch, p), image_id), text[:, 1:]], 1).to(args.device)
+    images = torch.full((args.batch, p), image_id)
+    input_ids = torch.cat([text[:, :1], images, text[:, 1:]], 1).to(args.device)
     pixels = torch.randn(args.batch, 3, 30, 30, generator=generator).to(args.device)
 
     runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in settings}
@@ -179,9 +181,10 @@ def main() -> None:
             adapter.hyper[2].weight.normal_(std=0.02)  # non-zero up rows, as after training
         x = torch.randn(batch, args.seq, hidden, device=args.device)
         guidance = torch.randn(batch, hidden, device=args.device)
-        torch.testing.assert_close(adapter(x, guidance), loop_adapter(adapter, x, guidance), atol=1e-5, rtol=1e-4)
+        looped_adapter = partial(loop_adapter, adapter)
+        torch.testing.assert_close(adapter(x, guidance), looped_adapter(x, guidance), atol=1e-5, rtol=1e-4)
         batched = time_adapter(adapter, x, guidance, args.repeats)
-        looped = time_adapter(lambda a, g: loop_adapter(adapter, a, g), x, guidance, args.repeats)
+        looped = time_adapter(looped_adapter, x, guidance, args.repeats)
         shape = f"{batch} x {args.seq} x {hidden}"
         print(f"| {shape} | {batched:.2f} | {looped:.2f} | {looped / batched:.2f}x |", flush=True)
 
