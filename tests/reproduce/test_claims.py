@@ -14,7 +14,7 @@ def test_shipped_registry_names_real_recipes_stages_and_overrides():
     assert {m.method for m in registry.methods} >= {
         "SAG", "LLaVA-MoD", "MARS", "ARM", "HyperLLaVA", "Audio-Visual LLM", "Filter & Align", "MAC",
     }  # fmt: skip
-    assert {m.method for m in registry.methods if m.recipe is None} == {"HyperLLaVA", "Audio-Visual LLM"}
+    assert {m.method for m in registry.methods if m.recipe is None} == {"Audio-Visual LLM"}
     for name, profiles in registry.recipes.items():
         for profile in (profiles.quick, profiles.full):
             recipe = load_recipe(resolve_recipe(name), [*profile.overrides, "train.seed=1"])

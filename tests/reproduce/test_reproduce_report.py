@@ -32,7 +32,7 @@ CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-sta
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce") / "quick"
-    args = ["reproduce", "--only", "MAC,HyperLLaVA", "--output", str(out), *SHRUNK_MAC]
+    args = ["reproduce", "--only", "MAC,Audio-Visual LLM", "--output", str(out), *SHRUNK_MAC]
     return out, args
 
 
@@ -47,8 +47,8 @@ def test_reproduce_writes_the_claims_table_and_resumes(reproduced, capsys):
     assert "pipeline check" in printed
 
     rows = {r["method"]: r for r in json.loads((out / "claims.json").read_text())}
-    assert list(rows) == ["MAC", "HyperLLaVA"]  # the order asked for
-    assert rows["HyperLLaVA"]["verdict"] == "not built"
+    assert list(rows) == ["MAC", "Audio-Visual LLM"]  # the order asked for
+    assert rows["Audio-Visual LLM"]["verdict"] == "not built"
     mac = rows["MAC"]
     assert mac["verdict"] in ("yes", "partly", "no")
     flops = next(c for c in mac["checks"] if "FLOPs" in c["label"])
