@@ -3,11 +3,12 @@ import re
 import numpy as np
 import pytest
 
+from mmfactory.eval.mllm import CHOICE_LETTERS, format_choice
 from mmfactory.world import World
 from mmfactory.world.captions import at_position, caption
 from mmfactory.world.rng import item_rng
 from mmfactory.world.scenes import COLORS, HELD_OUT, RADIUS, render_scene, sample_scene
-from mmfactory.world.vqa import CHOICE_LETTERS, POPE_KINDS, QUESTION_TYPES, format_choice, scene_question
+from mmfactory.world.vqa import POPE_KINDS, QUESTION_TYPES, scene_question
 
 
 def test_same_seed_same_items_different_seed_differs():

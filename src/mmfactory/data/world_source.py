@@ -91,8 +91,8 @@ def world_conversations(
         items = world.yes_no_pairs(split, n)
         turns = [(item["question"], item["answer"]) for item in items]
     elif kind == "choice":
+        from mmfactory.eval.mllm import format_choice
         from mmfactory.world.rng import item_rng
-        from mmfactory.world.vqa import format_choice
 
         items = world.choices(split, n)
         turns = [

@@ -188,6 +188,23 @@ def evaluate_mme(
     return {f"mme_{key}": value for key, value in scores.items()}
 
 
+CHOICE_LETTERS = "ABCD"
+CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench
+
+
+def format_choice(item: dict, shift: int = 0) -> tuple[str, str]:
+    """``(prompt, right letter)`` for a multiple-choice ``{"question", "options", "answer"}`` (``answer``:
+    the right option's index) with the options rotated by ``shift`` (MMBench's CircularEval asks every
+    rotation and counts a question right only if every one is answered right)."""
+    n = len(item["options"])
+    if not 2 <= n <= len(CHOICE_LETTERS):
+        raise ValueError(f"a multiple-choice question needs 2 to {len(CHOICE_LETTERS)} options, got {n}")
+    options = [item["options"][(k + shift) % n] for k in range(n)]
+    lines = [f"{CHOICE_LETTERS[k]}. {option}" for k, option in enumerate(options)]
+    prompt = "\n".join([item["question"], *lines, CHOICE_PROMPT])
+    return prompt, CHOICE_LETTERS[(item["answer"] - shift) % n]
+
+
 def evaluate_mmbench(
     model: MultimodalLM,
     processor: MultimodalProcessor,
@@ -197,8 +214,6 @@ def evaluate_mmbench(
 ) -> dict[str, float]:
     """MMBench-style multiple choice ``{"image", "question", "options", "answer"}``, every question asked
     once per rotation of its options: ``mmbench_circular`` and ``mmbench_vanilla`` (percent)."""
-    from mmfactory.world.vqa import CHOICE_LETTERS, format_choice
-
     asked = [
         (i, format_choice(q, shift)) for i, q in enumerate(questions) for shift in range(len(q["options"]))
     ]
@@ -210,8 +225,9 @@ def evaluate_mmbench(
         cfg,
         meter,
     )
-    letters = CHOICE_LETTERS
-    correct = [parse_choice(r, letters) == right for r, (_, (_, right)) in zip(replies, asked, strict=True)]
+    correct = [
+        parse_choice(r, CHOICE_LETTERS) == right for r, (_, (_, right)) in zip(replies, asked, strict=True)
+    ]
     scores = circular_accuracy(correct, [i for i, _ in asked])
     return {f"mmbench_{key}": value for key, value in scores.items()}
 

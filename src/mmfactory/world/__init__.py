@@ -133,7 +133,7 @@ class World:
 
     def choices(self, split: str, n: int) -> list[dict]:
         """MMBench-style questions ``{"id", "image", "question", "options", "answer", "type"}`` (English;
-        ``answer``: the right option's index; :func:`~mmfactory.world.vqa.format_choice` writes them)."""
+        ``answer``: the right option's index; :func:`~mmfactory.eval.mllm.format_choice` asks them)."""
         return self._image_items(
             split, n, lambda s, i: choice_question(s, item_rng(self.seed, "choice", split, i))
         )

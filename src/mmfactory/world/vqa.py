@@ -173,17 +173,16 @@ def yes_no_pair(scene: Scene, rng: np.random.Generator, category: str) -> list[d
     return [{"question": q, "answer": YES_NO["en"][k], "type": category} for k, q in enumerate(questions)]
 
 
-CHOICE_LETTERS = "ABCD"
-CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench
+CHOICE_OPTIONS = 4  # MMBench asks with up to four options, A-D
 
 
 def choice_question(scene: Scene, rng: np.random.Generator) -> dict:
     """MMBench-style: a colour or shape question with four options ``{"question", "options", "answer",
-    "type"}`` (``answer``: the index of the right option); :func:`format_choice` writes it out."""
+    "type"}`` (``answer``: the right option's index; ``mmfactory.eval.mllm.format_choice`` asks it)."""
     qtype = ("color", "shape")[rng.integers(2)]
     qa = scene_question(scene, rng, "en", qtype)
     pool = [w for w in (COLORS if qtype == "color" else SHAPES) if w != qa["answer"]]
-    distractors = [pool[i] for i in rng.permutation(len(pool))[: len(CHOICE_LETTERS) - 1]]
+    distractors = [pool[i] for i in rng.permutation(len(pool))[: CHOICE_OPTIONS - 1]]
     options = [qa["answer"], *distractors]
     order = rng.permutation(len(options))
     options = [options[i] for i in order]
@@ -193,16 +192,6 @@ def choice_question(scene: Scene, rng: np.random.Generator) -> dict:
         "answer": options.index(qa["answer"]),
         "type": qtype,
     }
-
-
-def format_choice(item: dict, shift: int = 0) -> tuple[str, str]:
-    """``(prompt, right letter)`` with the options rotated by ``shift`` (MMBench's CircularEval asks every
-    rotation and counts a question right only if every one is answered right)."""
-    n = len(item["options"])
-    options = [item["options"][(k + shift) % n] for k in range(n)]
-    lines = [f"{CHOICE_LETTERS[k]}. {option}" for k, option in enumerate(options)]
-    prompt = "\n".join([item["question"], *lines, CHOICE_PROMPT])
-    return prompt, CHOICE_LETTERS[(item["answer"] - shift) % n]
 
 
 def pope_probe(scene: Scene, rng: np.random.Generator, kind: str, positive: bool) -> dict:
