@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (they create .venv on first use):
-#   make demo   run the main job: every method's recipe in miniature (reproduce --profile quick, ~11 min on
+#   make demo   run the main job: every method's recipe in miniature (reproduce --profile quick, ~14 min on
 #               2 CPU cores), its claims table, and the HTML report (the path is printed)
 #   make test   ruff + the fast CPU test suite
 PYTHON ?= python3
