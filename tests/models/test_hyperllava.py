@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 
 from mmfactory.config import ConfigError
 from mmfactory.models.components.hyper import HyperAdapter, HyperAdapterConfig, VisualExpertProjector
+from mmfactory.models.components.moe import upcycle
 from mmfactory.models.hyperllava import (
     HyperExpertsConfig,
     LanguageExpertConfig,
@@ -189,6 +190,12 @@ def test_generation_with_a_kv_cache_equals_generation_without(lm):
     static = mllm_on(lm, seed=6)
     static.eval()
     assert static.generate(input_ids, mask, pixels, **kwargs).tolist() != cached.tolist()
+
+
+def test_an_lm_with_language_experts_is_not_upcycled_silently():
+    model, _, _ = tiny_mllm(seed=7, hyper=both())
+    with pytest.raises(ValueError, match=r"layers \[1\] have hooks on their mlp"):
+        upcycle(model.language_model, layers=[1])
 
 
 def test_bad_expert_layers_are_refused():

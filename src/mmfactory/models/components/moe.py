@@ -234,6 +234,12 @@ def upcycle(
     if sparse_layers:
         raise ValueError(f"the model is already upcycled (MoE layers {sparse_layers})")
     indices = select_moe_layers(layers, len(all_layers))
+    hooked = [i for i in indices if all_layers[i].mlp._forward_hooks or all_layers[i].mlp._forward_pre_hooks]
+    if hooked:  # the experts' deep copies would carry the hooks, bound to copies of their owner
+        raise ValueError(
+            f"decoder layers {hooked} have hooks on their mlp (e.g. HyperLLaVA's language experts); "
+            "upcycle the LM before attaching them"
+        )
     hidden_size = model.config.get_text_config().hidden_size
     for index in indices:
         dense_mlp = all_layers[index].mlp
