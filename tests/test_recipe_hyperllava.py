@@ -4,11 +4,12 @@ saved model reloads with its experts, and the MME / MMBench-style benchmarks are
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from mmfactory.cli import main
-from mmfactory.config import load_recipe
+from mmfactory.config import ConfigError, load_recipe
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
 from tests.helpers import TINY_EVAL, world_data, write_recipe
@@ -74,6 +75,12 @@ def test_experts_learn_and_frozen_parts_stay_bit_identical_through_the_cli(tmp_p
             )
     assert metrics["experts/trainable_params_m"] < metrics["both/trainable_params_m"]
     assert json.loads((out / "experts/final/config.json").read_text())["hyper"]["language"]["rank"] == 4
+
+
+def test_an_odd_mme_count_is_refused():
+    stage = load_recipe(resolve_recipe("hyperllava/tiny"), ["stages.static.options.eval_mme=5"]).stages[4]
+    with pytest.raises(ConfigError, match="eval_mme: MME asks two questions per image"):
+        validate_stage(stage, 4)
 
 
 def test_the_shipped_recipe_validates_and_shares_llava_tiny_stages():

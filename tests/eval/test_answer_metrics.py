@@ -124,7 +124,8 @@ def test_circular_accuracy_counts_a_question_only_if_every_rotation_is_right():
 
 @pytest.mark.parametrize(
     ("reply", "letter"),
-    [("B", "B"), ("b.", "B"), ("(C) circle", "C"), (" D: red", "D"), ("E", None), ("Blue", None)],
+    [("B", "B"), ("b.", "B"), ("(C) circle", "C"), (" D: red", "D"), ("C ", "C"), ("E", None), ("Blue", None)]
+    + [("A red circle", None), ("a circle", None)],  # an article is not an option letter
 )
 def test_parse_choice(reply, letter):
     assert parse_choice(reply) == letter

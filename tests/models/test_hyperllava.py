@@ -18,6 +18,7 @@ from mmfactory.models.hyperllava import (
     LanguageExpertConfig,
     LanguageExperts,
     VisualExpertConfig,
+    masked_mean,
     prompt_mask,
 )
 from mmfactory.models.lm import CausalLMConfig
@@ -44,10 +45,10 @@ LMS = {
 
 
 def mllm_on(lm: CausalLMConfig, seed: int, hyper: HyperExpertsConfig | None = None) -> MultimodalLM:
-    """A MultimodalLM with the tiny tower on ``lm`` (a tiny config or a real checkpoint)."""
+    """A MultimodalLM with the tiny tower on ``lm`` (a tiny config or a real checkpoint), in eval mode."""
     set_seed(seed)
     spec = MultimodalLMSpec(vision=VisionTowerConfig(tiny=TINY_VISION), lm=lm, hyper=hyper)
-    return build_multimodal_lm(spec)[0]
+    return build_multimodal_lm(spec)[0].eval()
 
 
 def both(**visual) -> HyperExpertsConfig:
@@ -118,7 +119,7 @@ def test_fresh_experts_leave_the_static_model_unchanged(lm, place):
 
 
 def test_experts_added_to_a_trained_model_keep_its_outputs_and_refuse_a_different_config():
-    model, _, _ = tiny_mllm(seed=2)
+    model = tiny_mllm(seed=2)[0].eval()
     input_ids, mask, pixels = image_batch(model, [[1, -1, 5, 6]])
     expected = model(input_ids, pixels, mask).logits
     add_hyper_experts(model, HyperExpertsConfig(visual=None, language=LanguageExpertConfig(**SMALL)))
@@ -134,7 +135,7 @@ def test_experts_added_to_a_trained_model_keep_its_outputs_and_refuse_a_differen
 
 
 def test_guidance_is_computed_once_per_forward_from_the_prompt_only(monkeypatch):
-    model, _, _ = tiny_mllm(seed=4, hyper=both())
+    model = tiny_mllm(seed=4, hyper=both())[0].eval()
     randomize_experts(model)
     calls = []
     original = LanguageExperts.pool
@@ -157,7 +158,7 @@ def test_guidance_is_computed_once_per_forward_from_the_prompt_only(monkeypatch)
 
 
 def test_a_model_with_experts_saves_loads_and_deep_copies_with_equal_logits(tmp_path):
-    model, _, _ = tiny_mllm(seed=5, hyper=both(place="hidden"))
+    model = tiny_mllm(seed=5, hyper=both(place="hidden"))[0].eval()
     randomize_experts(model)
     input_ids, mask, pixels = image_batch(model, [[1, -1, 5, 6], [-1, 7]])
     logits = model(input_ids, pixels, mask).logits
@@ -196,6 +197,30 @@ def test_an_lm_with_language_experts_is_not_upcycled_silently():
     model, _, _ = tiny_mllm(seed=7, hyper=both())
     with pytest.raises(ValueError, match=r"layers \[1\] have hooks on their mlp"):
         upcycle(model.language_model, layers=[1])
+
+
+def test_training_without_a_prompt_mask_and_gradient_checkpointing_are_refused():
+    model = tiny_mllm(seed=8, hyper=both())[0].train()
+    input_ids, mask, pixels = image_batch(model, [[1, -1, 5, 6]])
+    with pytest.raises(ValueError, match="trains with guidance_mask"):
+        model(input_ids, pixels, mask)
+    model(input_ids, pixels, mask, guidance_mask=mask)  # the task passes prompt_mask
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.activation_checkpointing_enable()  # (gradient_checkpointing_enable, deprecated, calls it)
+    static = tiny_mllm(seed=8)[0]
+    static.activation_checkpointing_enable()  # a static model may
+    assert static.language_model.is_activation_checkpointing
+
+
+def test_a_mask_for_repeated_prompts_is_repeated_and_a_wrong_one_refused():
+    experts = mllm_on(LMS["qwen2"], seed=9, hyper=both()).language_expert
+    hidden = torch.randn(4, 5, 3)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    with experts.guided(mask):  # generate with num_beams=2: rows 0, 0, 1, 1
+        pooled = experts.pool(hidden)
+    torch.testing.assert_close(pooled, masked_mean(hidden, mask.repeat_interleave(2, dim=0)))
+    with experts.guided(mask[:, :4]), pytest.raises(ValueError, match="does not fit"):
+        experts.pool(hidden)
 
 
 def test_bad_expert_layers_are_refused():

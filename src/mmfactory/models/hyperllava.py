@@ -102,8 +102,17 @@ class LanguageExperts(nn.Module):
             layer.mlp.register_forward_hook(partial(self._add_expert, i))
 
     def pool(self, hidden: Tensor) -> Tensor:
-        """The guidance ``[B, D]`` from the guidance layer's output ``[B, T, D]``."""
-        mask = self._mask if self._mask is not None and self._mask.shape == hidden.shape[:2] else None
+        """The guidance ``[B, D]`` from the guidance layer's output ``[B, T, D]``. A mask of ``B / k`` rows
+        (``generate`` with ``num_beams`` or ``num_return_sequences`` = k repeats each prompt k times) is
+        repeated to match."""
+        mask = self._mask
+        if mask is not None and mask.shape != hidden.shape[:2]:
+            rows, length = hidden.shape[:2]
+            if mask.shape[1] != length or rows % mask.shape[0]:
+                raise ValueError(
+                    f"the guidance mask {tuple(mask.shape)} does not fit hidden states {tuple(hidden.shape)}"
+                )
+            mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)
         return masked_mean(hidden, mask)
 
     def _take_guidance(self, module, args, output):

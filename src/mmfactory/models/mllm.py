@@ -242,6 +242,14 @@ class MultimodalLM(PreTrainedModel):
             embeds, input_ids, {token_id: features}, {token_id: self.config.image_token}
         )
 
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:  # gradient_checkpointing_enable too
+        if self.language_expert is not None:  # the recompute runs after ``guided`` has dropped the guidance
+            raise ValueError(
+                "gradient checkpointing recomputes decoder layers without HyperLLaVA's guidance; train "
+                "a model with language experts without it"
+            )
+        super().activation_checkpointing_enable(*args, **kwargs)
+
     def guided(self, mask: Tensor | None, hold: bool = False):
         """The language experts' guidance context (:meth:`LanguageExperts.guided`); a no-op without them."""
         return nullcontext() if self.language_expert is None else self.language_expert.guided(mask, hold)
@@ -259,6 +267,11 @@ class MultimodalLM(PreTrainedModel):
         ``guidance_mask [B, T]``: the tokens the language experts' guidance pools over (training: the prompt,
         :func:`~mmfactory.models.hyperllava.prompt_mask`); default ``attention_mask``.
         """
+        if self.training and self.language_expert is not None and guidance_mask is None:
+            raise ValueError(
+                "a model with language experts trains with guidance_mask (the prompt's tokens, prompt_mask): "
+                "pooled over every token, the guidance would see the response"
+            )
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         with self.guided(guidance_mask if guidance_mask is not None else attention_mask):
             return self.language_model(
@@ -283,7 +296,7 @@ def _attach_experts(model: MultimodalLM, hyper: HyperExpertsConfig) -> None:
     if hyper.language is not None:
         lm = model.language_model
         model.language_expert = LanguageExperts(decoder_layers(lm), lm.config.hidden_size, hyper.language)
-    model.to(model.dtype)
+    model.to(device=model.device, dtype=model.dtype)
 
 
 def add_hyper_experts(model: MultimodalLM, hyper: HyperExpertsConfig) -> MultimodalLM:

@@ -128,6 +128,12 @@ class MultimodalSFTOptions:
     caption_max_new_tokens: int = 32
     eval_batch_size: int = 32
 
+    def validate(self) -> None:
+        if self.eval_mme % 2:
+            raise ConfigError(
+                f"eval_mme: MME asks two questions per image; give an even count, got {self.eval_mme}"
+            )
+
 
 class MultimodalSFTTask(TrainingTask):
     model_config = MultimodalLMSpec

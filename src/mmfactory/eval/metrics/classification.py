@@ -158,8 +158,9 @@ def mme_scores(correct: Sequence[bool], pairs: Sequence[int], categories: Sequen
 
 
 def parse_choice(text: str, letters: str = "ABCD") -> str | None:
-    """The option letter a reply gives ("B", "B.", "(B) circle", "b"), or None."""
-    match = re.match(r"\s*\(?([A-Za-z])(?:[).:\s]|$)", text)
+    """The option letter a reply gives ("B", "B.", "(B) circle", "b", "D: red"), or None. A letter followed
+    by a space and more words is not one: "A red circle" begins with an article."""
+    match = re.match(r"\s*\(?([A-Za-z])(?:[).:]|\s*$)", text)
     letter = match.group(1).upper() if match else None
     return letter if letter is not None and letter in letters else None
 
