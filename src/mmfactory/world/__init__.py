@@ -104,32 +104,30 @@ class World:
             split, n, lambda s, i: scene_question(s, item_rng(self.seed, "vqa", split, i), lang)
         )
 
+    def _question_pairs(self, split: str, n: int, make) -> list[dict]:
+        """``n`` questions on ``ceil(n / 2)`` scenes: items ``2k`` and ``2k + 1`` are the two questions
+        ``make(scene, k)`` asks about scene ``k``'s image, with ``"pair": k``."""
+        items = self._image_items(split, -(-n // 2), lambda s, i: {"qas": make(s, i), "pair": i})
+        qas = [item.pop("qas") for item in items]
+        return [{**item, **qa} for item, pair in zip(items, qas, strict=True) for qa in pair][:n]
+
     def existence_pairs(self, split: str, n: int, lang: str = "en") -> list[dict]:
-        """``n`` existence questions ``{"id", "image", "question", "answer", "type"}`` on ``ceil(n / 2)``
-        scenes: items ``2k`` (yes) and ``2k + 1`` (no, a near miss) share scene ``k``'s image."""
-        items = self._image_items(
-            split,
-            -(-n // 2),
-            lambda s, i: {"pair": existence_pair(s, item_rng(self.seed, "existence", split, i), lang)},
+        """``n`` existence questions ``{"id", "image", "question", "answer", "type", "pair"}``: items ``2k``
+        (yes) and ``2k + 1`` (no, a near miss) share scene ``k``'s image."""
+        return self._question_pairs(
+            split, n, lambda s, i: existence_pair(s, item_rng(self.seed, "existence", split, i), lang)
         )
-        pairs = [item.pop("pair") for item in items]
-        return [{**item, **qa} for item, pair in zip(items, pairs, strict=True) for qa in pair][:n]
 
     def yes_no_pairs(self, split: str, n: int) -> list[dict]:
         """MME-style pairs ``{"id", "image", "question", "answer", "type", "pair"}`` (English): items ``2k``
         (yes) and ``2k + 1`` (no) share scene ``k``'s image and category (``MME_CATEGORIES`` in turn)."""
-        items = self._image_items(
+        return self._question_pairs(
             split,
-            -(-n // 2),
-            lambda s, i: {
-                "qas": yes_no_pair(
-                    s, item_rng(self.seed, "mme", split, i), MME_CATEGORIES[i % len(MME_CATEGORIES)]
-                ),
-                "pair": i,
-            },
+            n,
+            lambda s, i: yes_no_pair(
+                s, item_rng(self.seed, "mme", split, i), MME_CATEGORIES[i % len(MME_CATEGORIES)]
+            ),
         )
-        qas = [item.pop("qas") for item in items]
-        return [{**item, **qa} for item, pair in zip(items, qas, strict=True) for qa in pair][:n]
 
     def choices(self, split: str, n: int) -> list[dict]:
         """MMBench-style questions ``{"id", "image", "question", "options", "answer", "type"}`` (English;
