@@ -102,6 +102,10 @@ class MultimodalProcessor:
             images = [pad_to_square(image, fill) for image in images]
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
+    def media_inputs(self, images: Sequence[Sequence[np.ndarray]]) -> dict[str, torch.Tensor]:
+        """The model's image input for conversations holding ``images[i]`` each: ``{"pixel_values"}``."""
+        return {"pixel_values": self.pixel_values([image for group in images for image in group])}
+
     # -- text ------------------------------------------------------------------------------------
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Each placeholder -> ``P`` placeholders, never learned."""

@@ -22,6 +22,8 @@ class BadReason(StrEnum):
     MISSING_FILE = "missing_file"
     CORRUPT_IMAGE = "corrupt_image"
     CORRUPT_AUDIO = "corrupt_audio"
+    MISSING_AUDIO = "missing_audio"  # an audio-visual sample whose video has no audio track
+    SILENT_AUDIO = "silent_audio"
     CORRUPT_VIDEO = "corrupt_video"
     CORRUPT_ARCHIVE = "corrupt_archive"
     WRONG_SAMPLE_RATE = "wrong_sample_rate"

@@ -30,6 +30,8 @@ Sample kinds and what a reader returns for them:
     "completion", "label": bool}`` (TRL's unpaired KTO rows); media: the list of images (0 or 1);
   - ``article``: ``{"id", "lang", "facts", "draft", "reference"}`` (SAG; world articles also carry
     ``"variants"``); no media;
+  - ``av-chat``: ``{"id", "messages"}`` (``<video>`` / ``<audio>`` placeholders in the first user turn);
+    media: ``{"video", "audio", "sample_rate"}`` (:mod:`mmfactory.data.av`);
   - ``ranking``: ``{"id", "captions", "ranks"}`` (rank 1 best, ties allowed; world rankings also carry
     ``"kinds"``); media: the image.
 
@@ -61,6 +63,7 @@ SampleKind = Literal[
     "image-text",
     "video-text",
     "audio-text",
+    "av-chat",
     "preference",
     "labelled-image",
     "ranking",
@@ -213,6 +216,15 @@ class Format:
 
 COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_sample", "split"})
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
+AV_WORLD_KINDS = (
+    "video_captions",
+    "video_qa",
+    "audio_captions",
+    "audio_qa",
+    "av_qa",
+    "av_conversations",
+    "av_narratives",
+)
 # world kind -> the sample kinds it yields
 WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     **{
@@ -228,8 +240,9 @@ WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     "articles": ("article",),
     "rankings": ("ranking",),  # every caption kind of a scene, graded, ranked (rank 1 best, ties)
     "web_pool": ("image-text", "image-chat"),  # Filter & Align's noisy pool (a filter's selection)
+    **{kind: ("av-chat",) for kind in AV_WORLD_KINDS},  # Audio-Visual LLM's (data.world_source)
 }
-ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings", "web_pool")
+ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings", "web_pool", *AV_WORLD_KINDS)
 _FILES = "mmfactory.data.readers.conversations"
 FORMATS: dict[str, Format] = {
     "world": Format(

@@ -8,8 +8,11 @@ captioned in every language x detail level), ``videos`` (video-text: clips with 
 language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects labelled by ``shape`` or
 ``count``), ``preference`` (image pairs: faithful vs hallucinated descriptions and answers),
 ``article_preference`` (text pairs: SAG's faithful vs hallucinated notes, languages in turn) and
-``articles`` (SAG fact sets, each in every language), ``web_pool`` (Filter & Align's noisy pool of ``size``
-pairs, ``bad_fraction`` of them misaligned, as image-text pairs or image-chat caption requests; ``keep_uids``
+``articles`` (SAG fact sets, each in every language), the av-chat kinds of :data:`WORLD_AV_KINDS`
+(visual-only ``video_captions`` / ``video_qa``, audio-only ``audio_captions`` / ``audio_qa`` on separate
+audio clips, audio-visual ``av_qa`` (reasoning that needs both), ``av_conversations`` and ``av_narratives``:
+Audio-Visual LLM's three kinds of video instruction data, English), ``web_pool`` (Filter & Align's noisy
+pool of ``size`` pairs, ``bad_fraction`` of them misaligned, as image-text pairs or image-chat caption requests; ``keep_uids``
 keeps a filter's selection). Items ``offset .. offset + size - 1``.
 """
 
@@ -136,6 +139,87 @@ def world_videos(split: str, n: int, seed: int, frame_size: int, languages: Sequ
     return Samples(items, partial(operator.getitem, [v["video"] for v in videos]))
 
 
+# av-chat kinds of the world -> the streams their samples carry
+WORLD_AV_KINDS = {
+    "video_captions": "video",
+    "video_qa": "video",
+    "audio_captions": "audio",
+    "audio_qa": "audio",
+    "av_qa": "audio-visual",  # reasoning questions that need both streams
+    "av_conversations": "audio-visual",
+    "av_narratives": "audio-visual",
+}
+PLACEHOLDERS = {"video": "<video>\n", "audio": "<audio>\n", "audio-visual": "<video>\n<audio>\n"}
+
+
+def world_av_media(seed: int, frame_size: int, split: str, streams: str, index: int) -> dict:
+    """The media of item ``index``: a clip's frames and / or its audio track, or an audio-only clip."""
+    from mmfactory.world import World
+    from mmfactory.world.audio import audio_clip
+
+    if streams == "audio":
+        clip = audio_clip(seed, split, index)
+        return {"video": None, "audio": clip["audio"], "sample_rate": clip["sample_rate"]}
+    video = World(seed=seed, video_size=frame_size).video(split, index)
+    audio = video["audio"] if streams == "audio-visual" else None
+    return {"video": video["video"], "audio": audio, "sample_rate": video["sample_rate"]}
+
+
+def av_messages(turns: list[tuple[str, str]], streams: str) -> list[dict[str, str]]:
+    """Turns as messages, the stream placeholders opening the first user turn."""
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": (PLACEHOLDERS[streams] if k == 0 else "") + question})
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def world_av_turns(kind: str, split: str, n: int, seed: int) -> list[list[tuple[str, str]]]:
+    """The question-answer turns of items ``0..n-1`` of an av-chat world kind (no media rendered)."""
+    from mmfactory.world import World
+    from mmfactory.world.audio import audio_caption, audio_question, sounds_at
+    from mmfactory.world.rng import item_rng
+    from mmfactory.world.video import (
+        DESCRIBE_SOUND,
+        DESCRIBE_VIDEO,
+        av_instruction,
+        av_question,
+        clip_at,
+        clip_captions,
+        video_question,
+    )
+
+    if WORLD_AV_KINDS[kind] == "audio":
+        sounds = [sounds_at(seed, split, i) for i in range(n)]
+        if kind == "audio_captions":
+            return [[(DESCRIBE_SOUND, audio_caption(s))] for s in sounds]
+        qas = [audio_question(s, item_rng(seed, "audio-qa", split, i)) for i, s in enumerate(sounds)]
+        return [[(qa["question"], qa["answer"])] for qa in qas]
+    world = World(seed=seed)
+    clips = [clip_at(seed, split, i, world.video_frames, world.max_video_objects) for i in range(n)]
+    if kind == "video_captions":
+        return [[(DESCRIBE_VIDEO, clip_captions(c)[0])] for c in clips]
+    if kind in ("video_qa", "av_qa"):  # as World.video_qa / World.av_qa ask them
+        ask, stream = (video_question, "vqa-video") if kind == "video_qa" else (av_question, "av-qa")
+        qas = [ask(c, item_rng(seed, stream, split, i)) for i, c in enumerate(clips)]
+        return [[(qa["question"], qa["answer"])] for qa in qas]
+    instruction = {"av_conversations": "conversation", "av_narratives": "narrative"}[kind]
+    return [
+        av_instruction(c, world.fps, item_rng(seed, "av-instruct", instruction, split, i), instruction)
+        for i, c in enumerate(clips)
+    ]
+
+
+def world_av_conversations(kind: str, split: str, n: int, seed: int, frame_size: int) -> Samples:
+    """``n`` av-chat samples of a world kind (:data:`WORLD_AV_KINDS`); media rendered when drawn."""
+    streams = WORLD_AV_KINDS[kind]
+    items = [
+        {"id": f"{kind}-{split}-{i:06d}", "messages": av_messages(turns, streams), "where": f"world:{kind}"}
+        for i, turns in enumerate(world_av_turns(kind, split, n, seed))
+    ]
+    return Samples(items, partial(world_av_media, seed, frame_size, split, streams))
+
+
 def world_labelled_images(
     split: str, n: int, seed: int, image_size: int, label: str, max_objects: int | None
 ) -> Samples:
@@ -235,6 +319,8 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         )
     if source.kind == "videos":
         return world_videos(source.split, size, source.seed, source.image_size, source.world_languages)
+    if source.kind in WORLD_AV_KINDS:
+        return world_av_conversations(source.kind, source.split, size, source.seed, source.image_size)
     if source.kind == "labelled":
         return world_labelled_images(
             source.split, size, source.seed, source.image_size, source.label, source.max_objects
@@ -428,3 +514,50 @@ def world_scene_vocabulary() -> dict[str, int]:
 
     sizes = {"num_shapes": len(SHAPES), "num_colors": len(COLORS), "num_backgrounds": len(BACKGROUNDS)}
     return {"grid": 3, **sizes}
+
+
+def world_av_benchmarks(
+    sizes: dict[str, int], streams: Sequence[str], seed: int = 0, split: str = "test", frame_size: int = 32
+) -> list:
+    """Held-out :class:`~mmfactory.eval.av.AVBenchmark` s from the built-in world: ``video_qa``,
+    ``audio_qa``, ``av_qa`` (needs both streams), ``av_which`` (zero-shot: a question kind no training
+    data asks), ``audio_captions`` and ``video_captions``, ``sizes[name]`` items each (0 or absent: left
+    out). Each is asked with the streams it needs that ``streams`` (those the model knows) include; one
+    that needs none of them is left out."""
+    from mmfactory.eval.av import AVBenchmark
+    from mmfactory.world import World
+    from mmfactory.world.video import DESCRIBE_SOUND, DESCRIBE_VIDEO
+
+    world = World(seed=seed, video_size=frame_size)
+    needs = {
+        "video_qa": ("video",),
+        "audio_qa": ("audio",),
+        "av_qa": ("video", "audio"),
+        "av_which": ("video", "audio"),
+        "audio_captions": ("audio",),
+        "video_captions": ("video",),
+    }
+    unknown = set(sizes) - set(needs)
+    if unknown:
+        raise ConfigError(f"unknown audio-visual benchmarks {sorted(unknown)}; expected {sorted(needs)}")
+    make = {
+        "video_qa": lambda n: (world.video_qa(split, n), None),
+        "audio_qa": lambda n: (world.audio_qa(split, n), None),
+        "av_qa": lambda n: (world.av_qa(split, n), None),
+        "av_which": lambda n: (world.av_which(split, n), None),
+        "audio_captions": lambda n: (
+            [{**c, "references": [c["caption"]]} for c in world.audio_clips(split, n)],
+            DESCRIBE_SOUND,
+        ),
+        "video_captions": lambda n: (
+            [{**v, "references": v["captions"][:1]} for v in world.videos(split, n)],
+            DESCRIBE_VIDEO,
+        ),
+    }
+    benchmarks = []
+    for name, n in sizes.items():
+        asked = tuple(s for s in needs[name] if s in streams)
+        if n and asked:
+            items, prompt = make[name](n)
+            benchmarks.append(AVBenchmark(name, items, asked, prompt))
+    return benchmarks

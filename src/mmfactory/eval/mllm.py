@@ -73,6 +73,9 @@ def generate_replies(
 ) -> list[str]:
     """One reply per conversation (each ends with a user turn whose ``<image>`` s match ``images[i]``).
 
+    ``images[i]`` is what ``processor.media_inputs`` takes per conversation: its list of images, or for an
+    :class:`~mmfactory.data.av.AVProcessor` its media dict (video, audio, sample rate).
+
     Prompts are left-padded into batches of ``cfg.batch_size`` so every prompt ends at the same column.
     """
     tokenizer = processor.tokenizer
@@ -90,12 +93,12 @@ def generate_replies(
         for i, prompt in enumerate(prompts):
             input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt) :] = 1
-        pixel_values = processor.pixel_values([im for ims in images[lo : lo + cfg.batch_size] for im in ims])
+        media = processor.media_inputs(images[lo : lo + cfg.batch_size])
         start = time.perf_counter()
         out = model.generate(
             input_ids.to(device),
             attention_mask.to(device),
-            pixel_values.to(device),
+            **{name: values.to(device) for name, values in media.items()},
             max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.do_sample,
             eos_token_id=stop,

@@ -184,6 +184,7 @@ class MultimodalLM(PreTrainedModel):
     base_model_prefix = "mllm"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
+    media_inputs: tuple[str, ...] = ()  # forward / generate keywords of other modalities, for embed_inputs
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -242,6 +243,11 @@ class MultimodalLM(PreTrainedModel):
             embeds, input_ids, {token_id: features}, {token_id: self.config.image_token}
         )
 
+    def _pop_media(self, kwargs: dict) -> dict:
+        """The inputs of the other modalities (:attr:`media_inputs`) taken out of ``kwargs`` for
+        :meth:`embed_inputs`; the rest go to the LM."""
+        return {name: kwargs.pop(name) for name in self.media_inputs if name in kwargs}
+
     def activation_checkpointing_enable(self, *args, **kwargs) -> None:  # gradient_checkpointing_enable too
         if self.language_expert is not None:  # the recompute runs after ``guided`` has dropped the guidance
             raise ValueError(
@@ -272,7 +278,7 @@ class MultimodalLM(PreTrainedModel):
                 "a model with language experts trains with guidance_mask (the prompt's tokens, prompt_mask): "
                 "pooled over every token, the guidance would see the response"
             )
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, **self._pop_media(lm_kwargs))
         with self.guided(guidance_mask if guidance_mask is not None else attention_mask):
             return self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs
@@ -283,7 +289,7 @@ class MultimodalLM(PreTrainedModel):
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None, **generate_kwargs
     ) -> Tensor:
         """New tokens ``[B, T_new]`` after left-padded prompts ``[B, T]``, via the LM's ``generate``."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, **self._pop_media(generate_kwargs))
         with self.guided(attention_mask, hold=True):  # the prompt's guidance for every new token
             return self.language_model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
@@ -375,12 +381,22 @@ def build_multimodal_lm(
 
     The image processor is the tower folder's own when it has one, else CLIP's at the tower's size.
     """
+    tower, language_model, tokenizer, config = load_multimodal_parts(spec)
+    model = MultimodalLM(config, vision_tower=tower, language_model=language_model).to(tower.dtype)
+    return model, tokenizer, load_image_processor(spec.vision.path, tower.config.image_size)
+
+
+def load_multimodal_parts(
+    spec: MultimodalLMSpec, config_class: type[MultimodalLMConfig] = MultimodalLMConfig, **config_kwargs
+) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase, MultimodalLMConfig]:
+    """``(vision tower, LM, tokenizer, config)`` for a model of ``config_class`` (extra fields in
+    ``config_kwargs``); the image placeholder is added to the tokenizer."""
     if spec.vision.path is None and spec.vision.tiny is None:
         raise ConfigError("model.vision: set vision.path or vision.tiny (or the stage's init_from)")
     dtype = DTYPES[spec.lm.dtype]
     language_model, tokenizer = load_causal_lm(spec.lm)
-    tower = load_vision_tower(spec.vision, dtype)
-    config = MultimodalLMConfig(
+    tower = load_vision_tower(spec.vision, dtype).to(dtype)
+    config = config_class(
         vision_config=tower.config,
         text_config=language_model.config,
         projector_type=spec.projector_type,
@@ -389,9 +405,9 @@ def build_multimodal_lm(
         image_token=spec.image_token,
         image_token_id=add_placeholder_token(tokenizer, language_model, spec.image_token),
         hyper=None if spec.hyper is None else to_dict(spec.hyper),
+        **config_kwargs,
     )
-    model = MultimodalLM(config, vision_tower=tower, language_model=language_model).to(dtype)
-    return model, tokenizer, load_image_processor(spec.vision.path, tower.config.image_size)
+    return tower, language_model.to(dtype), tokenizer, config
 
 
 # --------------------------------------------------------------------------------------------------

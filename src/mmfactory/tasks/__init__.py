@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "sag_cdpo": "mmfactory.tasks.sag:SAGContentDPOTask",
     "sag_self_improve": "mmfactory.tasks.sag:SAGSelfImproveTask",
     "mllm_sft": "mmfactory.tasks.mllm:MultimodalSFTTask",
+    "av_sft": "mmfactory.tasks.av_llm:AudioVisualSFTTask",
     "mllm_mimic_distill": "mmfactory.tasks.llava_mod:MimicDistillTask",
     "mllm_preference_distill": "mmfactory.tasks.llava_mod:PreferenceDistillTask",
     "video_text_contrastive": "mmfactory.tasks.contrastive:VideoTextContrastiveTask",

@@ -262,12 +262,14 @@ class MultimodalSFTTask(TrainingTask):
         # [B, T]: position t predicts token t + 1
         keep = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
         guidance = prompt_mask(batch["labels"], batch["attention_mask"], IGNORE_INDEX)  # HyperLLaVA's
+        media = {name: batch[name] for name in model.media_inputs if name in batch}  # video, audio, ...
         return model(
             batch["input_ids"],
-            batch["pixel_values"],
+            batch.get("pixel_values"),
             batch["attention_mask"],
             guidance_mask=guidance,
             logits_to_keep=keep,
+            **media,
         ).logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

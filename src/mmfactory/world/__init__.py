@@ -24,7 +24,14 @@ from mmfactory.world.rng import IMAGE_SPLITS, check_split, item_rng
 from mmfactory.world.scenes import Scene, render_scene, scene_at
 from mmfactory.world.text import chat_samples
 from mmfactory.world.tokenizer import world_tokenizer
-from mmfactory.world.video import av_question, clip_at, video_question, video_sample
+from mmfactory.world.video import (
+    av_instruction,
+    av_question,
+    av_which_question,
+    clip_at,
+    video_question,
+    video_sample,
+)
 from mmfactory.world.vqa import (
     MME_CATEGORIES,
     POPE_KINDS,
@@ -189,19 +196,20 @@ class World:
     def _clip(self, split: str, index: int):
         return clip_at(self.seed, split, index, self.video_frames, self.max_video_objects)
 
-    def _video(self, split: str, index: int) -> dict:
+    def video(self, split: str, index: int) -> dict:
+        """Clip ``index`` of ``split`` as :meth:`videos` returns it."""
         return video_sample(self._clip(split, index), f"{split}-{index:06d}", self.video_size, self.fps)
 
     def videos(self, split: str, n: int) -> list[dict]:
         """``{"video_id", "video", "audio", "sample_rate", "captions", "captions_zh", "tracks",
         "background"}``."""
-        return [self._video(split, i) for i in range(n)]
+        return [self.video(split, i) for i in range(n)]
 
     def video_qa(self, split: str, n: int) -> list[dict]:
         """A video (with its audio) plus ``"question", "answer", "type"`` about what is seen."""
         return [
             {
-                **self._video(split, i),
+                **self.video(split, i),
                 **video_question(self._clip(split, i), item_rng(self.seed, "vqa-video", split, i)),
             }
             for i in range(n)
@@ -211,11 +219,34 @@ class World:
         """A video plus a question answerable only with both the frames and the audio track."""
         return [
             {
-                **self._video(split, i),
+                **self.video(split, i),
                 **av_question(self._clip(split, i), item_rng(self.seed, "av-qa", split, i)),
             }
             for i in range(n)
         ]
+
+    def av_instructions(self, split: str, n: int, kind: str) -> list[dict]:
+        """A video (with its audio) plus ``"turns": [(question, answer), ...]`` of one instruction kind
+        (conversation, narrative, reasoning; :func:`~mmfactory.world.video.av_instruction`)."""
+        return [
+            {
+                **self.video(split, i),
+                "turns": av_instruction(
+                    self._clip(split, i), self.fps, item_rng(self.seed, "av-instruct", kind, split, i), kind
+                ),
+            }
+            for i in range(n)
+        ]
+
+    def av_which(self, split: str, n: int) -> list[dict]:
+        """Up to ``n`` videos (of the first ``n`` clips) with the zero-shot probe "Which object is making a
+        sound?" (:func:`~mmfactory.world.video.av_which_question`); clips it does not fit are left out."""
+        items = []
+        for i in range(n):
+            question = av_which_question(self._clip(split, i))
+            if question is not None:
+                items.append({**self.video(split, i), **question})
+        return items
 
     def audio_clips(self, split: str, n: int) -> list[dict]:
         """``{"id", "audio", "sample_rate", "caption", "caption_zh", "sounds"}`` (16 kHz mono float32)."""

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from mmfactory.world.audio import INSTRUMENT_OF_SHAPE, SAMPLE_RATE, Sound, synthesize
+from mmfactory.world.audio import (
+    INSTRUMENT_OF_SHAPE,
+    SAMPLE_RATE,
+    Sound,
+    audio_caption,
+    audio_question,
+    synthesize,
+)
 from mmfactory.world.captions import COLOR_ZH, SHAPE_ZH, capitalize, join_en, with_article
 from mmfactory.world.rng import check_split, item_rng
 from mmfactory.world.scenes import BACKGROUNDS, COLORS, RADIUS, SIZES, SceneObject, render, sample_object_kind
@@ -144,9 +151,14 @@ def render_clip(clip: Clip, size: int = 32) -> np.ndarray:
     return np.stack([render(clip.objects_at(t), clip.background, size) for t in range(clip.frames)])
 
 
+def clip_sounds(clip: Clip, fps: float) -> list[Sound]:
+    """The sounds of the clip's sounding objects, in track order."""
+    return [t.sound(fps) for t in clip.tracks if t.sounding]
+
+
 def clip_audio(clip: Clip, fps: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The clip's audio track ``float32 [round(T / fps * sample_rate)]``: the sounding objects' sounds."""
-    return synthesize([t.sound(fps) for t in clip.tracks if t.sounding], clip.frames / fps, sample_rate)
+    return synthesize(clip_sounds(clip, fps), clip.frames / fps, sample_rate)
 
 
 def event_phrase(track: Track, lang: str, color: bool = True) -> str:
@@ -253,6 +265,54 @@ def av_question(clip: Clip, rng: np.random.Generator) -> dict:
         "answer": "yes" if track.sounding else "no",
         "type": qtype,
     }
+
+
+def av_which_question(clip: Clip) -> dict | None:
+    """ "Which object is making a sound?" answered "red star": a kind no training data asks (the zero-shot
+    probe of Audio-Visual LLM), composed of skills that are trained (which instrument sounds, from the audio;
+    naming an object by colour and shape, as video QA's appearance questions do). None when the clip has
+    more than one sounding object or its sounding object changes colour."""
+    sounding = [t for t in clip.tracks if t.sounding]
+    if len(sounding) != 1 or sounding[0].event == "changes_color":
+        return None
+    track = sounding[0]
+    return {
+        "question": "Which object is making a sound?",
+        "answer": f"{track.color} {track.shape}",
+        "type": "av_which",
+    }
+
+
+AV_INSTRUCTION_KINDS = ("conversation", "narrative", "reasoning")
+DESCRIBE_VIDEO = "Describe the video briefly."
+DESCRIBE_SOUND = "Describe what you hear."
+DESCRIBE_BOTH = "Describe what you see and hear."
+
+
+def av_instruction(clip: Clip, fps: float, rng: np.random.Generator, kind: str) -> list[tuple[str, str]]:
+    """Audio-Visual LLM's video instruction data of one ``kind``, as ``[(question, answer), ...]`` turns
+    made from the clip's ground truth (the paper has an LLM write them from annotations):
+
+    * ``conversation``: 2-3 turns about what is seen and what is heard (a video question, a question about
+      the audio track, in a random order, sometimes a brief description of the video first);
+    * ``narrative``: one description of both streams (the video caption, then the audio caption);
+    * ``reasoning``: one question that needs both streams (:func:`av_question`).
+    """
+    sounds = clip_sounds(clip, fps)
+    if kind == "narrative":
+        return [(DESCRIBE_BOTH, f"{clip_captions(clip)[0]} {audio_caption(sounds)}")]
+    if kind == "reasoning":
+        qa = av_question(clip, rng)
+        return [(qa["question"], qa["answer"])]
+    if kind != "conversation":
+        raise ValueError(f"unknown instruction kind {kind!r}; expected one of {AV_INSTRUCTION_KINDS}")
+    seen, heard = video_question(clip, rng), audio_question(sounds, rng)
+    turns = [(seen["question"], seen["answer"]), (heard["question"], heard["answer"])]
+    if rng.random() < 0.5:
+        turns.reverse()
+    if rng.random() < 0.5:
+        turns.insert(0, (DESCRIBE_VIDEO, clip_captions(clip)[0]))
+    return turns
 
 
 def clip_at(seed: int, split: str, index: int, frames: int = 8, max_objects: int = 3) -> Clip:

@@ -1,0 +1,98 @@
+"""Benchmarks of an audio-visual LM: QA accuracy (video, audio, audio-visual, a zero-shot kind) and
+captioning CIDEr-D / BLEU-4 (audio, video).
+
+An :class:`AVBenchmark` is a list of items ``{"question", "answer", "type"}`` (QA) or ``{"references"}``
+(captions, asked with ``prompt``), each with its media ``{"video", "audio", "sample_rate"}``, and the
+streams it is asked with: a model trained on one stream is scored on audio-visual questions with that
+stream alone (``streams``), which is how the single-stream rows of Audio-Visual LLM's ablation are made.
+Questions are asked as training asks them (the stream placeholders, a newline, the question) and answered
+greedily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmfactory.data.av import AUDIO_TOKEN, VIDEO_TOKEN, AVProcessor
+from mmfactory.eval.metrics import cider_d, corpus_bleu, vqa_accuracy
+from mmfactory.eval.mllm import GenerationMeter, caption_tokens, generate_replies, peak_memory_mb
+from mmfactory.models.generation import GenerationConfig
+
+STREAMS = ("video", "audio")
+
+
+@dataclass
+class AVBenchmark:
+    """``name``: the metric prefix; ``streams``: the streams each item is asked with (a subset of
+    ``video``, ``audio``); ``prompt``: set for captioning (items hold ``references``)."""
+
+    name: str
+    items: list[dict]
+    streams: tuple[str, ...]
+    prompt: str | None = None
+
+
+def ask(question: str, streams: tuple[str, ...]) -> list[dict[str, str]]:
+    """One user turn: the placeholders of ``streams`` (video first), then the question."""
+    placeholders = {"video": f"{VIDEO_TOKEN}\n", "audio": f"{AUDIO_TOKEN}\n"}
+    return [{"role": "user", "content": "".join(placeholders[s] for s in STREAMS if s in streams) + question}]
+
+
+def _media(item: dict, streams: tuple[str, ...]) -> dict:
+    return {
+        "video": item.get("video") if "video" in streams else None,
+        "audio": item.get("audio") if "audio" in streams else None,
+        "sample_rate": item.get("sample_rate"),
+    }
+
+
+def evaluate_av_benchmark(
+    model,
+    processor: AVProcessor,
+    bench: AVBenchmark,
+    cfg: GenerationConfig,
+    meter: GenerationMeter | None = None,
+) -> dict[str, float]:
+    """QA: ``{name}_accuracy`` and ``{name}_accuracy_<type>`` (percent, exact match after VQA
+    normalisation); captions: ``{name}_cider_d`` and ``{name}_bleu4``."""
+    question = bench.prompt
+    conversations = [ask(question or item["question"], bench.streams) for item in bench.items]
+    media = [_media(item, bench.streams) for item in bench.items]
+    replies = generate_replies(model, processor, conversations, media, cfg, meter)
+    if bench.prompt is None:
+        result = vqa_accuracy(replies, [i["answer"] for i in bench.items], [i["type"] for i in bench.items])
+        per_type = {f"{bench.name}_accuracy_{t}": r["accuracy"] for t, r in result["per_type"].items()}
+        return {f"{bench.name}_accuracy": result["accuracy"], **per_type}
+    references = [item["references"] for item in bench.items]
+    cider = cider_d(
+        [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]
+    )
+    return {
+        f"{bench.name}_cider_d": cider["cider_d"],
+        f"{bench.name}_bleu4": corpus_bleu(replies, references)["bleu"],
+    }
+
+
+def evaluate_av(
+    model,
+    processor: AVProcessor,
+    benchmarks: list[AVBenchmark],
+    cfg: GenerationConfig,
+    caption_max_new_tokens: int = 32,
+) -> dict[str, float]:
+    """Every benchmark, then ``gen_tokens_per_s``, ``peak_memory_mb`` and ``params_total_m``."""
+    was_training = model.training
+    model.eval()
+    meter = GenerationMeter()
+    metrics: dict[str, float] = {}
+    caption_cfg = GenerationConfig(**{**vars(cfg), "max_new_tokens": caption_max_new_tokens})
+    for bench in benchmarks:
+        if bench.items:
+            bench_cfg = cfg if bench.prompt is None else caption_cfg
+            metrics.update(evaluate_av_benchmark(model, processor, bench, bench_cfg, meter))
+    if meter.seconds > 0:
+        metrics["gen_tokens_per_s"] = meter.tokens / meter.seconds
+        metrics["peak_memory_mb"] = peak_memory_mb(model.device)
+    metrics["params_total_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,194 @@
+"""Audio-Visual LLM (METHODS.md section 6): instruction tuning of an LM on a mixture of visual-only,
+audio-only and audio-visual conversations, the modality tokens telling it which streams a sample carries.
+
+One task serves every stage; the stage's ``trainable`` patterns and data make the difference:
+
+* alignment per modality on video and audio captions: the projectors (and here the audio tower, which has
+  no pretrained checkpoint in the built-in world) train, ``["model.projector.*", "model.audio_*"]``;
+* joint instruction tuning on the mixture (``data.train`` sources with ``weight`` s, the data layer's
+  mixture), projectors and LM: ``["model.projector.*", "model.audio_projector.*", "model.language_model.*"]``.
+
+The loss is :class:`~mmfactory.tasks.mllm.MultimodalSFTTask`'s (next-token cross-entropy on assistant
+replies, per token or per sample). ``evaluate()`` runs the held-out world benchmarks of
+:func:`~mmfactory.data.world_source.world_av_benchmarks` with the streams the model was trained on
+(``options.streams``): video QA, audio QA, audio-visual QA, a zero-shot question kind, audio and video
+captioning.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import AutoTokenizer
+
+from mmfactory.config import ConfigError, StageConfig
+from mmfactory.data.av import AVChatDataset, AVProcessor
+from mmfactory.data.chat import TemplateName
+from mmfactory.data.multimodal import MultimodalProcessor
+from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.streaming import SampleStream
+from mmfactory.data.world_source import world_av_benchmarks
+from mmfactory.eval.av import evaluate_av
+from mmfactory.models.av_llm import AudioVisualLM, AudioVisualLMSpec, build_audio_visual_lm
+from mmfactory.models.generation import GenerationConfig
+from mmfactory.models.lm import DTYPES
+from mmfactory.models.vision import load_image_processor
+from mmfactory.tasks.base import StageContext, TrainingTask
+from mmfactory.tasks.mllm import MultimodalSFTTask
+
+
+def _default_train() -> list[SourceConfig]:
+    return [
+        SourceConfig("world", kind=kind, size=2000)
+        for kind in ("video_qa", "audio_qa", "av_qa", "av_conversations", "av_narratives")
+    ]
+
+
+@dataclass
+class AVDataConfig:
+    """Conversations about videos, audio clips or both from ``av-chat`` sources (:mod:`mmfactory.data.av`):
+    the world's kinds (``video_captions``, ``video_qa``, ``audio_captions``, ``audio_qa``, ``av_qa``,
+    ``av_conversations``, ``av_narratives``) or files (docs/formats.md). ``modality_tokens``: the span
+    delimiters and modality markers of Audio-Visual LLM (False: placeholders only, the ablation); it is
+    saved with the model and used when it is asked questions."""
+
+    train: list[SourceConfig] = field(default_factory=_default_train)
+    eval: list[SourceConfig] = field(default_factory=list)
+    max_bad_fraction: float | None = None
+    max_length: int = 192  # tokens, placeholders and modality tokens included
+    template: TemplateName = "chatml"
+    pad_square: bool = True
+    pad_to_multiple_of: int | None = None
+    modality_tokens: bool = True
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("train: at least one source is required")
+        check_fraction(self.max_bad_fraction)
+
+
+BENCHMARK_SIZES = {
+    "video_qa": 200,
+    "audio_qa": 200,
+    "av_qa": 200,
+    "av_which": 100,
+    "audio_captions": 100,
+    "video_captions": 100,
+}
+
+
+@dataclass
+class AVOptions:
+    """The loss reduction and the end-of-stage benchmarks (``benchmarks``: name -> size, see
+    :func:`~mmfactory.data.world_source.world_av_benchmarks`; ``{}`` turns them off). ``streams``: the
+    streams the model knows; benchmarks are asked with those alone (a video-only model answers
+    audio-visual questions from the video)."""
+
+    loss_reduction: Literal["token", "sample"] = "sample"
+    vision_lr_scale: float = 1.0
+    streams: list[Literal["video", "audio"]] = field(default_factory=lambda: ["video", "audio"])
+    benchmarks: dict[str, int] = field(default_factory=lambda: dict(BENCHMARK_SIZES))
+    benchmark_seed: int = 0
+    benchmark_frame_size: int = 32  # pixels of the world's video frames
+    max_new_tokens: int = 16
+    caption_max_new_tokens: int = 40
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        if not self.streams:
+            raise ConfigError("streams: name video, audio or both")
+        unknown = set(self.benchmarks) - set(BENCHMARK_SIZES)
+        if unknown:
+            raise ConfigError(
+                f"benchmarks: unknown {sorted(unknown)}; expected names of {sorted(BENCHMARK_SIZES)}"
+            )
+        if any(n < 0 for n in self.benchmarks.values()):
+            raise ConfigError(f"benchmarks: sizes must be >= 0, got {self.benchmarks}")
+
+
+class AudioVisualSFTTask(MultimodalSFTTask):
+    """Reuses :class:`MultimodalSFTTask`'s loss, loss weight and learning-rate scaling; builds an
+    :class:`AudioVisualLM` and reads ``av-chat`` samples."""
+
+    model_config = AudioVisualLMSpec
+    data_config = AVDataConfig
+    options_config = AVOptions
+    sample_kind = "av-chat"
+
+    def __init__(
+        self,
+        stage: StageConfig,
+        ctx: StageContext,
+        model_cfg: AudioVisualLMSpec,
+        data_cfg: AVDataConfig,
+        options: AVOptions,
+    ):
+        TrainingTask.__init__(self, stage, ctx, model_cfg, data_cfg, options)
+        self.loss_unit = "samples" if options.loss_reduction == "sample" else "tokens"
+        init_dir = ctx.resolve_init(stage.init_from)
+        if init_dir is not None:
+            if model_cfg.has_parts:
+                raise ConfigError(
+                    "model: init_from provides the whole model; remove model.vision / model.audio / model.lm"
+                )
+            self.model = AudioVisualLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
+            tokenizer = AutoTokenizer.from_pretrained(init_dir)
+            image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
+            extractor = AVProcessor.from_pretrained(init_dir, self.model.config).feature_extractor
+        else:
+            self.model, tokenizer, image_processor, extractor = build_audio_visual_lm(
+                self._resolve_parts(model_cfg)
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        cfg = self.model.config
+        base = MultimodalProcessor(
+            tokenizer,
+            image_processor,
+            cfg.num_image_tokens,
+            data_cfg.template,
+            cfg.image_token,
+            data_cfg.pad_square,
+        )
+        self.processor = AVProcessor(
+            base,
+            extractor,
+            cfg.video_frames,
+            cfg.num_video_tokens,
+            cfg.audio_tokens,
+            data_cfg.modality_tokens,
+        )
+        self.counts: Counter[str] = Counter()
+        self._datasets: dict[str, AVChatDataset | None] = {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _dataset(self, split: str) -> AVChatDataset | None:
+        if split not in self._datasets:
+            source = self.read_sources(split, self.counts)
+            if isinstance(source, SampleStream):
+                raise ConfigError("data: av-chat sources are not streamed; drop streaming")
+            self._datasets[split] = (
+                None
+                if source is None
+                else AVChatDataset(source, self.processor, self.data_cfg.max_length, self.counts, split)
+            )
+        return self._datasets[split]
+
+    def train_lengths(self) -> list[int] | None:
+        return None
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        o = self.options
+        cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
+        benchmarks = world_av_benchmarks(
+            o.benchmarks, o.streams, o.benchmark_seed, frame_size=o.benchmark_frame_size
+        )
+        return evaluate_av(self.model, self.processor, benchmarks, cfg, o.caption_max_new_tokens)
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
