@@ -1,0 +1,141 @@
+"""Audio-Visual LLM through the real CLI on tiny configs: alignment then instruction tuning on a mixture of
+visual-only, audio-only and audio-visual samples learns (loss falls), the trainable parts move and the frozen
+encoders stay bit-identical; every benchmark is scored with the streams the model knows; bad settings are
+refused before anything trains."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmfactory.cli import main
+from mmfactory.config import ConfigError, load_recipe
+from mmfactory.recipes import resolve_recipe
+from mmfactory.tasks import validate_stage
+from tests.helpers import TINY_LM, write_recipe
+from tests.models.test_av_llm import TINY_AUDIO, TINY_VISION
+
+BENCHMARKS = {
+    "video_qa": 4,
+    "audio_qa": 4,
+    "av_qa": 4,
+    "av_which": 4,
+    "audio_captions": 2,
+    "video_captions": 2,
+}
+OPTIONS = {
+    "benchmarks": BENCHMARKS,
+    "max_new_tokens": 4,
+    "caption_max_new_tokens": 6,
+    "benchmark_frame_size": 16,
+}
+
+
+def sources(kinds: list[str], size: int, split: str = "train") -> list[dict]:
+    return [{"format": "world", "kind": k, "split": split, "size": size, "image_size": 16} for k in kinds]
+
+
+def tiny_av_recipe(modality_tokens: bool = True) -> dict:
+    mixture = ["video_qa", "audio_qa", "av_qa", "av_conversations", "av_narratives"]
+    return {
+        "name": "test/av_llm",
+        "defaults": {"train": {"batch_size": 8, "log_every": 10, "save_every": 1000, "seed": 0}},
+        "stages": [
+            {
+                "name": "align",
+                "task": "av_sft",
+                "model": {
+                    "vision": {"tiny": TINY_VISION},
+                    "audio": {"tiny": TINY_AUDIO},
+                    "lm": {"tiny": {**TINY_LM, "tie_word_embeddings": True}},
+                    "audio_tokens": 3,
+                    "video_frames": 2,
+                },
+                "data": {
+                    "train": sources(["video_captions", "audio_captions"], 16),
+                    "modality_tokens": modality_tokens,
+                },
+                "trainable": ["model.projector.*", "model.audio_*", "model.language_model.*"],
+                "optimizer": {"lr": 3.0e-3},
+                "train": {"max_steps": 40},
+                "options": {**OPTIONS, "benchmarks": {"audio_captions": 2}},
+            },
+            {
+                "name": "instruct",
+                "task": "av_sft",
+                "init_from": "align",
+                "data": {
+                    "train": sources(mixture, 16),
+                    "eval": sources(["av_qa"], 8, "val"),
+                    "modality_tokens": modality_tokens,
+                },
+                "trainable": ["model.projector.*", "model.audio_projector.*", "model.language_model.*"],
+                "optimizer": {"lr": 3.0e-3},
+                "train": {"max_steps": 40},
+                "options": OPTIONS,
+            },
+        ],
+    }
+
+
+def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(tiny_av_recipe(), tmp_path / "r.yaml")), "--output", str(out)]) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    for stage in ("align", "instruct"):
+        assert metrics[f"{stage}/train_loss"] < 0.8 * metrics[f"{stage}/train_first_loss"], stage
+    for name in BENCHMARKS:
+        key = f"instruct/{name}_{'cider_d' if name.endswith('captions') else 'accuracy'}"
+        assert key in metrics and metrics[key] >= 0, key
+    assert not any(k.startswith("align/video_qa") for k in metrics)  # align scores audio captions only
+    before = load_file(out / "align/final/model.safetensors")
+    after = load_file(out / "instruct/final/model.safetensors")
+    for name, value in before.items():
+        trained = name.startswith(("projector.", "audio_projector.", "language_model."))
+        assert torch.equal(after[name], value) != trained, (
+            f"{name} {'did not change' if trained else 'changed'}"
+        )
+    assert any(k.startswith("audio_tower.") for k in before)
+    processor_meta = json.loads((out / "instruct/final/mmfactory_av_processor.json").read_text())
+    assert processor_meta == {"modality_tokens": True}
+
+
+def test_a_single_stream_model_is_scored_with_its_stream_alone(tmp_path):
+    recipe = tiny_av_recipe(modality_tokens=False)
+    recipe["stages"][1]["options"] = {**OPTIONS, "streams": ["video"]}
+    recipe["stages"][1]["data"]["train"] = sources(["video_qa", "video_captions"], 16)
+    recipe["stages"][1]["train"]["max_steps"] = 4
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert "instruct/video_qa_accuracy" in metrics and "instruct/av_qa_accuracy" in metrics
+    assert not any(k.startswith(("instruct/audio_qa", "instruct/audio_captions")) for k in metrics)
+    assert json.loads((out / "instruct/final/mmfactory_av_processor.json").read_text()) == {
+        "modality_tokens": False
+    }
+
+
+def test_the_shipped_recipe_validates():
+    recipe = load_recipe(resolve_recipe("av_llm/tiny"))
+    names = [stage.name for stage in recipe.stages]
+    assert names[:3] == ["vision", "align", "instruct"]
+    for i, stage in enumerate(recipe.stages):
+        validate_stage(stage, i)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("options", {"benchmarks": {"avqa": 4}}, "unknown"),
+        ("options", {"streams": []}, "streams"),
+        ("options", {"benchmarks": {"av_qa": -1}}, "sizes"),
+        ("model", {"audio_tokens": 0}, "audio_tokens"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(tmp_path, where, value, message):
+    recipe = tiny_av_recipe()
+    recipe["stages"][0][where] = {**recipe["stages"][0].get(where, {}), **value}
+    path = write_recipe(recipe, tmp_path / "r.yaml")
+    with pytest.raises(ConfigError, match=message):
+        validate_stage(load_recipe(path).stages[0], 0)
