@@ -5,7 +5,10 @@ refused before anything trains."""
 
 import json
 
+import av
+import numpy as np
 import pytest
+import soundfile
 import torch
 from safetensors.torch import load_file
 
@@ -13,6 +16,8 @@ from mmfactory.cli import main
 from mmfactory.config import ConfigError, load_recipe
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
+from mmfactory.world import World
+from mmfactory.world.export import write_mp4
 from tests.helpers import TINY_LM, write_recipe
 from tests.models.test_av_llm import TINY_AUDIO, TINY_VISION
 
@@ -79,9 +84,16 @@ def tiny_av_recipe(modality_tokens: bool = True) -> dict:
     }
 
 
-def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(tmp_path):
-    out = tmp_path / "run"
-    assert main(["run", str(write_recipe(tiny_av_recipe(), tmp_path / "r.yaml")), "--output", str(out)]) == 0
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("av")
+    out = tmp / "run"
+    assert main(["run", str(write_recipe(tiny_av_recipe(), tmp / "r.yaml")), "--output", str(out)]) == 0
+    return out
+
+
+def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(trained):
+    out = trained
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     for stage in ("align", "instruct"):
         assert metrics[f"{stage}/train_loss"] < 0.8 * metrics[f"{stage}/train_first_loss"], stage
@@ -139,3 +151,38 @@ def test_bad_settings_are_refused_before_training(tmp_path, where, value, messag
     path = write_recipe(recipe, tmp_path / "r.yaml")
     with pytest.raises(ConfigError, match=message):
         validate_stage(load_recipe(path).stages[0], 0)
+
+
+def write_silent_mp4(path, frames: np.ndarray) -> None:
+    """An MP4 with a video stream and no audio stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=8, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def test_generate_answers_about_real_video_and_audio_files(trained, tmp_path, capsys):
+    clip = World(video_size=16).videos("test", 1)[0]
+    write_mp4(tmp_path / "a.mp4", clip["video"], clip["audio"], clip["sample_rate"], 8.0)
+    write_silent_mp4(tmp_path / "b.mp4", clip["video"])
+    t = np.arange(44100) / 44100
+    soundfile.write(tmp_path / "c.wav", 0.3 * np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1), 44100)
+    model = str(trained / "instruct/final")
+    for media in (
+        ["--video", "a.mp4"],
+        ["--video", "b.mp4"],
+        ["--audio", "c.wav"],
+        ["--video", "b.mp4", "--audio", "c.wav"],
+    ):
+        args = [m if m.startswith("--") else str(tmp_path / m) for m in media]
+        assert (
+            main(["generate", "--model", model, *args, "--prompt", "What happens?", "--max-new-tokens", "4"])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert ">>> What happens?" in out
+        assert ("has no audio track: answering from the video alone" in out) == (
+            media == ["--video", "b.mp4"]
+        )

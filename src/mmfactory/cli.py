@@ -6,6 +6,7 @@
     mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
     mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
     mmfactory generate ... --image PNG                 ask a multimodal model about an image
+    mmfactory generate ... --video MP4 [--audio WAV]   ask an audio-visual model about a video and / or audio
     mmfactory generate --model DIR --prompt ... --out DIR   draw PNGs with a MARS (mars_t2i) model
     mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
@@ -73,6 +74,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _draw(args)
     if args.image:
         return _generate_about_image(args)
+    if args.video or args.audio:
+        return _generate_about_media(args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,6 +118,37 @@ def _generate_about_image(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
     conversations = [[{"role": "user", "content": f"{processor.image_token}\n{p}"}] for p in args.prompt]
     replies = generate_replies(model, processor, conversations, [[image]] * len(args.prompt), cfg)
+    for prompt, reply in zip(args.prompt, replies, strict=True):
+        print(f">>> {prompt}\n{reply}\n")
+    return 0
+
+
+def _generate_about_media(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmfactory.data.media import load_audio, load_video
+    from mmfactory.eval.av import ask, load_av
+    from mmfactory.eval.mllm import generate_replies
+    from mmfactory.models.generation import GenerationConfig
+
+    model, processor = load_av(args.model)
+    rate = processor.feature_extractor.sampling_rate
+    video = audio = None
+    if args.video:
+        clip = load_video(args.video, processor.video_frames, with_audio=True, audio_sample_rate=rate)
+        video, audio = clip.frames, clip.audio
+        if audio is None and not args.audio:
+            print(f"{args.video} has no audio track: answering from the video alone")
+    if args.audio:
+        audio = load_audio(args.audio, expected_sr=rate, resample=True)[0]
+    streams = tuple(name for name, value in (("video", video), ("audio", audio)) if value is not None)
+    torch.manual_seed(args.seed)
+    temperature = args.temperature or 0.0
+    sampling = {"do_sample": temperature > 0, "temperature": temperature or 1.0}
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
+    media = {"video": video, "audio": audio, "sample_rate": rate}
+    conversations = [ask(p, streams) for p in args.prompt]
+    replies = generate_replies(model, processor, conversations, [media] * len(args.prompt), cfg)
     for prompt, reply in zip(args.prompt, replies, strict=True):
         print(f">>> {prompt}\n{reply}\n")
     return 0
@@ -234,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="ask the prompts about this image (a multimodal model folder)")
+    p.add_argument("--video", help="ask about this video and its audio track (an audio-visual model folder)")
+    p.add_argument(
+        "--audio", help="ask about this audio file (any rate, mono or stereo; with --video: its sound)"
+    )
     p.add_argument("--out", help="text-to-image models: the folder the PNGs are written to")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="text-to-image: guidance scale (1 = none)")
     p.add_argument("--top-k", type=int, default=32, help="text-to-image: codes kept per step (0 = all)")

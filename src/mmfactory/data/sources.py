@@ -30,8 +30,9 @@ Sample kinds and what a reader returns for them:
     "completion", "label": bool}`` (TRL's unpaired KTO rows); media: the list of images (0 or 1);
   - ``article``: ``{"id", "lang", "facts", "draft", "reference"}`` (SAG; world articles also carry
     ``"variants"``); no media;
-  - ``av-chat``: ``{"id", "messages"}`` (``<video>`` / ``<audio>`` placeholders in the first user turn);
-    media: ``{"video", "audio", "sample_rate"}`` (:mod:`mmfactory.data.av`);
+  - ``av-chat``: ``{"id", "messages", "where"}`` (``<video>`` / ``<audio>`` placeholders in the first
+    user turn; ``where`` names the file for messages); media: ``{"video", "audio", "sample_rate"}``
+    (:mod:`mmfactory.data.av`; files: :mod:`mmfactory.data.readers.av_formats`);
   - ``ranking``: ``{"id", "captions", "ranks"}`` (rank 1 best, ties allowed; world rankings also carry
     ``"kinds"``); media: the image.
 
@@ -84,8 +85,10 @@ class SourceConfig:
     file's columns to the fields the format expects (``{messages: conversation}``); ``weight``: the
     source's share of the stage's mixture (unset on every source: plain concatenation); ``limit``: keep
     the first N samples (``subset: random``: N drawn at random with ``seed``, kept in file order).
-    ``video_root`` (csv): the folder of ``{video_id}.mp4`` (default: ``videos/`` beside the file);
-    ``labels`` (idx): the labels file; ``check_media`` (folder): decode every image once when read.
+    ``video_root`` (csv, msrvtt_qa, avsd): the folder of the videos (default: ``videos/`` beside the file);
+    ``audio_root`` (audiocaps): the folder of the clips (default: ``clips/`` beside the file);
+    ``labels`` (idx): the labels file; ``check_media`` (folder, msrvtt_qa, audiocaps, avsd): decode every
+    image / every sample's media once when read.
     World only: ``kind``, ``size``, ``seed``, ``offset`` (the first item's index), ``languages``,
     ``image_size`` (pixels of images and video frames), ``chat_kinds`` (of the ``size`` chats drawn, keep
     these kinds), ``details`` (caption levels of ``kind: scenes``, every language x detail per image),
@@ -112,6 +115,7 @@ class SourceConfig:
     shuffle_buffer: int = 1000  # streaming: samples held for shuffling (0: shard order)
     num_samples: int | None = None  # streaming: the source's size, for epochs (a stream cannot count it)
     video_root: str | None = None
+    audio_root: str | None = None  # audiocaps: the folder of the clips (default: clips/ beside the file)
     labels: str | None = None
     check_media: bool = False
     size: int | None = None
@@ -244,6 +248,7 @@ WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
 }
 ENGLISH_ONLY = ("chat", "pope", "labelled", "preference", "rankings", "web_pool", *AV_WORLD_KINDS)
 _FILES = "mmfactory.data.readers.conversations"
+_AV = "mmfactory.data.readers.av_formats"  # audio-visual files as av-chat samples
 FORMATS: dict[str, Format] = {
     "world": Format(
         tuple(dict.fromkeys(k for kinds in WORLD_KINDS.values() for k in kinds)),
@@ -295,6 +300,13 @@ FORMATS: dict[str, Format] = {
     "articles": Format(
         ("article",), frozenset({"path", "languages"}), "mmfactory.data.articles:read_articles_source"
     ),
+    "msrvtt_qa": Format(
+        ("av-chat",), frozenset({"path", "video_root", "check_media"}), f"{_AV}:read_msrvtt_qa_source"
+    ),
+    "audiocaps": Format(
+        ("av-chat",), frozenset({"path", "audio_root", "check_media"}), f"{_AV}:read_audiocaps_source"
+    ),
+    "avsd": Format(("av-chat",), frozenset({"path", "video_root", "check_media"}), f"{_AV}:read_avsd_source"),
     "hf": Format(
         CHAT_KINDS,
         frozenset(
@@ -404,10 +416,10 @@ def stage_sources(data_cfg: Any) -> list[tuple[str, int, SourceConfig]]:
 
 
 def check_source_paths(data_cfg: Any, where: str) -> None:
-    """Refuse a source whose ``path`` (or ``labels``, ``image_root``, ``video_root``) names nothing, for
-    every source list of a stage's data config: checked before any stage trains."""
+    """Refuse a source whose ``path`` (or ``labels``, ``image_root``, ``video_root``, ``audio_root``) names
+    nothing, for every source list of a stage's data config: checked before any stage trains."""
     for name, index, source in stage_sources(data_cfg):
-        for key in ("path", "labels", "image_root", "video_root"):
+        for key in ("path", "labels", "image_root", "video_root", "audio_root"):
             value = getattr(source, key)
             if value is None or (key == "path" and source.format == "webdataset"):
                 continue

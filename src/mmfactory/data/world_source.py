@@ -12,8 +12,8 @@ language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects la
 (visual-only ``video_captions`` / ``video_qa``, audio-only ``audio_captions`` / ``audio_qa`` on separate
 audio clips, audio-visual ``av_qa`` (reasoning that needs both), ``av_conversations`` and ``av_narratives``:
 Audio-Visual LLM's three kinds of video instruction data, English), ``web_pool`` (Filter & Align's noisy
-pool of ``size`` pairs, ``bad_fraction`` of them misaligned, as image-text pairs or image-chat caption requests; ``keep_uids``
-keeps a filter's selection). Items ``offset .. offset + size - 1``.
+pool of ``size`` pairs, ``bad_fraction`` of them misaligned, as image-text pairs or image-chat caption
+requests; ``keep_uids`` keeps a filter's selection). Items ``offset .. offset + size - 1``.
 """
 
 from __future__ import annotations

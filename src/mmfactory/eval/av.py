@@ -12,6 +12,9 @@ greedily.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from mmfactory.data.av import AUDIO_TOKEN, VIDEO_TOKEN, AVProcessor
 from mmfactory.eval.metrics import cider_d, corpus_bleu, vqa_accuracy
@@ -19,6 +22,16 @@ from mmfactory.eval.mllm import GenerationMeter, caption_tokens, generate_replie
 from mmfactory.models.generation import GenerationConfig
 
 STREAMS = ("video", "audio")
+
+
+def load_av(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A trained audio-visual model folder (an ``av_sft`` stage's ``final/``) -> ``(model, processor)``,
+    on CUDA when available."""
+    from mmfactory.models.av_llm import AudioVisualLM
+
+    model = AudioVisualLM.from_pretrained(folder, dtype=dtype)
+    processor = AVProcessor.from_pretrained(folder, model.config)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
 
 
 @dataclass

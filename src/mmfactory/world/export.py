@@ -3,7 +3,8 @@
 Media: PNG (Pillow), WAV PCM16 mono (soundfile), MP4 with lossless H.264 in RGB (``libx264rgb``, qp 0)
 plus a lossless ALAC audio track (PyAV). Decoding an MP4 to ``rgb24`` returns the rendered frames
 exactly and its audio equals the PCM16-quantised track (error <= 1/32767 + float rounding, like the
-WAVs). Webdataset shards are plain tars with sorted members, mtime 0 and no owner names.
+WAVs). Webdataset shards are plain tars with sorted members, mtime 0 and no owner names. The audio-visual
+public formats (MSRVTT-QA, AudioCaps, AVSD) are annotation files over the same videos and clips.
 """
 
 import csv
@@ -19,7 +20,8 @@ import soundfile
 from PIL import Image
 
 from mmfactory.world import World
-from mmfactory.world.rng import IMAGE_SPLITS, SPLITS
+from mmfactory.world.rng import IMAGE_SPLITS, SPLITS, item_rng
+from mmfactory.world.video import av_instruction, clip_at
 from mmfactory.world.vqa import POPE_KINDS
 
 # items per split: images (llava, pairs, vqa, pope, rankings, preference), videos, audio clips, texts
@@ -229,6 +231,50 @@ def _export_video_audio(world: World, root: Path, sizes: dict[str, int], counts:
             root / "audio" / f"qa_{split}.jsonl",
             ({"id": c["id"], **{k: c[k] for k in qa_fields}} for c in clips),
         )
+        _export_av_formats(world, root, split, videos, clips, counts)
+
+
+def _export_av_formats(
+    world: World, root: Path, split: str, videos: list[dict], clips: list[dict], counts: dict[str, int]
+) -> None:
+    """The same videos and clips in three public audio-visual formats (no new media files):
+    MSRVTT-QA ``video/msrvtt_qa_{split}.json`` (the visual-only video QA), AudioCaps
+    ``audio/audiocaps_{split}.csv`` (each clip is ``clips/{youtube_id}.wav``, start time 0) and AVSD
+    ``video/avsd_{split}.json`` (a multi-turn conversation about each video's frames and sound, the
+    world's ``av_conversations``; its audio is the mp4's own track)."""
+    counts[f"video/msrvtt_qa_{split}.json"] = _write_json(
+        root / "video" / f"msrvtt_qa_{split}.json",
+        [
+            {"answer": v["answer"], "id": i, "question": v["question"], "video_id": v["video_id"]}
+            for i, v in enumerate(videos)
+        ],
+    )
+    csv_path = root / "audio" / f"audiocaps_{split}.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["audiocap_id", "youtube_id", "start_time", "caption"])
+        writer.writerows([i, c["id"], 0, c["caption"]] for i, c in enumerate(clips))
+    counts[f"audio/audiocaps_{split}.csv"] = len(clips)
+    dialogs = []
+    for i, v in enumerate(videos):
+        clip = clip_at(world.seed, split, i, world.video_frames, world.max_video_objects)
+        turns = av_instruction(
+            clip, world.fps, item_rng(world.seed, "av-instruct", "conversation", split, i), "conversation"
+        )
+        narrative = av_instruction(
+            clip, world.fps, item_rng(world.seed, "av-instruct", "narrative", split, i), "narrative"
+        )
+        dialogs.append(
+            {
+                "image_id": v["video_id"],
+                "summary": narrative[0][1],
+                "caption": v["captions"][0],
+                "dialog": [{"question": q, "answer": a} for q, a in turns],
+            }
+        )
+    path = root / "video" / f"avsd_{split}.json"
+    path.write_text(json.dumps({"dialogs": dialogs}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    counts[f"video/avsd_{split}.json"] = len(dialogs)
 
 
 def _export_text(world: World, root: Path, sizes: dict[str, int], counts: dict[str, int]) -> None:
