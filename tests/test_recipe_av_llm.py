@@ -101,6 +101,8 @@ def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(trained
         key = f"instruct/{name}_{'cider_d' if name.endswith('captions') else 'accuracy'}"
         assert key in metrics and metrics[key] >= 0, key
     assert not any(k.startswith("align/video_qa") for k in metrics)  # align scores audio captions only
+    for probe in ("av_qa_video_alone", "av_qa_audio_alone", "av_which_video_alone", "av_which_audio_alone"):
+        assert f"instruct/{probe}_accuracy" in metrics, probe
     before = load_file(out / "align/final/model.safetensors")
     after = load_file(out / "instruct/final/model.safetensors")
     for name, value in before.items():
@@ -123,6 +125,7 @@ def test_a_single_stream_model_is_scored_with_its_stream_alone(tmp_path):
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert "instruct/video_qa_accuracy" in metrics and "instruct/av_qa_accuracy" in metrics
     assert not any(k.startswith(("instruct/audio_qa", "instruct/audio_captions")) for k in metrics)
+    assert not any("_alone" in k for k in metrics)  # a one-stream model has no probes
     assert json.loads((out / "instruct/final/mmfactory_av_processor.json").read_text()) == {
         "modality_tokens": False
     }
@@ -186,3 +189,14 @@ def test_generate_answers_about_real_video_and_audio_files(trained, tmp_path, ca
         assert ("has no audio track: answering from the video alone" in out) == (
             media == ["--video", "b.mp4"]
         )
+
+
+def test_eval_scores_an_audio_visual_folder_with_the_streams_asked(trained, capsys):
+    model = str(trained / "instruct/final")
+    assert main(["eval", "--model", model, "--vqa", "3", "--captions", "2", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "av_qa_video_alone_accuracy" in printed and "audio_captions_cider_d" in printed
+    assert main(["eval", "--model", model, "--vqa", "3", "--captions", "0", "--streams", "audio"]) == 0
+    printed = capsys.readouterr().out
+    assert "audio_qa_accuracy" in printed and "video_qa_accuracy" not in printed
+    assert main(["eval", "--model", model, "--streams", "smell"]) == 2

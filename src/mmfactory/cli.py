@@ -9,6 +9,7 @@
     mmfactory generate ... --video MP4 [--audio WAV]   ask an audio-visual model about a video and / or audio
     mmfactory generate --model DIR --prompt ... --out DIR   draw PNGs with a MARS (mars_t2i) model
     mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
+                                                       (audio-visual models: video / audio / AV QA, captions)
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
 
 Several processes: ``torchrun --nproc_per_node N -m mmfactory.cli run ...`` or ``accelerate launch``.
@@ -177,13 +178,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mmfactory.eval.mllm import evaluate_mllm, load_mllm
     from mmfactory.models.generation import GenerationConfig
 
-    model, processor = load_mllm(args.model)
-    benchmarks = world_benchmarks(args.vqa, args.pope, args.captions, seed=args.seed, split=args.split)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    metrics = evaluate_mllm(model, processor, benchmarks, cfg)
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    if config.get("model_type") == "mmfactory_av_llm":
+        metrics = _evaluate_av_folder(args, cfg)
+    else:
+        model, processor = load_mllm(args.model)
+        benchmarks = world_benchmarks(args.vqa, args.pope, args.captions, seed=args.seed, split=args.split)
+        metrics = evaluate_mllm(model, processor, benchmarks, cfg)
     for key, value in metrics.items():
         print(f"{key:<36} {value:.4f}")
     return 0
+
+
+def _evaluate_av_folder(args: argparse.Namespace, cfg) -> dict[str, float]:
+    """An audio-visual model on the world's held-out audio-visual benchmarks (``--vqa`` questions of each
+    QA kind, ``--captions`` clips of each captioning kind), asked with ``--streams``."""
+    from mmfactory.data.world_source import world_av_benchmarks
+    from mmfactory.eval.av import evaluate_av, load_av
+
+    streams = [s for s in args.streams.split(",") if s]
+    if not streams or set(streams) - {"video", "audio"}:
+        raise ConfigError(f"--streams: name video, audio or both (comma-separated), got {args.streams!r}")
+    qa = ("video_qa", "audio_qa", "av_qa", "av_which")
+    sizes = {name: args.vqa for name in qa} | {
+        "audio_captions": args.captions,
+        "video_captions": args.captions,
+    }
+    model, processor = load_av(args.model)
+    benchmarks = world_av_benchmarks(sizes, streams, args.seed, args.split)
+    return evaluate_av(model, processor, benchmarks, cfg)
 
 
 def _cmd_filter_score(args: argparse.Namespace) -> int:
@@ -288,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test", "test_compositional"])
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--streams", default="video,audio", help="audio-visual models: the streams to ask with")
     p.set_defaults(func=_cmd_eval)
 
     filt = sub.add_parser("filter", help="Filter & Align: score a pool of image-text pairs, keep its best")

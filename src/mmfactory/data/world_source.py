@@ -517,13 +517,20 @@ def world_scene_vocabulary() -> dict[str, int]:
 
 
 def world_av_benchmarks(
-    sizes: dict[str, int], streams: Sequence[str], seed: int = 0, split: str = "test", frame_size: int = 32
+    sizes: dict[str, int],
+    streams: Sequence[str],
+    seed: int = 0,
+    split: str = "test",
+    frame_size: int = 32,
+    single_stream_probes: bool = True,
 ) -> list:
     """Held-out :class:`~mmfactory.eval.av.AVBenchmark` s from the built-in world: ``video_qa``,
     ``audio_qa``, ``av_qa`` (needs both streams), ``av_which`` (zero-shot: a question kind no training
     data asks), ``audio_captions`` and ``video_captions``, ``sizes[name]`` items each (0 or absent: left
     out). Each is asked with the streams it needs that ``streams`` (those the model knows) include; one
-    that needs none of them is left out."""
+    that needs none of them is left out. With ``single_stream_probes`` and a model that knows both streams,
+    ``av_qa`` and ``av_which`` are also asked with each stream alone (``av_qa_video_alone``,
+    ``av_qa_audio_alone``, ...): how much the answers need both."""
     from mmfactory.eval.av import AVBenchmark
     from mmfactory.world import World
     from mmfactory.world.video import DESCRIBE_SOUND, DESCRIBE_VIDEO
@@ -560,4 +567,6 @@ def world_av_benchmarks(
         if n and asked:
             items, prompt = make[name](n)
             benchmarks.append(AVBenchmark(name, items, asked, prompt))
+            if single_stream_probes and len(asked) == 2:
+                benchmarks += [AVBenchmark(f"{name}_{s}_alone", items, (s,), prompt) for s in asked]
     return benchmarks

@@ -93,6 +93,8 @@ class AVOptions:
     benchmarks: dict[str, int] = field(default_factory=lambda: dict(BENCHMARK_SIZES))
     benchmark_seed: int = 0
     benchmark_frame_size: int = 32  # pixels of the world's video frames
+    # a model that knows both streams is also asked the audio-visual questions with each stream alone
+    single_stream_probes: bool = True
     max_new_tokens: int = 16
     caption_max_new_tokens: int = 40
     eval_batch_size: int = 32
@@ -185,7 +187,11 @@ class AudioVisualSFTTask(MultimodalSFTTask):
         o = self.options
         cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
         benchmarks = world_av_benchmarks(
-            o.benchmarks, o.streams, o.benchmark_seed, frame_size=o.benchmark_frame_size
+            o.benchmarks,
+            o.streams,
+            o.benchmark_seed,
+            frame_size=o.benchmark_frame_size,
+            single_stream_probes=o.single_stream_probes,
         )
         return evaluate_av(self.model, self.processor, benchmarks, cfg, o.caption_max_new_tokens)
 
