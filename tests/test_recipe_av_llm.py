@@ -103,6 +103,7 @@ def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(trained
     assert not any(k.startswith("align/video_qa") for k in metrics)  # align scores audio captions only
     for probe in ("av_qa_video_alone", "av_qa_audio_alone", "av_which_video_alone", "av_which_audio_alone"):
         assert f"instruct/{probe}_accuracy" in metrics, probe
+    assert 0 <= metrics["instruct/av_which_mentions_color"] <= 100
     before = load_file(out / "align/final/model.safetensors")
     after = load_file(out / "instruct/final/model.safetensors")
     for name, value in before.items():

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmfactory.data.av import AUDIO_TOKEN, VIDEO_TOKEN, AVProcessor
-from mmfactory.eval.metrics import cider_d, corpus_bleu, vqa_accuracy
+from mmfactory.eval.metrics import cider_d, corpus_bleu, normalize_answer, vqa_accuracy
 from mmfactory.eval.mllm import GenerationMeter, caption_tokens, generate_replies, peak_memory_mb
 from mmfactory.models.generation import GenerationConfig
 
@@ -59,6 +60,19 @@ def _media(item: dict, streams: tuple[str, ...]) -> dict:
     }
 
 
+def _mentions(bench: AVBenchmark, replies: list[str]) -> dict[str, float]:
+    """For items with ``keywords`` (part name -> word, e.g. the colour and shape of a "red star" answer):
+    ``{name}_mentions_<part>``, the percent of replies that name that part, as a word."""
+    if not bench.items or not all("keywords" in item for item in bench.items):
+        return {}
+    words = [set(normalize_answer(reply).split()) for reply in replies]
+    parts = bench.items[0]["keywords"]
+    named = {
+        part: [i["keywords"][part] in w for i, w in zip(bench.items, words, strict=True)] for part in parts
+    }
+    return {f"{bench.name}_mentions_{part}": 100 * float(np.mean(hits)) for part, hits in named.items()}
+
+
 def evaluate_av_benchmark(
     model,
     processor: AVProcessor,
@@ -67,7 +81,8 @@ def evaluate_av_benchmark(
     meter: GenerationMeter | None = None,
 ) -> dict[str, float]:
     """QA: ``{name}_accuracy`` and ``{name}_accuracy_<type>`` (percent, exact match after VQA
-    normalisation); captions: ``{name}_cider_d`` and ``{name}_bleu4``."""
+    normalisation) and, where items carry ``keywords``, :func:`_mentions`; captions: ``{name}_cider_d``
+    and ``{name}_bleu4``."""
     question = bench.prompt
     conversations = [ask(question or item["question"], bench.streams) for item in bench.items]
     media = [_media(item, bench.streams) for item in bench.items]
@@ -75,7 +90,7 @@ def evaluate_av_benchmark(
     if bench.prompt is None:
         result = vqa_accuracy(replies, [i["answer"] for i in bench.items], [i["type"] for i in bench.items])
         per_type = {f"{bench.name}_accuracy_{t}": r["accuracy"] for t, r in result["per_type"].items()}
-        return {f"{bench.name}_accuracy": result["accuracy"], **per_type}
+        return {f"{bench.name}_accuracy": result["accuracy"], **per_type, **_mentions(bench, replies)}
     references = [item["references"] for item in bench.items]
     cider = cider_d(
         [caption_tokens(r) for r in replies], [[caption_tokens(t) for t in refs] for refs in references]

@@ -280,6 +280,7 @@ def av_which_question(clip: Clip) -> dict | None:
         "question": "Which object is making a sound?",
         "answer": f"{track.color} {track.shape}",
         "type": "av_which",
+        "keywords": {"color": track.color, "shape": track.shape},
     }
 
 
