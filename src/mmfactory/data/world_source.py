@@ -154,15 +154,18 @@ PLACEHOLDERS = {"video": "<video>\n", "audio": "<audio>\n", "audio-visual": "<vi
 
 def world_av_media(seed: int, frame_size: int, split: str, streams: str, index: int) -> dict:
     """The media of item ``index``: a clip's frames and / or its audio track, or an audio-only clip."""
-    from mmfactory.world import World
+    from mmfactory.world import SAMPLE_RATE, World
     from mmfactory.world.audio import audio_clip
+    from mmfactory.world.video import clip_at, clip_audio, render_clip
 
     if streams == "audio":
         clip = audio_clip(seed, split, index)
         return {"video": None, "audio": clip["audio"], "sample_rate": clip["sample_rate"]}
-    video = World(seed=seed, video_size=frame_size).video(split, index)
-    audio = video["audio"] if streams == "audio-visual" else None
-    return {"video": video["video"], "audio": audio, "sample_rate": video["sample_rate"]}
+    world = World(seed=seed, video_size=frame_size)
+    clip = clip_at(seed, split, index, world.video_frames, world.max_video_objects)
+    # only the streams the sample carries are rendered (synthesising the audio costs more than the frames)
+    audio = clip_audio(clip, world.fps) if streams == "audio-visual" else None
+    return {"video": render_clip(clip, frame_size), "audio": audio, "sample_rate": SAMPLE_RATE}
 
 
 def av_messages(turns: list[tuple[str, str]], streams: str) -> list[dict[str, str]]:
