@@ -29,10 +29,9 @@ none repeated); the task samples its own ``video_frames`` from those.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,12 @@ from mmfactory.data.policy import (
     BadSampleError,
     BadSamplePolicy,
     check_policy,
-    handle_bad_sample,
 )
 from mmfactory.data.readers.records import (
     Fields,
     RecordDataset,
     collect_records,
+    iter_csv_rows,
     read_annotation_file,
     require,
     require_text,
@@ -207,43 +206,6 @@ def read_msrvtt_qa(
 # --------------------------------------------------------------------------------------------------
 
 
-def iter_csv_rows(
-    path: Path, columns: Sequence[str], on_bad_sample: BadSamplePolicy, counter: BadSampleCounter
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """``("line N (id 'x')", {column: value})`` per CSV row, the id from the first of ``columns``.
-
-    Each physical line is one record (captions hold no line breaks), so an unclosed quote, a wrong
-    number of fields or bytes that are not UTF-8 make that line a bad record and never swallow the lines
-    after it. A header that lacks ``columns`` raises under either policy.
-    """
-    lines = path.read_bytes().splitlines()
-    header = next(csv.reader([lines[0].decode("utf-8-sig", errors="replace")])) if lines else []
-    if not set(columns) <= set(header):
-        problem = f"header must name columns {tuple(columns)}, got {header}"
-        raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV, file=path, record="line 1")
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise BadSampleError(f"not UTF-8: {error.reason}", reason=BadReason.MALFORMED_CSV) from error
-            try:
-                row = next(csv.reader([text], strict=True))
-            except csv.Error as error:
-                raise BadSampleError(f"malformed CSV: {error}", reason=BadReason.MALFORMED_CSV) from error
-            if len(row) != len(header):
-                problem = f"{len(row)} fields where the header has {len(header)}"
-                raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV)
-        except BadSampleError as error:
-            handle_bad_sample(error.located(path, f"line {number}"), on_bad_sample, counter)
-            continue
-        fields = dict(zip(header, row, strict=True))
-        label = f"line {number}" + (f" (id {fields[columns[0]]!r})" if fields[columns[0]].strip() else "")
-        yield label, fields
-
-
 def audiocaps_names(audiocap_id: str, youtube_id: str, start_time: str) -> list[str]:
     """The file names tried for an AudioCaps clip (see the module docstring)."""
     stems = (f"{youtube_id}_{start_time}", youtube_id, f"Y{youtube_id}", audiocap_id)
@@ -277,7 +239,10 @@ def read_audiocaps(
     path, counter = Path(path), counter if counter is not None else BadSampleCounter()
     _require_file(path)
     root = _root(str(audio_root) if audio_root else None, path, "clips")
-    rows = iter_csv_rows(path, AUDIOCAPS_COLUMNS, on_bad_sample, counter)
+    rows = (
+        (f"line {n}" + (f" (id {f['audiocap_id']!r})" if f["audiocap_id"].strip() else ""), f)
+        for n, f in iter_csv_rows(path, AUDIOCAPS_COLUMNS, on_bad_sample, counter)
+    )
     dataset = _records(path, rows, partial(_parse_audiocaps, root=root), check_media, on_bad_sample, counter)
     return av_samples(dataset, path)
 
@@ -357,31 +322,15 @@ def read_avsd(
 # --------------------------------------------------------------------------------------------------
 
 
-def read_msrvtt_qa_source(source, kind, bad: BadSampleCounter, counts: Counter) -> Samples:
-    return read_msrvtt_qa(
-        source.path,
-        video_root=source.video_root,
-        on_bad_sample=source.on_bad_sample,
-        counter=bad,
-        check_media=source.check_media,
+def _read_source(
+    read: Callable, root_key: str, source, kind, bad: BadSampleCounter, counts: Counter
+) -> Samples:
+    root = {root_key: getattr(source, root_key)}
+    return read(
+        source.path, **root, on_bad_sample=source.on_bad_sample, counter=bad, check_media=source.check_media
     )
 
 
-def read_audiocaps_source(source, kind, bad: BadSampleCounter, counts: Counter) -> Samples:
-    return read_audiocaps(
-        source.path,
-        audio_root=source.audio_root,
-        on_bad_sample=source.on_bad_sample,
-        counter=bad,
-        check_media=source.check_media,
-    )
-
-
-def read_avsd_source(source, kind, bad: BadSampleCounter, counts: Counter) -> Samples:
-    return read_avsd(
-        source.path,
-        video_root=source.video_root,
-        on_bad_sample=source.on_bad_sample,
-        counter=bad,
-        check_media=source.check_media,
-    )
+read_msrvtt_qa_source = partial(_read_source, read_msrvtt_qa, "video_root")
+read_audiocaps_source = partial(_read_source, read_audiocaps, "audio_root")
+read_avsd_source = partial(_read_source, read_avsd, "video_root")

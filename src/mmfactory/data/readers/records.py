@@ -16,8 +16,9 @@ workers, any number of ranks):
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -232,3 +233,38 @@ def decode_image(fields: Fields) -> Fields:
     """``fields`` with the path under ``"image"`` decoded to ``uint8 [H, W, 3]`` (None stays None)."""
     image = fields["image"]
     return {**fields, "image": None if image is None else load_image(image)}
+
+
+def iter_csv_rows(
+    path: Path, columns: Sequence[str], on_bad_sample: BadSamplePolicy, counter: BadSampleCounter
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, {column: value})`` per good CSV row (MSR-VTT captions, AudioCaps).
+
+    Each physical line is one record (captions hold no line breaks), so an unclosed quote, a wrong
+    number of fields or bytes that are not UTF-8 make that line a bad record and never swallow the lines
+    after it. A header that lacks ``columns`` raises under either policy.
+    """
+    lines = path.read_bytes().splitlines()
+    header = next(csv.reader([lines[0].decode("utf-8-sig", errors="replace")])) if lines else []
+    if not set(columns) <= set(header):
+        problem = f"header must name columns {tuple(columns)}, got {header}"
+        raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV, file=path, record="line 1")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BadSampleError(f"not UTF-8: {error.reason}", reason=BadReason.MALFORMED_CSV) from error
+            try:
+                row = next(csv.reader([text], strict=True))
+            except csv.Error as error:
+                raise BadSampleError(f"malformed CSV: {error}", reason=BadReason.MALFORMED_CSV) from error
+            if len(row) != len(header):
+                problem = f"{len(row)} fields where the header has {len(header)}"
+                raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV)
+        except BadSampleError as error:
+            handle_bad_sample(error.located(path, f"line {number}"), on_bad_sample, counter)
+            continue
+        yield number, dict(zip(header, row, strict=True))

@@ -4,7 +4,6 @@ at ``videos/{video_id}.mp4`` next to the annotation file."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 
 from mmfactory.data.media import FrameSampling, load_video
 from mmfactory.data.policy import (
-    BadReason,
     BadSampleCounter,
     BadSampleError,
     BadSamplePolicy,
@@ -27,6 +25,7 @@ from mmfactory.data.readers.records import (
     RecordDataset,
     check_text,
     collect_records,
+    iter_csv_rows,
     media_file,
     read_annotation_file,
     require_text,
@@ -38,38 +37,15 @@ CAPTION_COLUMNS = ("video_id", "sentence")
 def _iter_caption_rows(
     path: Path, on_bad_sample: BadSamplePolicy, counter: BadSampleCounter
 ) -> Iterator[tuple[int, str, str]]:
-    """``(line, video_id, sentence)`` per good row. Each physical line is one record (MSR-VTT captions
-    hold no line breaks), so an unclosed quote or bytes that are not UTF-8 make that line a bad record,
-    named by its number, and never swallow the lines after it."""
-    with open(path, "rb") as file:
-        lines = file.read().splitlines()
-    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")])) if lines else []
-    if not set(CAPTION_COLUMNS) <= set(header):
-        problem = f"header must name columns {CAPTION_COLUMNS}, got {header}"
-        raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV, file=path, record="line 1")
-    video_column, sentence_column = (header.index(name) for name in CAPTION_COLUMNS)
-    for number, raw in enumerate(lines[1:], start=2):
-        if not raw.strip():
-            continue
+    """``(line, video_id, sentence)`` per good row (:func:`iter_csv_rows`: one physical line per record)."""
+    for number, fields in iter_csv_rows(path, CAPTION_COLUMNS, on_bad_sample, counter):
         try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise BadSampleError(f"not UTF-8: {error.reason}", reason=BadReason.MALFORMED_CSV) from error
-            try:
-                row = next(csv.reader([text], strict=True))
-            except csv.Error as error:
-                raise BadSampleError(f"malformed CSV: {error}", reason=BadReason.MALFORMED_CSV) from error
-            if len(row) != len(header):
-                problem = f"{len(row)} fields where the header has {len(header)}"
-                raise BadSampleError(problem, reason=BadReason.MALFORMED_CSV)
-            video_id, sentence = row[video_column], row[sentence_column]
-            check_text(video_id, "'video_id'")
-            check_text(sentence, "'sentence'")
+            check_text(fields["video_id"], "'video_id'")
+            check_text(fields["sentence"], "'sentence'")
         except BadSampleError as error:
             handle_bad_sample(error.located(path, f"line {number}"), on_bad_sample, counter)
         else:
-            yield number, video_id, sentence
+            yield number, fields["video_id"], fields["sentence"]
 
 
 def _decode_video(
