@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import WhisperFeatureExtractor
 
-from mmfactory.data.chat import IGNORE_INDEX, TokenizedChat, collate_chats
+from mmfactory.data.chat import IGNORE_INDEX, TokenizedChat, collate_chats, generation_prompt, tokenize_chat
 from mmfactory.data.media import frame_indices
-from mmfactory.data.multimodal import MultimodalProcessor
+from mmfactory.data.multimodal import MultimodalProcessor, expand_placeholders
 from mmfactory.data.policy import BadReason, BadSampleError
 from mmfactory.data.samples import Samples
 
@@ -128,32 +128,28 @@ class AVProcessor:
         """Images via the base processor; each video / audio placeholder -> its span, the modality marker
         before the first span; none of them learned."""
         ids, labels = self.base._expand(ids, labels)
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        marked = not (self.modality_tokens and stream)
-        for token, label in zip(ids, labels, strict=True):
-            if token in (self.video_token_id, self.audio_token_id):
-                span = self._span(VIDEO_TOKEN if token == self.video_token_id else AUDIO_TOKEN)
-                if not marked:
-                    span, marked = [self.token_ids[MODALITY_MARKERS[stream]], *span], True
-                out_ids += span
-                out_labels += [IGNORE_INDEX] * len(span)
-            else:
-                out_ids.append(token)
-                out_labels.append(label)
-        return out_ids, out_labels
+        spans = {
+            token: self._span(name)
+            for name, token in ((VIDEO_TOKEN, self.video_token_id), (AUDIO_TOKEN, self.audio_token_id))
+        }
+        ids, labels = expand_placeholders(ids, labels, spans)
+        if self.modality_tokens and stream:
+            first = next(
+                i
+                for i, t in enumerate(ids)
+                if t in (self.token_ids[VIDEO_SPAN[0]], self.token_ids[AUDIO_SPAN[0]])
+            )
+            ids.insert(first, self.token_ids[MODALITY_MARKERS[stream]])
+            labels.insert(first, IGNORE_INDEX)
+        return ids, labels
 
     def tokenize(self, messages: list[dict[str, str]]) -> TokenizedChat:
         """The whole conversation, placeholders expanded, labels on assistant replies (not truncated)."""
-        from mmfactory.data.chat import tokenize_chat
-
         chat = tokenize_chat(messages, self.tokenizer, self.template)
         return TokenizedChat(*self._expand(chat.input_ids, chat.labels, modality(messages)), truncated=False)
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation so far plus an open assistant turn, placeholders expanded."""
-        from mmfactory.data.chat import generation_prompt
-
         ids = generation_prompt(messages, self.tokenizer, self.template)
         return self._expand(ids, ids, modality(messages))[0]
 

@@ -50,6 +50,22 @@ class MultimodalSample(TokenizedChat):
     images: list[np.ndarray] = field(default_factory=list)
 
 
+def expand_placeholders(
+    ids: list[int], labels: list[int], spans: dict[int, list[int]]
+) -> tuple[list[int], list[int]]:
+    """Each token of ``spans`` replaced by its span of ids, labelled ``IGNORE_INDEX`` (never learned)."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for token, label in zip(ids, labels, strict=True):
+        if token in spans:
+            out_ids += spans[token]
+            out_labels += [IGNORE_INDEX] * len(spans[token])
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    return out_ids, out_labels
+
+
 def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
     """Centre ``[H, W, 3]`` on a square of colour ``fill`` (LLaVA-1.5's ``image_aspect_ratio: pad``)."""
     height, width = image.shape[:2]
@@ -109,16 +125,9 @@ class MultimodalProcessor:
     # -- text ------------------------------------------------------------------------------------
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Each placeholder -> ``P`` placeholders, never learned."""
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        for token, label in zip(ids, labels, strict=True):
-            if token == self.image_token_id:
-                out_ids += [token] * self.num_image_tokens
-                out_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                out_ids.append(token)
-                out_labels.append(label)
-        return out_ids, out_labels
+        return expand_placeholders(
+            ids, labels, {self.image_token_id: [self.image_token_id] * self.num_image_tokens}
+        )
 
     def tokenize(self, messages: list[dict[str, str]]) -> TokenizedChat:
         """The whole conversation, placeholders expanded, labels on assistant replies (not truncated)."""
