@@ -104,6 +104,9 @@ def test_mixture_training_learns_and_keeps_frozen_encoders_bit_identical(trained
     for probe in ("av_qa_video_alone", "av_qa_audio_alone", "av_which_video_alone", "av_which_audio_alone"):
         assert f"instruct/{probe}_accuracy" in metrics, probe
     assert 0 <= metrics["instruct/av_which_mentions_color"] <= 100
+    shown = (out / "instruct/examples/av_qa.jsonl").read_text().splitlines()
+    first = json.loads(shown[0])
+    assert first["fields"]["question"] and first["images"]  # the frames the model saw, beside the answer
     before = load_file(out / "align/final/model.safetensors")
     after = load_file(out / "instruct/final/model.safetensors")
     for name, value in before.items():

@@ -18,8 +18,17 @@ import numpy as np
 import torch
 
 from mmfactory.data.av import AUDIO_TOKEN, VIDEO_TOKEN, AVProcessor
+from mmfactory.data.media import frame_indices
 from mmfactory.eval.metrics import cider_d, corpus_bleu, normalize_answer, vqa_accuracy
-from mmfactory.eval.mllm import GenerationMeter, caption_tokens, generate_replies, peak_memory_mb
+from mmfactory.eval.mllm import (
+    EXAMPLES_SCANNED,
+    EXAMPLES_SHOWN,
+    GenerationMeter,
+    caption_tokens,
+    generate_replies,
+    peak_memory_mb,
+)
+from mmfactory.examples import Example, right_and_wrong
 from mmfactory.models.generation import GenerationConfig
 
 STREAMS = ("video", "audio")
@@ -73,12 +82,41 @@ def _mentions(bench: AVBenchmark, replies: list[str]) -> dict[str, float]:
     return {f"{bench.name}_mentions_{part}": 100 * float(np.mean(hits)) for part, hits in named.items()}
 
 
+def filmstrip(video: np.ndarray | None, frames: int) -> list[np.ndarray]:
+    """The ``frames`` frames a model sees of ``video`` side by side (uint8 ``[H, frames * W, 3]``), for
+    examples; none for a clip without video."""
+    if video is None:
+        return []
+    return [np.concatenate([video[i] for i in frame_indices(len(video), frames, "uniform")], axis=1)]
+
+
+def _examples(bench: AVBenchmark, replies: list[str], frames: int) -> list[Example]:
+    if bench.prompt is not None:
+        return [
+            Example(
+                bench.name, {"reply": r, "a reference": i["references"][0]}, filmstrip(i.get("video"), frames)
+            )
+            for i, r in zip(bench.items[: EXAMPLES_SHOWN // 2], replies, strict=False)
+        ]
+    shown = [
+        Example(
+            f"{i['type']} ({' + '.join(bench.streams)})",
+            {"question": i["question"], "answer": r, "truth": i["answer"]},
+            filmstrip(i.get("video") if "video" in bench.streams else None, frames),
+            correct=vqa_accuracy([r], [i["answer"]])["accuracy"] == 100.0,
+        )
+        for i, r in zip(bench.items[:EXAMPLES_SCANNED], replies, strict=False)
+    ]
+    return right_and_wrong(shown, EXAMPLES_SHOWN)
+
+
 def evaluate_av_benchmark(
     model,
     processor: AVProcessor,
     bench: AVBenchmark,
     cfg: GenerationConfig,
     meter: GenerationMeter | None = None,
+    examples: dict[str, list[Example]] | None = None,
 ) -> dict[str, float]:
     """QA: ``{name}_accuracy`` and ``{name}_accuracy_<type>`` (percent, exact match after VQA
     normalisation) and, where items carry ``keywords``, :func:`_mentions`; captions: ``{name}_cider_d``
@@ -87,6 +125,8 @@ def evaluate_av_benchmark(
     conversations = [ask(question or item["question"], bench.streams) for item in bench.items]
     media = [_media(item, bench.streams) for item in bench.items]
     replies = generate_replies(model, processor, conversations, media, cfg, meter)
+    if examples is not None:
+        examples[bench.name] = _examples(bench, replies, processor.video_frames)
     if bench.prompt is None:
         result = vqa_accuracy(replies, [i["answer"] for i in bench.items], [i["type"] for i in bench.items])
         per_type = {f"{bench.name}_accuracy_{t}": r["accuracy"] for t, r in result["per_type"].items()}
@@ -107,8 +147,10 @@ def evaluate_av(
     benchmarks: list[AVBenchmark],
     cfg: GenerationConfig,
     caption_max_new_tokens: int = 32,
+    examples: dict[str, list[Example]] | None = None,
 ) -> dict[str, float]:
-    """Every benchmark, then ``gen_tokens_per_s``, ``peak_memory_mb`` and ``params_total_m``."""
+    """Every benchmark, then ``gen_tokens_per_s``, ``peak_memory_mb`` and ``params_total_m``; ``examples``
+    (when given) receives some answers and captions per benchmark beside the frames the model saw."""
     was_training = model.training
     model.eval()
     meter = GenerationMeter()
@@ -117,7 +159,7 @@ def evaluate_av(
     for bench in benchmarks:
         if bench.items:
             bench_cfg = cfg if bench.prompt is None else caption_cfg
-            metrics.update(evaluate_av_benchmark(model, processor, bench, bench_cfg, meter))
+            metrics.update(evaluate_av_benchmark(model, processor, bench, bench_cfg, meter, examples))
     if meter.seconds > 0:
         metrics["gen_tokens_per_s"] = meter.tokens / meter.seconds
         metrics["peak_memory_mb"] = peak_memory_mb(model.device)

@@ -32,6 +32,7 @@ from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream
 from mmfactory.data.world_source import world_av_benchmarks
 from mmfactory.eval.av import evaluate_av
+from mmfactory.examples import Example, write_examples
 from mmfactory.models.av_llm import AudioVisualLM, AudioVisualLMSpec, build_audio_visual_lm
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
@@ -193,7 +194,11 @@ class AudioVisualSFTTask(MultimodalSFTTask):
             frame_size=o.benchmark_frame_size,
             single_stream_probes=o.single_stream_probes,
         )
-        return evaluate_av(self.model, self.processor, benchmarks, cfg, o.caption_max_new_tokens)
+        examples: dict[str, list[Example]] = {}
+        metrics = evaluate_av(self.model, self.processor, benchmarks, cfg, o.caption_max_new_tokens, examples)
+        for group, shown in examples.items():  # evaluate() runs on the main process only
+            write_examples(self.ctx.stage_dir, group, shown)
+        return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
