@@ -50,3 +50,11 @@ def test_tokenizer_is_cached_and_training_is_deterministic(tokenizer, cache_dir)
     assert world_tokenizer(str(cache_dir)).get_vocab() == tokenizer.get_vocab()
     corpus = list(world_corpus(50))
     assert train_tokenizer(corpus, 500).to_str() == train_tokenizer(corpus, 500).to_str()
+
+
+def test_the_world_tokenizer_is_the_one_every_shipped_model_was_trained_with(tmp_path):
+    """The cache name is a digest of the corpus: a change to any world text generator the corpus draws
+    from changes the tokenizer, and every trained model's vocabulary with it."""
+    from mmfactory.world.tokenizer import VOCAB_SIZE, _tokenizer_dir
+
+    assert _tokenizer_dir(tmp_path, VOCAB_SIZE).name == "world-c838dce992daa18d"

@@ -95,3 +95,14 @@ def test_audio_clips_and_qa():
         elif clip["type"] == "source":
             assert clip["answer"] in instruments
         assert all(s["instrument"] in clip["caption"] for s in clip["sounds"])
+
+
+def test_av_questions_leave_one_stream_at_chance():
+    qa = World().av_qa("test", 300)
+    assert 0.4 < len(qa) / 300 < 0.7  # clips with several objects and a question that fits
+    existence = [q["answer"] for q in qa if q["type"] == "av_existence"]
+    assert abs(existence.count("yes") / len(existence) - 0.5) < 0.1
+    for q in qa:
+        assert len(q["tracks"]) >= 2
+        if q["type"] in ("av_color", "av_position"):
+            assert sum(t["sounding"] for t in q["tracks"]) == 1

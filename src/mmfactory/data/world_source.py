@@ -31,7 +31,7 @@ from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.samples import Samples
+from mmfactory.data.samples import Samples, selected
 from mmfactory.data.sources import SampleKind, SourceConfig, mix
 
 DEFAULT_SIZE = 2000
@@ -202,10 +202,10 @@ def world_av_turns(kind: str, split: str, n: int, seed: int) -> list[list[tuple[
     clips = [clip_at(seed, split, i, world.video_frames, world.max_video_objects) for i in range(n)]
     if kind == "video_captions":
         return [[(DESCRIBE_VIDEO, clip_captions(c)[0])] for c in clips]
-    if kind in ("video_qa", "av_qa"):  # as World.video_qa / World.av_qa ask them
+    if kind in ("video_qa", "av_qa"):  # as World.video_qa / World.av_qa ask them (None: none fits the clip)
         ask, stream = (video_question, "vqa-video") if kind == "video_qa" else (av_question, "av-qa")
         qas = [ask(c, item_rng(seed, stream, split, i)) for i, c in enumerate(clips)]
-        return [[(qa["question"], qa["answer"])] for qa in qas]
+        return [[] if qa is None else [(qa["question"], qa["answer"])] for qa in qas]
     instruction = {"av_conversations": "conversation", "av_narratives": "narrative"}[kind]
     return [
         av_instruction(c, world.fps, item_rng(seed, "av-instruct", instruction, split, i), instruction)
@@ -214,13 +214,21 @@ def world_av_turns(kind: str, split: str, n: int, seed: int) -> list[list[tuple[
 
 
 def world_av_conversations(kind: str, split: str, n: int, seed: int, frame_size: int) -> Samples:
-    """``n`` av-chat samples of a world kind (:data:`WORLD_AV_KINDS`); media rendered when drawn."""
+    """The av-chat samples of items ``0..n-1`` of a world kind (:data:`WORLD_AV_KINDS`; ``av_qa`` leaves
+    out the clips no audio-visual question fits); media rendered when drawn."""
     streams = WORLD_AV_KINDS[kind]
+    turns = world_av_turns(kind, split, n, seed)
+    kept = [i for i, t in enumerate(turns) if t]  # av_qa: clips no audio-visual question fits are left out
     items = [
-        {"id": f"{kind}-{split}-{i:06d}", "messages": av_messages(turns, streams), "where": f"world:{kind}"}
-        for i, turns in enumerate(world_av_turns(kind, split, n, seed))
+        {
+            "id": f"{kind}-{split}-{i:06d}",
+            "messages": av_messages(turns[i], streams),
+            "where": f"world:{kind}",
+        }
+        for i in kept
     ]
-    return Samples(items, partial(world_av_media, seed, frame_size, split, streams))
+    media = partial(selected, partial(world_av_media, seed, frame_size, split, streams), kept)
+    return Samples(items, media)
 
 
 def world_labelled_images(

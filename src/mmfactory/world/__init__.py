@@ -216,14 +216,15 @@ class World:
         ]
 
     def av_qa(self, split: str, n: int) -> list[dict]:
-        """A video plus a question answerable only with both the frames and the audio track."""
-        return [
-            {
-                **self.video(split, i),
-                **av_question(self._clip(split, i), item_rng(self.seed, "av-qa", split, i)),
-            }
-            for i in range(n)
-        ]
+        """Up to ``n`` videos (of the first ``n`` clips) plus a question answerable only with both the frames
+        and the audio track (:func:`~mmfactory.world.video.av_question`); clips it does not fit are left
+        out."""
+        items = []
+        for i in range(n):
+            question = av_question(self._clip(split, i), item_rng(self.seed, "av-qa", split, i))
+            if question is not None:
+                items.append({**self.video(split, i), **question})
+        return items
 
     def av_instructions(self, split: str, n: int, kind: str) -> list[dict]:
         """A video (with its audio) plus ``"turns": [(question, answer), ...]`` of one instruction kind

@@ -236,15 +236,26 @@ def video_question(clip: Clip, rng: np.random.Generator) -> dict:
     }
 
 
-def av_question(clip: Clip, rng: np.random.Generator) -> dict:
+def av_question(clip: Clip, rng: np.random.Generator) -> dict | None:
     """A question that needs both streams: the audio says which instrument sounds, the video which
-    coloured object that instrument belongs to. Type in av_color, av_position, av_existence."""
+    coloured object that instrument belongs to. Type in av_color, av_position, av_existence.
+
+    One stream alone answers at chance: every question is about a clip with several objects, colour and
+    position ask for the one sounding object among 2-3, and existence asks about a sounding and a silent
+    object equally often, so "yes" is right half the time. None when no such question fits the clip (one
+    object, or every object sounding and more than one of them).
+    """
     sounding = [t for t in clip.tracks if t.sounding]
-    options = ["av_existence"]
+    silent = [t for t in clip.tracks if not t.sounding]
+    if len(clip.tracks) < 2:
+        return None
+    options = ["av_existence"] if silent else []
     if len(sounding) == 1 and sounding[0].event != "changes_color":
         options.append("av_color")
     if len(sounding) == 1 and sounding[0].visible_at(0):
         options.append("av_position")
+    if not options:
+        return None
     qtype = options[rng.integers(len(options))]
     if qtype == "av_color":
         return {
@@ -259,7 +270,8 @@ def av_question(clip: Clip, rng: np.random.Generator) -> dict:
             "answer": position,
             "type": qtype,
         }
-    track = clip.tracks[rng.integers(len(clip.tracks))]
+    pool = sounding if rng.random() < 0.5 else silent
+    track = pool[rng.integers(len(pool))]
     return {
         "question": f"Is the {track.color} object making a sound?",
         "answer": "yes" if track.sounding else "no",
@@ -270,10 +282,10 @@ def av_question(clip: Clip, rng: np.random.Generator) -> dict:
 def av_which_question(clip: Clip) -> dict | None:
     """ "Which object is making a sound?" answered "red star": a kind no training data asks (the zero-shot
     probe of Audio-Visual LLM), composed of skills that are trained (which instrument sounds, from the audio;
-    naming an object by colour and shape, as video QA's appearance questions do). None when the clip has
-    more than one sounding object or its sounding object changes colour."""
+    naming an object by colour and shape, as video QA's appearance questions do). None unless the clip has
+    several objects of which exactly one sounds, and that one keeps its colour."""
     sounding = [t for t in clip.tracks if t.sounding]
-    if len(sounding) != 1 or sounding[0].event == "changes_color":
+    if len(clip.tracks) < 2 or len(sounding) != 1 or sounding[0].event == "changes_color":
         return None
     track = sounding[0]
     return {
@@ -297,14 +309,15 @@ def av_instruction(clip: Clip, fps: float, rng: np.random.Generator, kind: str) 
     * ``conversation``: 2-3 turns about what is seen and what is heard (a video question, a question about
       the audio track, in a random order, sometimes a brief description of the video first);
     * ``narrative``: one description of both streams (the video caption, then the audio caption);
-    * ``reasoning``: one question that needs both streams (:func:`av_question`).
+    * ``reasoning``: one question that needs both streams (:func:`av_question`; none when no such
+      question fits the clip).
     """
     sounds = clip_sounds(clip, fps)
     if kind == "narrative":
         return [(DESCRIBE_BOTH, f"{clip_captions(clip)[0]} {audio_caption(sounds)}")]
     if kind == "reasoning":
         qa = av_question(clip, rng)
-        return [(qa["question"], qa["answer"])]
+        return [] if qa is None else [(qa["question"], qa["answer"])]
     if kind != "conversation":
         raise ValueError(f"unknown instruction kind {kind!r}; expected one of {AV_INSTRUCTION_KINDS}")
     seen, heard = video_question(clip, rng), audio_question(sounds, rng)
