@@ -14,7 +14,7 @@ def test_shipped_registry_names_real_recipes_stages_and_overrides():
     assert {m.method for m in registry.methods} >= {
         "SAG", "LLaVA-MoD", "MARS", "ARM", "HyperLLaVA", "Audio-Visual LLM", "Filter & Align", "MAC",
     }  # fmt: skip
-    assert {m.method for m in registry.methods if m.recipe is None} == {"Audio-Visual LLM"}
+    assert all(m.recipe is not None for m in registry.methods)  # every method is built
     for name, profiles in registry.recipes.items():
         for profile in (profiles.quick, profiles.full):
             recipe = load_recipe(resolve_recipe(name), [*profile.overrides, "train.seed=1"])
@@ -88,3 +88,12 @@ def test_rows_for_missing_runs_metrics_and_methods():
     row = judge(_method(up), {0: {"s/a": 1.0}}, [0])
     assert row["verdict"] == "not run" and row["checks"][0]["state"] == "missing"
     assert "s/b" in row["checks"][0]["detail"]
+
+
+def test_select_keeps_the_order_asked_for_and_refuses_unknown_names():
+    registry = load_registry()
+    assert [m.method for m in registry.select(["mac", "Audio-Visual LLM", "ARM"])] == [
+        "MAC", "Audio-Visual LLM", "ARM",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown method"):
+        registry.select(["MAC", "NoSuch"])
