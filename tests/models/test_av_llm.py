@@ -237,3 +237,27 @@ def test_bad_media_are_named_by_reason():
     with pytest.raises(BadSampleError, match="no video"):
         check_av_media([{"role": "user", "content": "<video>\nq"}], {"video": None, "audio": None})
     check_av_media([{"role": "user", "content": "<video>\nq"}], {"video": video, "audio": None})
+
+
+def test_image_only_samples_train_beside_audio_visual_ones():
+    model, processor = tiny_av()
+    image = World(image_size=16).llava("train", 1)[0]["images"][0]
+    chat = processor.tokenize(
+        [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A star."}]
+    )
+    batch = processor.collate(
+        [
+            AVSample(chat.input_ids, chat.labels, False, images=[image]),
+            *samples(processor, ["audio-visual"], world_media(1)),
+        ]
+    )
+    with torch.no_grad():
+        alone = model.encode_images(processor.base.pixel_values([image]))[0]
+    calls = Calls(model)
+    with torch.no_grad():
+        embeds = model.embed_inputs(
+            batch["input_ids"], batch["pixel_values"], batch["video_values"], batch["audio_features"]
+        )
+    assert calls.sizes == {"vision": [1, 2], "audio": [1]}  # the image, then the video's 2 frames
+    assert torch.allclose(embeds[0][batch["input_ids"][0] == model.config.image_token_id], alone, atol=1e-5)
+    assert not (batch["input_ids"][0] == model.config.video_token_id).any()

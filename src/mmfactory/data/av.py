@@ -2,9 +2,10 @@
 
 A source yields :class:`~mmfactory.data.samples.Samples` whose items are ``{"id", "messages"}`` and whose
 media are ``{"video": uint8 [T, H, W, 3] or None, "audio": float32 [S] (or [S, C]) or None,
-"sample_rate": int or None}``. The first user turn holds a ``<video>`` placeholder where the video goes
-and an ``<audio>`` one where the audio goes; which placeholders a sample holds is its modality
-(visual-only, audio-only or audio-visual), and its media must carry those streams.
+"sample_rate": int or None, "images"?: [uint8 [H, W, 3], ...]}`` (images for ``<image>`` placeholders).
+The first user turn holds a ``<video>`` placeholder where the video goes and an ``<audio>`` one where the
+audio goes; which placeholders a sample holds is its modality (visual-only, audio-only or audio-visual),
+and its media must carry those streams.
 
 :class:`AVProcessor` expands each placeholder into the tokens the model fills. With modality tokens
 (Audio-Visual LLM's modality-augmented training) a sample reads::
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,13 @@ def check_av_media(messages: list[dict[str, str]], media: dict) -> None:
 
 @dataclass
 class AVSample(TokenizedChat):
-    """A tokenised conversation (placeholders expanded) and its media (video and audio, or None)."""
+    """A tokenised conversation (placeholders expanded) and its media: video and audio (or None) and the
+    images of its ``<image>`` placeholders (image-only samples train beside audio-visual ones)."""
 
     video: np.ndarray | None = None
     audio: np.ndarray | None = None
     sample_rate: int | None = None
+    images: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -176,10 +179,12 @@ class AVProcessor:
         return log_mel(self.feature_extractor, clips, sample_rates)
 
     def media_inputs(self, media: list[dict]) -> dict[str, torch.Tensor]:
-        """``video_values`` and ``audio_features`` of the items that carry each stream, in order."""
+        """``pixel_values`` (the items' ``images``, in order), ``video_values`` and ``audio_features`` of
+        the items that carry each stream."""
         videos = [m["video"] for m in media if m.get("video") is not None]
         audio = [m for m in media if m.get("audio") is not None]
         return {
+            **self.base.media_inputs([m.get("images", []) for m in media]),
             "video_values": self.video_values(videos),
             "audio_features": self.audio_features(
                 [m["audio"] for m in audio], [m["sample_rate"] for m in audio]
@@ -192,7 +197,10 @@ class AVProcessor:
         """``input_ids``, ``labels``, ``attention_mask`` ``[B, T]`` (right-padded) plus the inputs of
         :meth:`media_inputs`: a visual-only sample adds frames only, an audio-only one a clip only."""
         batch = collate_chats(samples, self.tokenizer.pad_token_id, pad_to_multiple_of)
-        media = [{"video": s.video, "audio": s.audio, "sample_rate": s.sample_rate} for s in samples]
+        media = [
+            {"video": s.video, "audio": s.audio, "sample_rate": s.sample_rate, "images": s.images}
+            for s in samples
+        ]
         return {**batch, **self.media_inputs(media)}
 
     # -- files -----------------------------------------------------------------------------------
@@ -262,5 +270,7 @@ class AVChatDataset(Dataset):
         except BadSampleError as error:
             where = item.get("where", f"{self.split} data")
             raise error.located(where, f"record {item.get('id', source_index)}") from None
-        video, audio = media.get("video"), media.get("audio")
-        return AVSample(chat.input_ids, chat.labels, chat.truncated, video, audio, media.get("sample_rate"))
+        video, audio, rate = media.get("video"), media.get("audio"), media.get("sample_rate")
+        return AVSample(
+            chat.input_ids, chat.labels, chat.truncated, video, audio, rate, media.get("images", [])
+        )
