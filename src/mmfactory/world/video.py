@@ -13,8 +13,8 @@ from mmfactory.world.audio import (
     INSTRUMENT_OF_SHAPE,
     SAMPLE_RATE,
     Sound,
-    audio_caption,
     audio_question,
+    sound_phrase,
     synthesize,
 )
 from mmfactory.world.captions import COLOR_ZH, SHAPE_ZH, capitalize, join_en, with_article
@@ -297,6 +297,20 @@ def av_which_question(clip: Clip) -> dict | None:
 
 
 AV_INSTRUCTION_KINDS = ("conversation", "narrative", "reasoning")
+
+
+def av_narrative(clip: Clip, fps: float) -> str:
+    """What is seen, then each sound with the object that makes it: "A red star moves to the right and a
+    blue ring stays still. The red star makes the sound: a high buzzer beeps repeatedly." The audio
+    caption alone would leave which object sounds unsaid, which is what audio-visual questions ask."""
+    sources = [
+        f"The {t.color} {t.shape} makes the sound: {sound_phrase(t.sound(fps), 'en')}."
+        for t in clip.tracks
+        if t.sounding
+    ]
+    return " ".join([clip_captions(clip)[0], *sources])
+
+
 DESCRIBE_VIDEO = "Describe the video briefly."
 DESCRIBE_SOUND = "Describe what you hear."
 DESCRIBE_BOTH = "Describe what you see and hear."
@@ -308,13 +322,14 @@ def av_instruction(clip: Clip, fps: float, rng: np.random.Generator, kind: str) 
 
     * ``conversation``: 2-3 turns about what is seen and what is heard (a video question, a question about
       the audio track, in a random order, sometimes a brief description of the video first);
-    * ``narrative``: one description of both streams (the video caption, then the audio caption);
+    * ``narrative``: one description of both streams that says which object makes which sound
+      (:func:`av_narrative`);
     * ``reasoning``: one question that needs both streams (:func:`av_question`; none when no such
       question fits the clip).
     """
     sounds = clip_sounds(clip, fps)
     if kind == "narrative":
-        return [(DESCRIBE_BOTH, f"{clip_captions(clip)[0]} {audio_caption(sounds)}")]
+        return [(DESCRIBE_BOTH, av_narrative(clip, fps))]
     if kind == "reasoning":
         qa = av_question(clip, rng)
         return [] if qa is None else [(qa["question"], qa["answer"])]
