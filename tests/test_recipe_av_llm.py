@@ -170,15 +170,32 @@ def write_silent_mp4(path, frames: np.ndarray) -> None:
         container.mux(stream.encode(None))
 
 
+def write_aac_mp4(path, frames: np.ndarray, seconds: float = 1.0, rate: int = 44100) -> None:
+    """An MP4 whose audio track is stereo AAC at 44.1 kHz (as phones and cameras write them)."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264rgb", rate=8, options={"qp": "0"})
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        audio = container.add_stream("aac", rate=rate, layout="stereo")
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+        chunk = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+        chunk.sample_rate = rate
+        for stream, item in ((audio, chunk), (audio, None), (video, None)):
+            container.mux(stream.encode(item))
+
+
 def test_generate_answers_about_real_video_and_audio_files(trained, tmp_path, capsys):
     clip = World(video_size=16).videos("test", 1)[0]
     write_mp4(tmp_path / "a.mp4", clip["video"], clip["audio"], clip["sample_rate"], 8.0)
     write_silent_mp4(tmp_path / "b.mp4", clip["video"])
+    write_aac_mp4(tmp_path / "d.mp4", clip["video"])
     t = np.arange(44100) / 44100
     soundfile.write(tmp_path / "c.wav", 0.3 * np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1), 44100)
     model = str(trained / "instruct/final")
     for media in (
         ["--video", "a.mp4"],
+        ["--video", "d.mp4"],
         ["--video", "b.mp4"],
         ["--audio", "c.wav"],
         ["--video", "b.mp4", "--audio", "c.wav"],
