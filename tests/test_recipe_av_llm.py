@@ -214,10 +214,24 @@ def test_generate_answers_about_real_video_and_audio_files(trained, tmp_path, ca
 
 def test_eval_scores_an_audio_visual_folder_with_the_streams_asked(trained, capsys):
     model = str(trained / "instruct/final")
-    assert main(["eval", "--model", model, "--vqa", "3", "--captions", "2", "--max-new-tokens", "4"]) == 0
+    args = [
+        "eval",
+        "--model",
+        model,
+        "--vqa",
+        "3",
+        "--captions",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--frame-size",
+        "16",
+    ]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "av_qa_video_alone_accuracy" in printed and "audio_captions_cider_d" in printed
     assert main(["eval", "--model", model, "--vqa", "3", "--captions", "0", "--streams", "audio"]) == 0
     printed = capsys.readouterr().out
     assert "audio_qa_accuracy" in printed and "video_qa_accuracy" not in printed
     assert main(["eval", "--model", model, "--streams", "smell"]) == 2
+    assert main(["eval", "--model", model, "--split", "test_compositional"]) == 2

@@ -196,18 +196,21 @@ def _evaluate_av_folder(args: argparse.Namespace, cfg) -> dict[str, float]:
     QA kind, ``--captions`` clips of each captioning kind), asked with ``--streams``."""
     from mmfactory.data.world_source import world_av_benchmarks
     from mmfactory.eval.av import evaluate_av, load_av
+    from mmfactory.tasks.av_llm import AVOptions
 
     streams = [s for s in args.streams.split(",") if s]
     if not streams or set(streams) - {"video", "audio"}:
         raise ConfigError(f"--streams: name video, audio or both (comma-separated), got {args.streams!r}")
+    if args.split not in ("val", "test"):
+        raise ConfigError(f"--split: the world's clips have val and test splits, not {args.split!r}")
     qa = ("video_qa", "audio_qa", "av_qa", "av_which")
     sizes = {name: args.vqa for name in qa} | {
         "audio_captions": args.captions,
         "video_captions": args.captions,
     }
     model, processor = load_av(args.model)
-    benchmarks = world_av_benchmarks(sizes, streams, args.seed, args.split)
-    return evaluate_av(model, processor, benchmarks, cfg)
+    benchmarks = world_av_benchmarks(sizes, streams, args.seed, args.split, args.frame_size)
+    return evaluate_av(model, processor, benchmarks, cfg, AVOptions().caption_max_new_tokens)
 
 
 def _cmd_filter_score(args: argparse.Namespace) -> int:
@@ -313,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--streams", default="video,audio", help="audio-visual models: the streams to ask with")
+    p.add_argument("--frame-size", type=int, default=32, help="audio-visual models: world video frame side")
     p.set_defaults(func=_cmd_eval)
 
     filt = sub.add_parser("filter", help="Filter & Align: score a pool of image-text pairs, keep its best")

@@ -261,3 +261,83 @@ def test_image_only_samples_train_beside_audio_visual_ones():
     assert calls.sizes == {"vision": [1, 2], "audio": [1]}  # the image, then the video's 2 frames
     assert torch.allclose(embeds[0][batch["input_ids"][0] == model.config.image_token_id], alone, atol=1e-5)
     assert not (batch["input_ids"][0] == model.config.video_token_id).any()
+
+
+def test_a_skipped_encoder_still_gets_a_zero_gradient_in_training():
+    """DDP needs a gradient for every trainable parameter: a batch without audio trains the audio side
+    with zeros, and its loss is unchanged."""
+    model, processor = tiny_av()
+    batch = processor.collate(samples(processor, ["video", "video"], world_media(2)))
+    inputs = {k: batch[k] for k in model.media_inputs}
+    with torch.no_grad():
+        reference = model(batch["input_ids"], attention_mask=batch["attention_mask"], **inputs).logits
+    model.train()
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **inputs).logits
+    assert torch.allclose(logits, reference, atol=1e-6)
+    logits.sum().backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith(("audio_tower.", "audio_projector.")) and parameter.requires_grad:
+            assert parameter.grad is not None and not parameter.grad.any(), name
+    assert model.projector[0].weight.grad.abs().sum() > 0  # the video side trains for real
+
+
+def test_a_stream_the_text_does_not_ask_for_is_dropped():
+    from collections import Counter
+
+    from mmfactory.data.av import AVChatDataset
+    from mmfactory.data.samples import Samples
+
+    _, processor = tiny_av()
+    media = world_media(1)[0]  # a world video: frames and its audio track
+    items = [
+        {
+            "id": "x",
+            "messages": [{"role": "user", "content": "<video>\nq?"}, {"role": "assistant", "content": "a"}],
+        }
+    ]
+    sample = AVChatDataset(Samples(items, lambda i: media), processor, 256, Counter())[0]
+    assert sample.video is not None and sample.audio is None
+
+
+def test_a_cut_through_a_span_delimiter_is_refused():
+    _, processor = tiny_av()
+    chat = processor.tokenize(
+        [{"role": "user", "content": "<video>\n<audio>\nq?"}, {"role": "assistant", "content": "a"}]
+    )
+    closing = chat.input_ids.index(processor.token_ids["</aud>"])
+    assert processor.fit(chat, closing) is None  # the cut falls just before </aud>
+    assert processor.fit(chat, closing + 1) is not None
+
+
+def test_settings_survive_save_and_load(tmp_path):
+    model, processor = tiny_av(modality_tokens=False, video_pool="time_mean")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AudioVisualLM.from_pretrained(tmp_path)
+    again = AVProcessor.from_pretrained(tmp_path, loaded.config)
+    assert (loaded.config.video_pool, loaded.config.video_frames, loaded.config.audio_tokens) == (
+        "time_mean",
+        2,
+        3,
+    )
+    assert again.modality_tokens is False and again.num_video_tokens == model.config.num_image_tokens
+    messages = [{"role": "user", "content": "<video>\n<audio>\nq?"}]
+    assert again.prompt(messages) == processor.prompt(messages)
+
+
+@pytest.mark.parametrize("head", ["WhisperModel", "WhisperForConditionalGeneration"])
+def test_a_whisper_checkpoint_folder_loads_its_encoder_weights(tmp_path, head):
+    import transformers
+
+    from mmfactory.models.audio import load_audio_tower, tiny_whisper_config
+
+    set_seed(1)
+    checkpoint = getattr(transformers, head)(tiny_whisper_config(**TINY_AUDIO))
+    checkpoint.save_pretrained(tmp_path)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(tmp_path)
+    encoder, extractor = load_audio_tower(AudioTowerConfig(path=str(tmp_path)))
+    expected = checkpoint.get_encoder().state_dict()
+    assert encoder.state_dict().keys() == expected.keys()
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert extractor.nb_max_frames == 100

@@ -72,7 +72,8 @@ def check_av_media(messages: list[dict[str, str]], media: dict) -> None:
 @dataclass
 class AVSample(TokenizedChat):
     """A tokenised conversation (placeholders expanded) and its media: video and audio (or None) and the
-    images of its ``<image>`` placeholders (image-only samples train beside audio-visual ones)."""
+    images of its ``<image>`` placeholders (a reader that yields images in its media gets image-only
+    samples batched beside audio-visual ones; the world's and the file readers' av-chat kinds have none)."""
 
     video: np.ndarray | None = None
     audio: np.ndarray | None = None
@@ -160,8 +161,8 @@ class AVProcessor:
         """Right-truncate to ``max_length``; None when the cut would fall in or before a media span."""
         if len(chat.input_ids) <= max_length:
             return chat
-        media = {self.video_token_id, self.audio_token_id, self.base.image_token_id}
-        if media & set(chat.input_ids[max_length:]):
+        media = {self.video_token_id, self.audio_token_id, self.base.image_token_id, *self.token_ids.values()}
+        if media & set(chat.input_ids[max_length:]):  # a placeholder, a span delimiter or a marker
             return None
         return TokenizedChat(chat.input_ids[:max_length], chat.labels[:max_length], truncated=True)
 
@@ -270,7 +271,12 @@ class AVChatDataset(Dataset):
         except BadSampleError as error:
             where = item.get("where", f"{self.split} data")
             raise error.located(where, f"record {item.get('id', source_index)}") from None
-        video, audio, rate = media.get("video"), media.get("audio"), media.get("sample_rate")
+        # a stream the text does not ask for is dropped (a world video carries its audio track even in a
+        # visual-only sample), so the encoders see exactly what the placeholders take
+        streams = modality(item["messages"]) or ""
+        video = media.get("video") if streams in ("video", "audio-visual") else None
+        audio = media.get("audio") if streams in ("audio", "audio-visual") else None
+        rate = media.get("sample_rate")
         return AVSample(
             chat.input_ids, chat.labels, chat.truncated, video, audio, rate, media.get("images", [])
         )

@@ -220,15 +220,16 @@ class Format:
 
 COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_sample", "split"})
 CHAT_KINDS: tuple[SampleKind, ...] = ("chat", "image-chat")
-AV_WORLD_KINDS = (
-    "video_captions",
-    "video_qa",
-    "audio_captions",
-    "audio_qa",
-    "av_qa",
-    "av_conversations",
-    "av_narratives",
-)
+# the world's av-chat kinds -> the streams their samples carry (mmfactory.data.world_source)
+AV_WORLD_KINDS = {
+    "video_captions": "video",
+    "video_qa": "video",
+    "audio_captions": "audio",
+    "audio_qa": "audio",
+    "av_qa": "audio-visual",  # reasoning questions that need both streams
+    "av_conversations": "audio-visual",
+    "av_narratives": "audio-visual",
+}
 # world kind -> the sample kinds it yields
 WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     **{

@@ -8,7 +8,7 @@ captioned in every language x detail level), ``videos`` (video-text: clips with 
 language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects labelled by ``shape`` or
 ``count``), ``preference`` (image pairs: faithful vs hallucinated descriptions and answers),
 ``article_preference`` (text pairs: SAG's faithful vs hallucinated notes, languages in turn) and
-``articles`` (SAG fact sets, each in every language), the av-chat kinds of :data:`WORLD_AV_KINDS`
+``articles`` (SAG fact sets, each in every language), the av-chat kinds of :data:`AV_WORLD_KINDS`
 (visual-only ``video_captions`` / ``video_qa``, audio-only ``audio_captions`` / ``audio_qa`` on separate
 audio clips, audio-visual ``av_qa`` (reasoning that needs both), ``av_conversations`` and ``av_narratives``:
 Audio-Visual LLM's three kinds of video instruction data, English), ``web_pool`` (Filter & Align's noisy
@@ -32,7 +32,7 @@ from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
 from mmfactory.data.samples import Samples, selected
-from mmfactory.data.sources import SampleKind, SourceConfig, mix
+from mmfactory.data.sources import AV_WORLD_KINDS, SampleKind, SourceConfig, mix
 
 DEFAULT_SIZE = 2000
 
@@ -139,16 +139,6 @@ def world_videos(split: str, n: int, seed: int, frame_size: int, languages: Sequ
     return Samples(items, partial(operator.getitem, [v["video"] for v in videos]))
 
 
-# av-chat kinds of the world -> the streams their samples carry
-WORLD_AV_KINDS = {
-    "video_captions": "video",
-    "video_qa": "video",
-    "audio_captions": "audio",
-    "audio_qa": "audio",
-    "av_qa": "audio-visual",  # reasoning questions that need both streams
-    "av_conversations": "audio-visual",
-    "av_narratives": "audio-visual",
-}
 PLACEHOLDERS = {"video": "<video>\n", "audio": "<audio>\n", "audio-visual": "<video>\n<audio>\n"}
 
 
@@ -192,7 +182,7 @@ def world_av_turns(kind: str, split: str, n: int, seed: int) -> list[list[tuple[
         video_question,
     )
 
-    if WORLD_AV_KINDS[kind] == "audio":
+    if AV_WORLD_KINDS[kind] == "audio":
         sounds = [sounds_at(seed, split, i) for i in range(n)]
         if kind == "audio_captions":
             return [[(DESCRIBE_SOUND, audio_caption(s))] for s in sounds]
@@ -214,9 +204,9 @@ def world_av_turns(kind: str, split: str, n: int, seed: int) -> list[list[tuple[
 
 
 def world_av_conversations(kind: str, split: str, n: int, seed: int, frame_size: int) -> Samples:
-    """The av-chat samples of items ``0..n-1`` of a world kind (:data:`WORLD_AV_KINDS`; ``av_qa`` leaves
+    """The av-chat samples of items ``0..n-1`` of a world kind (:data:`AV_WORLD_KINDS`; ``av_qa`` leaves
     out the clips no audio-visual question fits); media rendered when drawn."""
-    streams = WORLD_AV_KINDS[kind]
+    streams = AV_WORLD_KINDS[kind]
     turns = world_av_turns(kind, split, n, seed)
     kept = [i for i, t in enumerate(turns) if t]  # av_qa: clips no audio-visual question fits are left out
     items = [
@@ -330,7 +320,7 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         )
     if source.kind == "videos":
         return world_videos(source.split, size, source.seed, source.image_size, source.world_languages)
-    if source.kind in WORLD_AV_KINDS:
+    if source.kind in AV_WORLD_KINDS:
         return world_av_conversations(source.kind, source.split, size, source.seed, source.image_size)
     if source.kind == "labelled":
         return world_labelled_images(

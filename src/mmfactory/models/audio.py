@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, WhisperConfig, WhisperFeatureExtractor
+from transformers import (
+    AutoConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfactory.config import ConfigError
@@ -76,7 +83,9 @@ def load_audio_tower(
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "whisper":
         raise ValueError(f"{path}: audio towers of type {config.model_type!r} are not supported (whisper)")
-    encoder = WhisperEncoder.from_pretrained(path, dtype=dtype)  # the checkpoint's encoder.* weights
+    # WhisperModel (encoder.*) or WhisperForConditionalGeneration (model.encoder.*): WhisperModel reads
+    # both layouts; its encoder half is kept
+    encoder = WhisperModel.from_pretrained(path, dtype=dtype).get_encoder()
     has_extractor = (path / "preprocessor_config.json").is_file()
     extractor = WhisperFeatureExtractor.from_pretrained(path) if has_extractor else log_mel_extractor(config)
     return encoder, extractor

@@ -14,8 +14,10 @@ audio tower and its projector::
 Each item fills its placeholder tokens (``<video>`` / ``<audio>``, expanded by the data layer) in reading
 order, with :func:`~mmfactory.models.mllm.merge_modal_embeddings`. Only the encoders a batch needs run, on
 the items that need them: a batch mixing visual-only, audio-only and audio-visual samples passes its
-videos' frames through the vision tower once and its audio clips through the audio tower once; the
-modality tokens that tell the LM which streams a sample carries are text (:mod:`mmfactory.data.av`).
+videos' frames through the vision tower in one call (a second one for images, when it has some) and its
+audio clips through the audio tower in one call; the modality tokens that tell the LM which streams a
+sample carries are text (:mod:`mmfactory.data.av`). In training, the trainable parts of an encoder a batch
+does not need get a zero gradient (so DDP finds every parameter used).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor
@@ -141,7 +144,21 @@ class AudioVisualLM(MultimodalLM):
         for token_id, name, values, encode in encoders:
             names[token_id] = name
             features[token_id] = encode(values) if values is not None and len(values) else []
-        return merge_modal_embeddings(embeds, input_ids, features, names)
+        embeds = merge_modal_embeddings(embeds, input_ids, features, names)
+        if self.training:  # a skipped encoder's trainable parts still get a (zero) gradient: DDP needs one
+            skipped = [
+                module
+                for used, module in (
+                    (len(features[cfg.image_token_id]) or len(features[cfg.video_token_id]), self.projector),
+                    (len(features[cfg.audio_token_id]), self.audio_tower),
+                    (len(features[cfg.audio_token_id]), self.audio_projector),
+                )
+                if not used
+            ]
+            touched = [p.sum() for m in skipped for p in m.parameters() if p.requires_grad]
+            if touched:
+                embeds = embeds + 0.0 * torch.stack(touched).sum().to(embeds.dtype)
+        return embeds
 
 
 AutoConfig.register(AudioVisualLMConfig.model_type, AudioVisualLMConfig)

@@ -3,8 +3,9 @@ audio-only and audio-visual conversations, the modality tokens telling it which 
 
 One task serves every stage; the stage's ``trainable`` patterns and data make the difference:
 
-* alignment per modality on video and audio captions: the projectors (and here the audio tower, which has
-  no pretrained checkpoint in the built-in world) train, ``["model.projector.*", "model.audio_*"]``;
+* alignment per modality on video and audio captions: the projectors train (``["model.projector.*",
+  "model.audio_projector.*"]`` with pretrained encoders and LM; ``av_llm/tiny`` also trains the audio tower,
+  which has no pretrained checkpoint in the built-in world, and the LM, which starts from scratch);
 * joint instruction tuning on the mixture (``data.train`` sources with ``weight`` s, the data layer's
   mixture), projectors and LM: ``["model.projector.*", "model.audio_projector.*", "model.language_model.*"]``.
 
@@ -22,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from mmfactory.config import ConfigError, StageConfig
-from mmfactory.data.av import AVChatDataset, AVProcessor
+from mmfactory.data.av import AUDIO_PREPROCESSOR_FILE, AVChatDataset, AVProcessor
 from mmfactory.data.chat import TemplateName
 from mmfactory.data.multimodal import MultimodalProcessor
 from mmfactory.data.sources import SourceConfig, check_fraction
@@ -142,7 +143,7 @@ class AudioVisualSFTTask(MultimodalSFTTask):
             self.model = AudioVisualLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
             image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
-            extractor = AVProcessor.from_pretrained(init_dir, self.model.config).feature_extractor
+            extractor = WhisperFeatureExtractor.from_json_file(str(init_dir / AUDIO_PREPROCESSOR_FILE))
         else:
             self.model, tokenizer, image_processor, extractor = build_audio_visual_lm(
                 self._resolve_parts(model_cfg)

@@ -25,7 +25,6 @@ from mmfactory.world.scenes import Scene, render_scene, scene_at
 from mmfactory.world.text import chat_samples
 from mmfactory.world.tokenizer import world_tokenizer
 from mmfactory.world.video import (
-    av_instruction,
     av_question,
     av_which_question,
     clip_at,
@@ -225,19 +224,6 @@ class World:
             if question is not None:
                 items.append({**self.video(split, i), **question})
         return items
-
-    def av_instructions(self, split: str, n: int, kind: str) -> list[dict]:
-        """A video (with its audio) plus ``"turns": [(question, answer), ...]`` of one instruction kind
-        (conversation, narrative, reasoning; :func:`~mmfactory.world.video.av_instruction`)."""
-        return [
-            {
-                **self.video(split, i),
-                "turns": av_instruction(
-                    self._clip(split, i), self.fps, item_rng(self.seed, "av-instruct", kind, split, i), kind
-                ),
-            }
-            for i in range(n)
-        ]
 
     def av_which(self, split: str, n: int) -> list[dict]:
         """Up to ``n`` videos (of the first ``n`` clips) with the zero-shot probe "Which object is making a

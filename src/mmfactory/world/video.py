@@ -296,7 +296,7 @@ def av_which_question(clip: Clip) -> dict | None:
     }
 
 
-AV_INSTRUCTION_KINDS = ("conversation", "narrative", "reasoning")
+AV_INSTRUCTION_KINDS = ("conversation", "narrative")  # the third kind, reasoning, is av_question
 
 
 def av_narrative(clip: Clip, fps: float) -> str:
@@ -323,16 +323,13 @@ def av_instruction(clip: Clip, fps: float, rng: np.random.Generator, kind: str) 
     * ``conversation``: 2-3 turns about what is seen and what is heard (a video question, a question about
       the audio track, in a random order, sometimes a brief description of the video first);
     * ``narrative``: one description of both streams that says which object makes which sound
-      (:func:`av_narrative`);
-    * ``reasoning``: one question that needs both streams (:func:`av_question`; none when no such
-      question fits the clip).
+      (:func:`av_narrative`).
+
+    The third kind, reasoning questions that need both streams, is :func:`av_question`.
     """
     sounds = clip_sounds(clip, fps)
     if kind == "narrative":
         return [(DESCRIBE_BOTH, av_narrative(clip, fps))]
-    if kind == "reasoning":
-        qa = av_question(clip, rng)
-        return [] if qa is None else [(qa["question"], qa["answer"])]
     if kind != "conversation":
         raise ValueError(f"unknown instruction kind {kind!r}; expected one of {AV_INSTRUCTION_KINDS}")
     seen, heard = video_question(clip, rng), audio_question(sounds, rng)
