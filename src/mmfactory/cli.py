@@ -128,6 +128,7 @@ def _generate_about_media(args: argparse.Namespace) -> int:
     import torch
 
     from mmfactory.data.media import load_audio, load_video
+    from mmfactory.data.readers.av_formats import VIDEO_FRAMES
     from mmfactory.eval.av import ask, load_av
     from mmfactory.eval.mllm import generate_replies
     from mmfactory.models.generation import GenerationConfig
@@ -136,8 +137,10 @@ def _generate_about_media(args: argparse.Namespace) -> int:
     rate = processor.feature_extractor.sampling_rate
     video = audio = None
     if args.video:
-        clip = load_video(args.video, processor.video_frames, with_audio=True, audio_sample_rate=rate)
-        video, audio = clip.frames, clip.audio
+        # as the file readers decode a video: up to VIDEO_FRAMES uniform frames; the processor samples its own
+        clip = load_video(args.video, VIDEO_FRAMES, with_audio=True, audio_sample_rate=rate)
+        video = clip.frames[: len(clip.frames) - clip.num_padded_frames]
+        audio = clip.audio
         if audio is None and not args.audio:
             print(f"{args.video} has no audio track: answering from the video alone")
     if args.audio:
