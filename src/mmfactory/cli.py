@@ -3,6 +3,8 @@
     mmfactory reproduce [--profile quick|full]         every method's claim in miniature: the claims table
     mmfactory report RUN_DIR [--out report.html]       one self-contained HTML report of a run folder
     mmfactory recipes                                  list the shipped recipes
+    mmfactory recipes show NAME [key=value]            a recipe resolved (overrides, defaults filled in)
+    mmfactory recipes cp NAME DEST                     copy a shipped recipe's YAML to edit
     mmfactory run lm/tiny [--output DIR] [key=value]   run a recipe's stages (resumes where it stopped)
     mmfactory generate --model DIR --prompt "..."      reply with a trained chat model
     mmfactory generate ... --image PNG                 ask a multimodal model about an image
@@ -32,9 +34,51 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     from mmfactory.config import load_recipe
     from mmfactory.recipes import list_recipes, resolve_recipe
 
+    if args.recipes_command == "show":
+        return _show_recipe(args)
+    if args.recipes_command == "cp":
+        return _copy_recipe(args)
     for name in list_recipes():
         recipe = load_recipe(resolve_recipe(name))
         print(f"{name:<24} {recipe.description}")
+    return 0
+
+
+def _show_recipe(args: argparse.Namespace) -> int:
+    """The recipe as a run would use it: overrides applied, every stage validated, defaults filled in."""
+    import yaml
+
+    from mmfactory.config import load_recipe, to_dict
+    from mmfactory.recipes import resolve_recipe
+    from mmfactory.tasks import validate_stage
+
+    recipe = load_recipe(resolve_recipe(args.name), args.overrides)
+    # every stage complete (defaults merged in), so the printed file runs as it reads: `mmfactory run FILE`
+    resolved = {key: value for key, value in to_dict(recipe).items() if key not in ("source", "defaults")}
+    for index, stage in enumerate(recipe.stages):
+        _, model_cfg, data_cfg, options = validate_stage(stage, index)  # the task's schemas, defaults filled
+        resolved["stages"][index].update(
+            model=to_dict(model_cfg), data=to_dict(data_cfg), options=to_dict(options)
+        )
+    print(f"# {args.name} resolved from {recipe.source}" + "".join(f" {o}" for o in args.overrides))
+    print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _copy_recipe(args: argparse.Namespace) -> int:
+    """The shipped YAML file as written (comments kept), to edit and run as ``mmfactory run DEST``."""
+    import shutil
+
+    from mmfactory.recipes import resolve_recipe
+
+    source, dest = resolve_recipe(args.name), Path(args.dest)
+    if dest.is_dir() or args.dest.endswith(("/", "\\")):
+        dest = dest / source.name
+    if dest.exists() and not args.force:
+        raise ConfigError(f"{dest} exists; pass --force to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    print(f"{args.name} -> {dest}")
     return 0
 
 
@@ -274,8 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes; show or copy one")
     p.set_defaults(func=_cmd_recipes)
+    recipes_sub = p.add_subparsers(dest="recipes_command")
+    show = recipes_sub.add_parser(
+        "show", help="print a recipe resolved: overrides applied, defaults filled in"
+    )
+    show.add_argument("name", help="a shipped name like llava/tiny, or a YAML path")
+    show.add_argument("overrides", nargs="*", help="key.path=value, as for run")
+    copy = recipes_sub.add_parser("cp", help="copy a shipped recipe's YAML (comments kept) to edit it")
+    copy.add_argument("name")
+    copy.add_argument("dest", help="a file or a folder")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     p = sub.add_parser("run", help="run a recipe (a shipped name like lm/tiny or a YAML path)")
     p.add_argument("recipe")
