@@ -12,6 +12,7 @@
     mmfactory generate --model DIR --prompt ... --out DIR   draw PNGs with a MARS (mars_t2i) model
     mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
                                                        (audio-visual models: video / audio / AV QA, captions)
+    mmfactory export RUN/STAGE --to llava-hf --out DIR  a multimodal model as transformers' LLaVA
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
 
 Several processes: ``torchrun --nproc_per_node N -m mmfactory.cli run ...`` or ``accelerate launch``.
@@ -284,6 +285,32 @@ def _cmd_filter_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A stage's model (``RUN/STAGE`` or its ``final/`` folder) in another library's format."""
+    import torch
+
+    from mmfactory.eval.mllm import load_mllm
+    from mmfactory.models.mllm import export_llava
+
+    folder = Path(args.model)
+    if (folder / "final").is_dir():
+        folder = folder / "final"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{args.model}: not a stage folder or a model folder (no config.json, no final/)")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "mmfactory_mllm":
+        raise ConfigError(
+            f"{folder}: --to llava-hf takes an mllm_sft model (model_type mmfactory_mllm), not {model_type!r}"
+        )
+    model, processor = load_mllm(folder)
+    try:
+        export_llava(model.to(torch.device("cpu")), processor, args.out)
+    except ValueError as error:
+        raise ConfigError(f"{folder}: {error}") from None
+    print(f"{folder} -> {args.out} (LlavaForConditionalGeneration + LlavaProcessor with the chat template)")
+    return 0
+
+
 def _cmd_world_export(args: argparse.Namespace) -> int:
     from mmfactory.world.export import export_world
 
@@ -407,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, help="fraction to keep, e.g. 0.3")
     p.add_argument("--threshold", type=float, help="keep every pair scoring at least this")
     p.set_defaults(func=_cmd_filter_select)
+
+    p = sub.add_parser("export", help="write a trained model in another library's format")
+    p.add_argument("model", help="a stage folder (RUN/STAGE) or a model folder (RUN/STAGE/final)")
+    p.add_argument("--to", required=True, choices=["llava-hf"], help="llava-hf: transformers' LLaVA")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=_cmd_export)
 
     world = sub.add_parser("world", help="the built-in procedural multimodal world")
     world_sub = world.add_subparsers(dest="world_command", required=True)

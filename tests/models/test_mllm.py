@@ -330,3 +330,28 @@ def test_left_padded_batched_generation_equals_one_by_one():
         )
         assert batched[i].tolist() == single[0].tolist()
     assert np.unique(batched.numpy()).size > 1  # not a degenerate constant output
+
+
+def test_export_command_writes_llava_hf_from_a_stage_folder(tmp_path, capsys):
+    from mmfactory.cli import main
+
+    model, tokenizer, image_processor = tiny_mllm()
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.normal_(std=0.5)
+    processor = MultimodalProcessor(tokenizer, image_processor, model.config.num_image_tokens)
+    stage = tmp_path / "run" / "instruct"
+    model.save_pretrained(stage / "final")
+    processor.save_pretrained(stage / "final")
+    assert main(["export", str(stage), "--to", "llava-hf", "--out", str(tmp_path / "hf")]) == 0
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    input_ids, mask, pixels = image_batch(model, [[1, -1, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            llava(input_ids=input_ids, pixel_values=pixels, attention_mask=mask).logits,
+            model(input_ids, pixels, mask).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert main(["export", str(tmp_path), "--to", "llava-hf", "--out", str(tmp_path / "x")]) == 2
+    assert "not a stage folder" in capsys.readouterr().err
