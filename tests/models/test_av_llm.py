@@ -341,3 +341,27 @@ def test_a_whisper_checkpoint_folder_loads_its_encoder_weights(tmp_path, head):
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert extractor.nb_max_frames == 100
+
+
+def test_the_dataset_counts_what_it_cannot_train():
+    from collections import Counter
+
+    from mmfactory.data.av import AVChatDataset
+    from mmfactory.data.samples import Samples
+
+    _, processor = tiny_av()
+    media = world_media(1)[0]
+    turn = [{"role": "user", "content": "<video>\\nq?"}, {"role": "assistant", "content": "a red star"}]
+    items = [{"id": "x", "messages": turn}]
+    full = len(processor.tokenize(turn).input_ids)
+    for max_length, key in (
+        (8, "train/skipped_media_cut"),
+        (full - 1, "train/truncated"),
+        (full, "train/samples"),
+    ):
+        counts = Counter()
+        dataset = AVChatDataset(Samples(items, lambda i: media), processor, max_length, counts)
+        assert counts[key] == 1 and len(dataset) == (key != "train/skipped_media_cut"), (
+            max_length,
+            dict(counts),
+        )

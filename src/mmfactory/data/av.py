@@ -35,7 +35,7 @@ from transformers import WhisperFeatureExtractor
 
 from mmfactory.data.chat import IGNORE_INDEX, TokenizedChat, collate_chats, generation_prompt, tokenize_chat
 from mmfactory.data.media import frame_indices
-from mmfactory.data.multimodal import MultimodalProcessor, expand_placeholders
+from mmfactory.data.multimodal import MultimodalProcessor, counted_fit, expand_placeholders
 from mmfactory.data.policy import BadReason, BadSampleError
 from mmfactory.data.samples import Samples
 
@@ -248,14 +248,10 @@ class AVChatDataset(Dataset):
         self.samples: list[tuple[int, TokenizedChat]] = []
         for index, item in enumerate(source.items):
             messages = item["messages"]
-            fitted = processor.fit(processor.tokenize(messages), max_length)
+            fit = processor.fit(processor.tokenize(messages), max_length)
+            fitted = counted_fit(fit, counts, split, "skipped_media_cut")
             if fitted is None:
-                counts[f"{split}/skipped_media_cut"] += 1
                 continue
-            if not fitted.has_targets:
-                counts[f"{split}/skipped_no_reply_tokens"] += 1
-                continue
-            counts[f"{split}/truncated"] += fitted.truncated
             counts[f"{split}/samples_{modality(messages) or 'text'}"] += 1
             self.samples.append((index, fitted))
         counts[f"{split}/samples"] = len(self.samples)

@@ -262,9 +262,16 @@ def fit_conversation(
             f"{where}: {placeholders // per_image} {processor.image_token} placeholders in the text for "
             f"{num_images} images"
         )
-    fitted = processor.fit(chat, max_length)
+    return counted_fit(processor.fit(chat, max_length), counts, split, "skipped_image_cut")
+
+
+def counted_fit(
+    fitted: TokenizedChat | None, counts: Counter[str], split: str, cut_key: str
+) -> TokenizedChat | None:
+    """A processor's ``fit`` result that can train, or None counted: ``{split}/{cut_key}`` (the cut fell
+    in or before a media span) or ``{split}/skipped_no_reply_tokens``; truncations are counted."""
     if fitted is None:
-        counts[f"{split}/skipped_image_cut"] += 1
+        counts[f"{split}/{cut_key}"] += 1
         return None
     if not fitted.has_targets:
         counts[f"{split}/skipped_no_reply_tokens"] += 1
