@@ -40,8 +40,9 @@ def _strings(node: Any) -> list[str]:
 
 
 def dependencies(stage: StageConfig, earlier: list[str]) -> list[str]:
-    """The earlier stages ``stage`` names anywhere in its configuration, in recipe order."""
-    named = set(_strings(to_dict(stage))) - {stage.name}
+    """The earlier stages ``stage`` names anywhere in its configuration (as ``STAGE`` or as a path
+    ``STAGE/...`` inside its output), in recipe order."""
+    named = {s.partition("/")[0] for s in _strings(to_dict(stage))} - {stage.name}
     return [name for name in earlier if name in named]
 
 

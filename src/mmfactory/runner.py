@@ -142,7 +142,10 @@ def run_recipe(
         earlier = [s.name for s in recipe.stages[:i]]
         references = {"init_from": stage.init_from, "options.teacher": getattr(options, "teacher", None)}
         for name, index, source in stage_sources(data_cfg):
-            references[f"data.{name}[{index}].keep_uids"] = source.keep_uids
+            stage_name = (source.keep_uids or "").partition("/")[0]  # keep_uids may name STAGE/keep-F
+            references[f"data.{name}[{index}].keep_uids"] = (
+                stage_name if stage_name in earlier else source.keep_uids
+            )
         for key, value in references.items():
             if value is not None and value not in earlier and not Path(value).expanduser().exists():
                 known = ", ".join(earlier) or "none"

@@ -61,6 +61,23 @@ RECIPE = {
             },
             "train": {"max_steps": 2},
         },
+        {
+            "name": "train_random_50",
+            "task": "image_text_contrastive",
+            "model": {"tiny": TINY_CLIP},
+            "data": {
+                "train": [
+                    {
+                        "format": "world",
+                        "kind": "web_pool",
+                        "size": 120,
+                        "keep_uids": "filter_random/keep-0.5",
+                    }
+                ],
+                "eval": [],
+            },
+            "train": {"max_steps": 2},
+        },
     ],
 }
 
@@ -105,6 +122,16 @@ def test_a_later_stage_trains_on_exactly_the_kept_pairs(run):
     assert data["train/web_pool_misaligned"] == sum(not truth[uid] for uid in kept)
 
 
+def test_a_later_stage_trains_on_the_selection_at_a_reported_fraction(run):
+    kept = (run / "filter_random/final/keep-0.5/kept_uids.txt").read_text().split()
+    ranked = sorted(world_web_pool(120, 0.5), key=lambda p: (-_random_score(p["uid"]), p["uid"]))
+    assert kept == sorted(p["uid"] for p in ranked[:60])
+    data = json.loads((run / "train_random_50/DONE").read_text())["data"]
+    assert data["train/web_pool_kept"] == 60 == data["train/images"]
+    upstream = json.loads((run / "train_random_50/DONE").read_text())["lineage"]["upstream"]
+    assert list(upstream) == ["filter_random"]
+
+
 def test_the_matching_stage_learns_with_frozen_towers_and_filters_by_its_logit(run):
     records = [json.loads(line) for line in (run / "itm/metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -120,12 +147,15 @@ def test_the_matching_stage_learns_with_frozen_towers_and_filters_by_its_logit(r
 
 
 def test_keep_uids_naming_nothing_is_refused_before_anything_trains(tmp_path, capsys):
-    recipe = {**RECIPE, "stages": [RECIPE["stages"][0], RECIPE["stages"][-1]]}
+    recipe = {**RECIPE, "stages": [RECIPE["stages"][0], RECIPE["stages"][-2]]}
     out = tmp_path / "run"
     assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "stages[1].data.train[0].keep_uids: 'filter_random' is neither an earlier stage" in err
     assert not (out / "clip").exists()
+    recipe["stages"][1] = RECIPE["stages"][-1]
+    assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 2
+    assert "keep_uids: 'filter_random/keep-0.5' is neither an earlier stage" in capsys.readouterr().err
 
 
 def test_pool_sources_refuse_uids_from_another_pool_and_keys_of_other_kinds(tmp_path):

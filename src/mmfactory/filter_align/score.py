@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mmfactory.atomic import write_atomic
 from mmfactory.filter_align.pool import Shard, decode_item, pool_shards, shard_items
-from mmfactory.tasks.image_text import tokenize_for_clip
+from mmfactory.tasks.reward import tokenize_texts
 
 SCHEMA = pa.schema([("uid", pa.string()), ("score", pa.float64()), ("status", pa.string())])
 
@@ -87,12 +87,12 @@ class PairScorer:
             self.model = ImageTextScorer(clip, None)
         self.model.to(self.device).eval()
         self.scorer = scorer
-        self.max_length = self.model.clip.config.text_config.max_position_embeddings
+        self.max_length = self.model.max_text_length
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray], texts: list[str], uids: list[str]) -> np.ndarray:
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        tokens = tokenize_for_clip(self.tokenizer, texts, self.max_length)
+        tokens = tokenize_texts(self.model, self.tokenizer, texts, self.max_length)
         image = self.model.embed_images(pixels)
         text = self.model.embed_texts(
             tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)

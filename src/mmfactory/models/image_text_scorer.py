@@ -11,8 +11,14 @@ zero, so a fresh scorer ranks exactly as the CLIP cosine and learns what the cos
   attention to the vision tower's patch states (projected) and an FFN; the first token's output is scored.
   It sees which patch holds which colour and shape, which a global embedding may not carry.
 
+The text side is CLIP's text tower, or any transformers text encoder (:class:`SentenceEncoder`, e.g. a
+sentence-transformers folder such as all-MiniLM-L6-v2, its pooling honoured) whose pooled output a learnt
+linear map projects to CLIP's width; the cosine term then starts untrained.
+
 Saved as the CLIP folder (``CLIPModel.from_pretrained`` reads it) plus ``reward_head.safetensors`` and
-``reward_head.json`` (:func:`load_scorer`; a ``reward_head.json`` without ``fusion`` is an ``mlp`` head).
+``reward_head.json`` (:func:`load_scorer`; a ``reward_head.json`` without ``fusion`` is an ``mlp`` head);
+a separate text encoder in ``text_encoder/`` (its own ``from_pretrained`` folder and tokenizer, with
+``projection.safetensors``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
+TEXT_ENCODER, PROJECTION = "text_encoder", "projection.safetensors"
 FUSIONS = ("mlp", "cross")
+POOLINGS = ("mean", "cls", "max")
 
 
 @dataclass
@@ -94,6 +102,60 @@ class CrossFusion(nn.Module):
         return self.out(self.norm(x[:, 0])).squeeze(-1)
 
 
+def sentence_pooling(folder: Path) -> str:
+    """The pooling a sentence-transformers folder declares (``1_Pooling/config.json``); ``mean`` when it
+    declares none (a plain transformers encoder)."""
+    config = folder / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return "mean"
+    modes = json.loads(config.read_text())
+    for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens")):
+        if modes.get(key):
+            return mode
+    if modes.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    raise ValueError(f"{config}: a pooling other than mean, cls or max is not supported")
+
+
+class SentenceEncoder(nn.Module):
+    """A transformers text encoder and its tokenizer as the scorer's text side: ``(input_ids,
+    attention_mask [N, T]) -> Encoded(embedding [N, D], tokens [N, T, H], mask)``, the embedding being
+    ``normalize(W pool(tokens))`` with ``pool`` the masked mean, the first token or the masked max
+    (sentence-transformers' modes)."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, pooling: str, dim: int):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: {pooling!r}; expected one of {POOLINGS}")
+        self.encoder, self.tokenizer, self.pooling = encoder, tokenizer, pooling
+        self.projection = nn.Linear(encoder.config.hidden_size, dim)
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask [B, L]``: the tokenizer's own special tokens, right-padded."""
+        encoded = self.tokenizer(
+            list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The encoder's and tokenizer's own folder plus ``projection.safetensors``."""
+        self.encoder.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()}
+        save_file(weights, folder / PROJECTION)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Encoded:
+        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        elif self.pooling == "max":
+            pooled = tokens.masked_fill(mask == 0, torch.finfo(tokens.dtype).min).amax(1)
+        else:
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return Encoded(F.normalize(self.projection(pooled), dim=-1), tokens, attention_mask)
+
+
 @dataclass
 class HeadConfig:
     fusion: str = "mlp"
@@ -127,17 +189,27 @@ class ScorerHead(nn.Module):
 
 
 class ImageTextScorer(nn.Module):
-    """CLIP + :class:`ScorerHead` (``head`` None: the cosine alone is meaningful)."""
+    """CLIP + :class:`ScorerHead` (``head`` None: the cosine alone is meaningful); ``text_side``: a
+    :class:`SentenceEncoder` in place of CLIP's text tower."""
 
-    def __init__(self, clip, head: ScorerHead | None):
+    def __init__(self, clip, head: ScorerHead | None, text_side: SentenceEncoder | None = None):
         super().__init__()
-        self.clip, self.head = clip, head
+        self.clip, self.head, self.text_side = clip, head, text_side
+
+    @property
+    def max_text_length(self) -> int:
+        """The text side's positions."""
+        if self.text_side is not None:
+            return self.text_side.encoder.config.max_position_embeddings
+        return self.clip.config.text_config.max_position_embeddings
 
     def embed_images(self, pixel_values: Tensor) -> Encoded:
         out = self.clip.get_image_features(pixel_values=pixel_values)
         return Encoded(F.normalize(out.pooler_output, dim=-1), out.last_hidden_state)
 
     def embed_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Encoded:
+        if self.text_side is not None:
+            return self.text_side(input_ids, attention_mask)
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return Encoded(F.normalize(out.pooler_output, dim=-1), out.last_hidden_state, attention_mask)
 
@@ -148,20 +220,41 @@ class ImageTextScorer(nn.Module):
         self.clip.save_pretrained(folder)
         weights = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(weights, folder / HEAD_WEIGHTS)
-        (folder / HEAD_CONFIG).write_text(json.dumps(vars(self.head.config), indent=1))
+        config = {**vars(self.head.config)}
+        if self.text_side is not None:
+            self.text_side.save_pretrained(folder / TEXT_ENCODER)
+            config["text_pooling"] = self.text_side.pooling
+        (folder / HEAD_CONFIG).write_text(json.dumps(config, indent=1))
 
 
-def head_config_for(clip, fusion: str, hidden: int, layers: int, heads: int) -> HeadConfig:
-    """The head's shapes for a CLIP model's towers."""
+def head_config_for(
+    clip, fusion: str, hidden: int, layers: int, heads: int, text_side: SentenceEncoder | None = None
+) -> HeadConfig:
+    """The head's shapes for a CLIP model's towers (and a separate text side's width)."""
+    text = text_side.encoder.config if text_side is not None else clip.config.text_config
     return HeadConfig(
         fusion,
         clip.config.projection_dim,
         hidden,
         layers,
         heads,
-        clip.config.text_config.hidden_size,
+        text.hidden_size,
         clip.config.vision_config.hidden_size,
     )
+
+
+def load_text_side(folder: Path, pooling: str, dim: int) -> SentenceEncoder:
+    """The text encoder of a local folder (``AutoModel`` and ``AutoTokenizer`` read it) with a fresh
+    projection to ``dim``, or the saved one when the folder has ``projection.safetensors``; ``pooling``
+    ``auto``: the folder's sentence-transformers pooling (:func:`sentence_pooling`)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    pooling = sentence_pooling(folder) if pooling == "auto" else pooling
+    side = SentenceEncoder(encoder, tokenizer, pooling, dim)
+    if (folder / PROJECTION).is_file():
+        side.projection.load_state_dict(load_file(folder / PROJECTION))
+    return side
 
 
 def load_scorer(folder: str | Path):
@@ -179,6 +272,11 @@ def load_scorer(folder: str | Path):
     weights = load_file(folder / HEAD_WEIGHTS)
     if "fusion" not in config:  # saved before the cross head existed: an MLP head at the top level
         weights = {k if k == "cosine_scale" else f"fusion.{k}": v for k, v in weights.items()}
+    text_side = None
+    if "text_pooling" in config:
+        text_side = load_text_side(
+            folder / TEXT_ENCODER, config.pop("text_pooling"), clip.config.projection_dim
+        )
     head = ScorerHead(HeadConfig(**config), 0.0)
     head.load_state_dict(weights)
-    return ImageTextScorer(clip, head).eval(), tokenizer, image_processor
+    return ImageTextScorer(clip, head, text_side).eval(), tokenizer, image_processor

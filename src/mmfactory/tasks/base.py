@@ -44,6 +44,14 @@ class StageContext:
             )
         return path
 
+    def stage_path(self, reference: str) -> Path | None:
+        """``reference`` inside an earlier stage's ``final/``: ``STAGE`` (the folder) or ``STAGE/SUB/PATH``;
+        None when it names no earlier stage (it is then a plain path)."""
+        stage, _, rest = reference.partition("/")
+        if stage not in self.stage_outputs:
+            return None
+        return self.stage_outputs[stage] / rest if rest else self.stage_outputs[stage]
+
 
 class TrainingTask(nn.Module):
     """Base class of every task. Subclasses declare their config schemas and implement the hooks.
@@ -93,11 +101,11 @@ class TrainingTask(nn.Module):
         return read_sources(sources, self.sample_kind, counts, split, cfg.max_bad_fraction, seed, report)
 
     def resolve_source(self, source):
-        """``source`` with a ``keep_uids`` that names an earlier stage read from that stage's
-        ``final/kept_uids.txt`` (a ``pool_filter`` stage's selection)."""
-        if source.keep_uids in self.ctx.stage_outputs:
-            kept = self.ctx.stage_outputs[source.keep_uids] / "kept_uids.txt"
-            return dataclasses.replace(source, keep_uids=str(kept))
+        """``source`` with a ``keep_uids`` that names an earlier stage (``STAGE``, or ``STAGE/keep-F`` for a
+        ``pool_filter`` stage's selection at another fraction) read from that folder's ``kept_uids.txt``."""
+        folder = None if source.keep_uids is None else self.ctx.stage_path(source.keep_uids)
+        if folder is not None:
+            return dataclasses.replace(source, keep_uids=str(folder / "kept_uids.txt"))
         return source
 
     def train_lengths(self) -> list[int] | None:

@@ -32,9 +32,8 @@ from mmfactory.tasks.image_text import (
     ImageCaptionDataset,
     ImageTextDataConfig,
     clip_pixel_values,
-    tokenize_for_clip,
 )
-from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder
+from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder, tokenize_texts
 
 
 @dataclass
@@ -79,9 +78,7 @@ class ImageTextMatchingTask(TrainingTask):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         init_dir = ctx.resolve_init(stage.init_from)
         self.model, self.tokenizer, self.image_processor = build_scorer(model_cfg, init_dir)
-        self.max_text_length = (
-            data_cfg.max_text_length or self.model.clip.config.text_config.max_position_embeddings
-        )
+        self.max_text_length = data_cfg.max_text_length or self.model.max_text_length
         self.counts: Counter[str] = Counter()
         self._sources: dict[str, ImageCaptions] = {}
 
@@ -105,7 +102,7 @@ class ImageTextMatchingTask(TrainingTask):
             "pixel_values": clip_pixel_values(
                 self.image_processor, [s["image"] for s in samples], self.data_cfg.pad_square
             ),
-            **tokenize_for_clip(self.tokenizer, captions, self.max_text_length),
+            **tokenize_texts(self.model, self.tokenizer, captions, self.max_text_length),
             "same": torch.tensor([[a == b for b in captions] for a in captions]),
         }
 

@@ -1,13 +1,15 @@
 """Filter & Align's curation step as a stage, the ``pool_filter`` task: score a pool of image-text pairs
 with an earlier stage's model and keep its top fraction, so later stages can train on the selection
-(``{format: world, kind: web_pool, keep_uids: THIS_STAGE}``). It trains nothing.
+(``{format: world, kind: web_pool, keep_uids: THIS_STAGE}``; the selection at a ``report_keeps`` fraction
+``f``: ``keep_uids: THIS_STAGE/keep-f``, e.g. ``filter_reward/keep-0.15``). It trains nothing.
 
 The scoring is :func:`~mmfactory.filter_align.score.score_pool` into ``scores/`` of the stage folder
 (resumable; under several processes each scores its own shards) and the selection
 :func:`~mmfactory.filter_align.select.select_top`; ``final/`` holds the selection (``kept_uids.txt``,
-``kept.parquet``, ``selection.json``). Scorers: ``reward`` (the ``init_from`` model's head: a reward model,
-or an image-text matching model's match logit, BLIP-score), ``cosine`` (CLIP score of the ``init_from``
-model's embeddings) and ``random`` (no model).
+``kept.parquet``, ``selection.json``) and, in ``keep-{f}/``, the selection at each ``report_keeps``
+fraction. Scorers: ``reward`` (the ``init_from`` model's head: a reward model, or an image-text matching
+model's match logit, BLIP-score), ``cosine`` (CLIP score of the ``init_from`` model's embeddings) and
+``random`` (no model).
 
 On the world's pool (``world:N[:BAD]``) the hidden truth measures the filter as a detector of misaligned
 pairs, at ``keep`` and at every ``report_keeps`` fraction ``f`` (metric prefix ``keep{100 f}_``): of the pairs
@@ -157,3 +159,5 @@ class PoolFilterTask(TrainingTask):
     def save_pretrained(self, out_dir: Path) -> None:
         for name in SELECTION_FILES:
             shutil.copy2(self.selection_dir(self.options.keep) / name, out_dir / name)
+        for fraction in self.options.report_keeps:
+            shutil.copytree(self.selection_dir(fraction), out_dir / self.selection_dir(fraction).name)

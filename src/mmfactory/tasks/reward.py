@@ -35,12 +35,14 @@ from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
+from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.image_text_scorer import (
     HEAD_CONFIG,
     ImageTextScorer,
     ScorerHead,
     head_config_for,
     load_scorer,
+    load_text_side,
 )
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.tasks.image_text import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
@@ -52,6 +54,10 @@ class RewardModelSpec(CLIPSpec):
     the fusion head."""
 
     fusion: Literal["mlp", "cross"] = "mlp"  # mmfactory.models.image_text_scorer
+    # the text side: None = CLIP's text tower; else a transformers text encoder (local folder or hub id,
+    # e.g. sentence-transformers/all-MiniLM-L6-v2) pooled by text_pooling (auto: the folder's own pooling)
+    text_encoder: str | None = None
+    text_pooling: Literal["auto", "mean", "cls", "max"] = "auto"
     head_hidden: int = 256  # the MLP's hidden width, or the cross head's width
     head_layers: int = 2  # cross: image-grounded blocks
     head_heads: int = 4  # cross: attention heads
@@ -99,17 +105,30 @@ class RewardOptions:
 
 def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
     """``(scorer, tokenizer, image_processor)``: a saved scorer from ``init_dir``, or a CLIP (``init_dir``,
-    or ``model_cfg``'s) with a fresh head."""
+    or ``model_cfg``'s) with a fresh head (and ``text_encoder`` as the text side with a fresh projection);
+    the tokenizer is the CLIP's."""
     if init_dir is not None and (init_dir / HEAD_CONFIG).is_file():
         return load_scorer(init_dir)
     clip, tokenizer, image_processor = load_clip(model_cfg, init_dir)
-    m = model_cfg
-    config = head_config_for(clip, m.fusion, m.head_hidden, m.head_layers, m.head_heads)
-    return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale)), tokenizer, image_processor
+    m, text_side = model_cfg, None
+    if m.text_encoder is not None:
+        folder = resolve_model_folder(m.text_encoder, "text_encoder")
+        text_side = load_text_side(folder, m.text_pooling, clip.config.projection_dim)
+    config = head_config_for(clip, m.fusion, m.head_hidden, m.head_layers, m.head_heads, text_side)
+    return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale), text_side), tokenizer, image_processor
+
+
+def tokenize_texts(model: ImageTextScorer, tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask [B, L]`` for the scorer's text side: CLIP's tower (``tokenizer``
+    is CLIP's) pools at an EOS (:func:`~mmfactory.tasks.image_text.tokenize_for_clip`); a separate encoder
+    tokenizes with its own tokenizer."""
+    if model.text_side is None:
+        return tokenize_for_clip(tokenizer, texts, max_length)
+    return model.text_side.tokenize(texts, max_length)
 
 
 def save_scorer_folder(task: TrainingTask, out_dir: Path) -> None:
-    """A scorer task's ``final/``: the scorer, its tokenizer and its image processor."""
+    """A scorer task's ``final/``: the scorer, its (CLIP's) tokenizer and its image processor."""
     task.model.save_pretrained(out_dir)
     task.tokenizer.save_pretrained(out_dir)
     task.image_processor.save_pretrained(out_dir)
@@ -147,9 +166,7 @@ class ImageTextRewardTask(TrainingTask):
         self.model, self.tokenizer, self.image_processor = build_scorer(
             model_cfg, ctx.resolve_init(stage.init_from)
         )
-        self.max_text_length = (
-            data_cfg.max_text_length or self.model.clip.config.text_config.max_position_embeddings
-        )
+        self.max_text_length = data_cfg.max_text_length or self.model.max_text_length
         self.counts: Counter[str] = Counter()
         self._data: dict[str, RankedPairs | None] = {}
 
@@ -187,7 +204,8 @@ class ImageTextRewardTask(TrainingTask):
         images = [s["image"] for s in samples]
         batch = {"pixel_values": clip_pixel_values(self.image_processor, images, self.data_cfg.pad_square)}
         for side in ("chosen", "rejected"):
-            tokens = tokenize_for_clip(self.tokenizer, [s[side] for s in samples], self.max_text_length)
+            texts = [s[side] for s in samples]
+            tokens = tokenize_texts(self.model, self.tokenizer, texts, self.max_text_length)
             batch.update({f"{side}_{k}": v for k, v in tokens.items()})
         batch["target"] = torch.tensor([s["target"] for s in samples], dtype=torch.float32)
         return batch
