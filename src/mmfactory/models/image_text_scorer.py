@@ -12,13 +12,13 @@ zero, so a fresh scorer ranks exactly as the CLIP cosine and learns what the cos
   It sees which patch holds which colour and shape, which a global embedding may not carry.
 
 The text side is CLIP's text tower, or any transformers text encoder (:class:`SentenceEncoder`, e.g. a
-sentence-transformers folder such as all-MiniLM-L6-v2, its pooling honoured) whose pooled output a learnt
-linear map projects to CLIP's width; the cosine term then starts untrained.
+sentence-transformers folder such as all-MiniLM-L6-v2, its pooling honoured) whose pooled output the head's
+``text_projection`` (a linear map, part of the head, so it trains whenever the head does) takes to CLIP's
+width; the cosine term then starts untrained.
 
 Saved as the CLIP folder (``CLIPModel.from_pretrained`` reads it) plus ``reward_head.safetensors`` and
 ``reward_head.json`` (:func:`load_scorer`; a ``reward_head.json`` without ``fusion`` is an ``mlp`` head);
-a separate text encoder in ``text_encoder/`` (its own ``from_pretrained`` folder and tokenizer, with
-``projection.safetensors``).
+a separate text encoder in ``text_encoder/`` (its own ``from_pretrained`` folder and tokenizer).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
-TEXT_ENCODER, PROJECTION = "text_encoder", "projection.safetensors"
+TEXT_ENCODER = "text_encoder"
 FUSIONS = ("mlp", "cross")
 POOLINGS = ("mean", "cls", "max")
 
@@ -119,16 +119,14 @@ def sentence_pooling(folder: Path) -> str:
 
 class SentenceEncoder(nn.Module):
     """A transformers text encoder and its tokenizer as the scorer's text side: ``(input_ids,
-    attention_mask [N, T]) -> Encoded(embedding [N, D], tokens [N, T, H], mask)``, the embedding being
-    ``normalize(W pool(tokens))`` with ``pool`` the masked mean, the first token or the masked max
-    (sentence-transformers' modes)."""
+    attention_mask [N, T]) -> (pooled [N, H], tokens [N, T, H])``, ``pooled`` being the masked mean, the
+    first token or the masked max of the last hidden states (sentence-transformers' modes)."""
 
-    def __init__(self, encoder: nn.Module, tokenizer, pooling: str, dim: int):
+    def __init__(self, encoder: nn.Module, tokenizer, pooling: str):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling: {pooling!r}; expected one of {POOLINGS}")
         self.encoder, self.tokenizer, self.pooling = encoder, tokenizer, pooling
-        self.projection = nn.Linear(encoder.config.hidden_size, dim)
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
         """``input_ids`` and ``attention_mask [B, L]``: the tokenizer's own special tokens, right-padded."""
@@ -138,13 +136,11 @@ class SentenceEncoder(nn.Module):
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def save_pretrained(self, folder: Path) -> None:
-        """The encoder's and tokenizer's own folder plus ``projection.safetensors``."""
+        """The encoder's and tokenizer's own folder."""
         self.encoder.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()}
-        save_file(weights, folder / PROJECTION)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Encoded:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
         if self.pooling == "cls":
@@ -153,7 +149,7 @@ class SentenceEncoder(nn.Module):
             pooled = tokens.masked_fill(mask == 0, torch.finfo(tokens.dtype).min).amax(1)
         else:
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return Encoded(F.normalize(self.projection(pooled), dim=-1), tokens, attention_mask)
+        return pooled, tokens
 
 
 @dataclass
@@ -163,12 +159,14 @@ class HeadConfig:
     hidden: int = 256
     layers: int = 2  # cross only
     heads: int = 4  # cross only
-    text_width: int = 64  # cross only: the text tower's hidden size
+    text_width: int = 64  # the text tower's hidden size (cross, text_projection)
     image_width: int = 64  # cross only: the vision tower's hidden size
+    text_projection: bool = False  # a separate text side: its pooled width (text_width) -> dim
 
 
 class ScorerHead(nn.Module):
-    """``s * cos(i, t) + fusion(i, t)``: ``(Encoded image, Encoded text) -> [N]`` scores."""
+    """``s * cos(i, t) + fusion(i, t)``: ``(Encoded image, Encoded text) -> [N]`` scores; with
+    ``text_projection``, also the map of a separate text side's pooled states to the embedding width."""
 
     def __init__(self, config: HeadConfig, cosine_scale: float):
         super().__init__()
@@ -182,6 +180,8 @@ class ScorerHead(nn.Module):
             self.fusion = CrossFusion(
                 config.text_width, config.image_width, config.hidden, config.layers, config.heads
             )
+        if config.text_projection:
+            self.text_projection = nn.Linear(config.text_width, config.dim)
 
     def forward(self, image: Encoded, text: Encoded) -> Tensor:
         cosine = (image.embedding * text.embedding).sum(-1)
@@ -209,7 +209,8 @@ class ImageTextScorer(nn.Module):
 
     def embed_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Encoded:
         if self.text_side is not None:
-            return self.text_side(input_ids, attention_mask)
+            pooled, tokens = self.text_side(input_ids, attention_mask)
+            return Encoded(F.normalize(self.head.text_projection(pooled), dim=-1), tokens, attention_mask)
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return Encoded(F.normalize(out.pooler_output, dim=-1), out.last_hidden_state, attention_mask)
 
@@ -240,21 +241,17 @@ def head_config_for(
         heads,
         text.hidden_size,
         clip.config.vision_config.hidden_size,
+        text_side is not None,
     )
 
 
-def load_text_side(folder: Path, pooling: str, dim: int) -> SentenceEncoder:
-    """The text encoder of a local folder (``AutoModel`` and ``AutoTokenizer`` read it) with a fresh
-    projection to ``dim``, or the saved one when the folder has ``projection.safetensors``; ``pooling``
+def load_text_side(folder: Path, pooling: str) -> SentenceEncoder:
+    """The text encoder of a local folder (``AutoModel`` and ``AutoTokenizer`` read it); ``pooling``
     ``auto``: the folder's sentence-transformers pooling (:func:`sentence_pooling`)."""
     from transformers import AutoModel, AutoTokenizer
 
     encoder, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    pooling = sentence_pooling(folder) if pooling == "auto" else pooling
-    side = SentenceEncoder(encoder, tokenizer, pooling, dim)
-    if (folder / PROJECTION).is_file():
-        side.projection.load_state_dict(load_file(folder / PROJECTION))
-    return side
+    return SentenceEncoder(encoder, tokenizer, sentence_pooling(folder) if pooling == "auto" else pooling)
 
 
 def load_scorer(folder: str | Path):
@@ -274,9 +271,7 @@ def load_scorer(folder: str | Path):
         weights = {k if k == "cosine_scale" else f"fusion.{k}": v for k, v in weights.items()}
     text_side = None
     if "text_pooling" in config:
-        text_side = load_text_side(
-            folder / TEXT_ENCODER, config.pop("text_pooling"), clip.config.projection_dim
-        )
+        text_side = load_text_side(folder / TEXT_ENCODER, config.pop("text_pooling"))
     head = ScorerHead(HeadConfig(**config), 0.0)
     head.load_state_dict(weights)
     return ImageTextScorer(clip, head, text_side).eval(), tokenizer, image_processor

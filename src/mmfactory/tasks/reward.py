@@ -105,7 +105,7 @@ class RewardOptions:
 
 def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
     """``(scorer, tokenizer, image_processor)``: a saved scorer from ``init_dir``, or a CLIP (``init_dir``,
-    or ``model_cfg``'s) with a fresh head (and ``text_encoder`` as the text side with a fresh projection);
+    or ``model_cfg``'s) with a fresh head (and ``text_encoder`` as the text side, the head projecting it);
     the tokenizer is the CLIP's."""
     if init_dir is not None and (init_dir / HEAD_CONFIG).is_file():
         return load_scorer(init_dir)
@@ -113,7 +113,7 @@ def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
     m, text_side = model_cfg, None
     if m.text_encoder is not None:
         folder = resolve_model_folder(m.text_encoder, "text_encoder")
-        text_side = load_text_side(folder, m.text_pooling, clip.config.projection_dim)
+        text_side = load_text_side(folder, m.text_pooling)
     config = head_config_for(clip, m.fusion, m.head_hidden, m.head_layers, m.head_heads, text_side)
     return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale), text_side), tokenizer, image_processor
 
