@@ -159,7 +159,7 @@ class SourceConfig:
             raise ConfigError(f"kind: format 'world' {what} ({hint})")
         if self.format == "world" and self.kind in ENGLISH_ONLY and self.languages not in (None, ["en"]):
             raise ConfigError(f"languages: the world's {self.kind} samples are English only")
-        if self.format == "world" and self.offset and self.kind != "articles":
+        if self.format == "world" and self.offset and self.kind not in ("articles", "article_requests"):
             raise ConfigError(f"offset: only the world's articles start at an offset, not its {self.kind}")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
@@ -243,6 +243,7 @@ WORLD_KINDS: dict[str, tuple[SampleKind, ...]] = {
     "preference": ("preference",),  # image pairs: faithful vs hallucinated descriptions and answers
     "article_preference": ("preference",),  # SAG C-DPO notes, languages in turn
     "articles": ("article",),
+    "article_requests": ("article", "chat"),  # articles as a seller's message: NoteBench input, LLM chats
     "rankings": ("ranking",),  # every caption kind of a scene, graded, ranked (rank 1 best, ties)
     "web_pool": ("image-text", "image-chat"),  # Filter & Align's noisy pool (a filter's selection)
     **{kind: ("av-chat",) for kind in AV_WORLD_KINDS},  # Audio-Visual LLM's (data.world_source)

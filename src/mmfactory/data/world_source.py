@@ -8,7 +8,9 @@ captioned in every language x detail level), ``videos`` (video-text: clips with 
 language), ``labelled`` (labelled-image: scenes of 1..``max_objects`` objects labelled by ``shape`` or
 ``count``), ``preference`` (image pairs: faithful vs hallucinated descriptions and answers),
 ``article_preference`` (text pairs: SAG's faithful vs hallucinated notes, languages in turn) and
-``articles`` (SAG fact sets, each in every language), the av-chat kinds of :data:`AV_WORLD_KINDS`
+``articles`` (SAG fact sets, each in every language), ``article_requests`` (the same articles given as a
+seller's free-form message: article samples, or chats drafting from the message), the av-chat kinds of
+:data:`AV_WORLD_KINDS`
 (visual-only ``video_captions`` / ``video_qa``, audio-only ``audio_captions`` / ``audio_qa`` on separate
 audio clips, audio-visual ``av_qa`` (reasoning that needs both), ``av_conversations`` and ``av_narratives``:
 Audio-Visual LLM's three kinds of video instruction data, English), ``web_pool`` (Filter & Align's noisy
@@ -272,6 +274,31 @@ def world_articles(split: str, n: int, seed: int, languages: Sequence[str], offs
     return Samples([article(seed, split, i, lang) for i in range(offset, offset + n) for lang in languages])
 
 
+def world_article_requests(
+    kind: SampleKind, split: str, n: int, seed: int, languages: Sequence[str], offset: int = 0
+) -> Samples | ImageConversations:
+    """Articles ``offset .. offset + n - 1`` whose ``input`` is a seller's free-form message of their facts
+    (:func:`mmfactory.world.articles.request_article`): as ``article`` samples (a NoteBench split whose
+    input is not the fact list), or as ``chat`` samples, the message under the drafting instruction
+    answered by the neutral draft (the frozen LLM's instruction tuning)."""
+    from mmfactory.world.articles import request_article
+    from mmfactory.world.text import INSTRUCTIONS
+
+    articles = [
+        request_article(seed, split, i, lang) for i in range(offset, offset + n) for lang in languages
+    ]
+    if kind == "article":
+        return Samples(articles)
+    messages = [
+        [
+            {"role": "user", "content": INSTRUCTIONS[a["lang"]]["facts_to_draft"] + a["input"]},
+            {"role": "assistant", "content": a["draft"]},
+        ]
+        for a in articles
+    ]
+    return ImageConversations(messages, [0] * len(messages), partial(operator.getitem, [[]] * len(messages)))
+
+
 def read_uid_list(path: str | Path) -> set[str]:
     """The uids of a uid file (one per line, as ``mmfactory filter select`` and DataComp write them)."""
     path = Path(path).expanduser()
@@ -334,6 +361,10 @@ def read_world(source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, co
         return world_rankings(source.split, size, source.seed, source.image_size)
     if source.kind == "articles":
         return world_articles(source.split, size, source.seed, source.world_languages, source.offset)
+    if source.kind == "article_requests":
+        return world_article_requests(
+            kind, source.split, size, source.seed, source.world_languages, source.offset
+        )
     if source.kind == "scenes":
         return world_image_captions(
             source.split, size, source.seed, source.image_size, source.world_languages, source.details

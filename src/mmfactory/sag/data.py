@@ -1,10 +1,12 @@
 """SAG prompts: how the facts, drafts and styled articles of ``article`` samples (read by the data-source
 layer) become the user turns of the frozen LLM and of the stylist, and C-DPO's hallucinated negatives.
 
-An article is ``{"id", "lang", "facts": {attribute: value}, "draft", "reference"}`` (the JSONL format of
-docs/formats.md; world articles also carry ``"variants"``). ``draft`` is the neutral text and
-``reference`` the styled article. Styled-only corpora may leave ``draft`` out (the frozen LLM writes it
-from the reference) and ``facts`` out (no fact check or C-DPO negatives are possible then).
+An article is ``{"id", "lang", "facts": {attribute: value}, "draft", "reference"}`` and optionally
+``"input"`` (the JSONL format of docs/formats.md; world articles also carry ``"variants"``). ``draft`` is
+the neutral text, ``reference`` the styled article and ``input`` free text the systems are given instead of
+the fact list (a seller's message, say), the facts staying what the article is checked against. Styled-only
+corpora may leave ``draft`` out (the frozen LLM writes it from the reference) and ``facts`` out (no fact
+check or C-DPO negatives are possible then).
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def render_facts(facts: dict[str, str]) -> str:
 
 
 def fill(templates: dict[str, str], article: dict[str, Any], /, **fields: str) -> str:
-    """The template of the article's language filled with ``fields`` (and ``{facts}`` from the article)."""
+    """The template of the article's language filled with ``fields`` and ``{facts}``: the article's
+    ``input`` (free text such as a seller's message) when it has one, else its facts as lines."""
     template = templates[article["lang"]]
     if "{facts}" in template:
-        fields["facts"] = render_facts(article["facts"])
+        fields["facts"] = article.get("input") or render_facts(article["facts"])
     return template.format(**fields)
 
 

@@ -33,12 +33,11 @@ import torch
 from mmfactory.config import ConfigError, to_dict
 from mmfactory.data.chat import TEMPLATES, TemplateName
 from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
-from mmfactory.data.world_source import world_claims
 from mmfactory.examples import Example, write_examples
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm, locate_gguf
 from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
-from mmfactory.sag.notebench import comparison_table, notebench_scores, rows_from_metrics
+from mmfactory.sag.notebench import comparison_table, load_claim_checker, notebench_scores, rows_from_metrics
 from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
 from mmfactory.sag.self_improve import FilterConfig, claim_verdicts, filter_candidates
 from mmfactory.sag.style import StyleScorer, StyleScorerConfig
@@ -46,7 +45,8 @@ from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.causal_lm import CHAT_META, CausalLMSFTTask
 from mmfactory.tasks.preference import CausalLMDPOTask, DPOModelConfig, DPOOptions, load_frozen_lm
 
-Split = Literal["train", "eval", "benchmark", "self_improve"]
+Split = Literal["train", "eval", "benchmark", "benchmark_needs_llm", "self_improve"]
+BENCHMARKS = {"benchmark": "", "benchmark_needs_llm": "@needs_llm"}  # split -> suffix of its systems' rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,11 +96,20 @@ class SAGDataConfig:
     the facts (or use given drafts); the benchmark always uses the LLM's drafts from the facts.
     ``self_improve: null`` reuses the ``train`` sources; the world's default starts 100k articles into
     the training split, past any S-SFT article.
+
+    ``benchmark_needs_llm``: a second NoteBench split whose inputs need what the LLM brings (the world's
+    ``article_requests``: the facts as a seller's free-form message, which the stylist never saw and the
+    LLM was instruction-tuned to read); its rows are labelled ``{system}@needs_llm``. ``claim_checker``:
+    what reads claims out of a text for the hallucination rates, the self-improvement filter and the
+    examples (:func:`~mmfactory.sag.notebench.load_claim_checker`: ``world``, ``module:function``, or null
+    for none: rates not judged, and self-improvement refused).
     """
 
     train: list[SourceConfig] = field(default_factory=lambda: [_world_articles("train", 1000)])
     eval: list[SourceConfig] = field(default_factory=lambda: [_world_articles("val", 32)])
     benchmark: list[SourceConfig] = field(default_factory=lambda: [_world_articles("test", 100)])
+    benchmark_needs_llm: list[SourceConfig] = field(default_factory=list)
+    claim_checker: str | None = "world"
     self_improve: list[SourceConfig] | None = field(
         default_factory=lambda: [_world_articles("train", 200, offset=100_000)]
     )
@@ -206,6 +215,7 @@ class SAGStage:
                 f"model.drafter.path: {drafter_cfg.path!r} is neither an earlier stage (done: {known}) "
                 "nor an existing folder"
             )
+        self.claims = load_claim_checker(cfg.claim_checker)  # a bad checker fails before training
         self._drafter: ChatLM | None = None
         self._articles: dict[str, list[dict[str, Any]]] = {}
         self._scorer: StyleScorer | None = None
@@ -237,7 +247,7 @@ class SAGStage:
     def drafts(self, split: Split) -> list[str]:
         """The drafts the stylist restyles for ``split`` (see :class:`SAGDataConfig` for the source)."""
         source = self.cfg.draft_source
-        if split == "benchmark" or (split == "self_improve" and source == "article"):
+        if split in BENCHMARKS or (split == "self_improve" and source == "article"):
             source = "facts"  # a deployed stylist gets the LLM's drafts; inputs of new rounds have no article
         if source != "given":
             return self.llm_drafts(split, source)
@@ -258,6 +268,7 @@ class SAGStage:
             "template": prompts.draft if source == "facts" else prompts.neutralize,
             "max_new_tokens": self.options.draft_max_new_tokens,
             "ids": [a["id"] for a in articles],
+            "inputs": [a.get("input") for a in articles],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         path = self.ctx.run_dir / "drafts" / f"{split}-{source}-{digest[:16]}.jsonl"
@@ -300,12 +311,22 @@ class SAGStage:
         return self._scorer
 
     def benchmark(self, stylist: ChatLM) -> dict[str, float]:
-        """NoteBench of every configured system; writes predictions and the run's comparison table."""
-        articles = self.articles("benchmark")
+        """NoteBench of every configured system on each benchmark split; writes predictions and the run's
+        comparison table."""
+        metrics: dict[str, float] = {}
+        for split, suffix in BENCHMARKS.items():
+            metrics.update(self.benchmark_split(stylist, split, suffix))
+        if metrics:
+            self._write_comparison(metrics)
+        return metrics
+
+    def benchmark_split(self, stylist: ChatLM, split: Split, suffix: str) -> dict[str, float]:
+        """NoteBench of every configured system on one split: ``notebench/{system}{suffix}/...``."""
+        articles = self.articles(split)
         if not articles:
             return {}
         if any(not a["facts"] for a in articles):
-            raise ConfigError("data.benchmark: NoteBench checks facts, and some benchmark articles have none")
+            raise ConfigError(f"data.{split}: NoteBench checks facts, and some benchmark articles have none")
         prompts, generation = self.cfg.prompts, self.options.generation("article")
         metrics: dict[str, float] = {}
         for system in self.options.systems:
@@ -315,17 +336,18 @@ class SAGStage:
             elif system == "stylist_alone":
                 predictions = stylist.reply(stylist_prompts(articles, None, prompts, "facts"), generation)
             else:
-                drafts = self.drafts("benchmark")
+                drafts = self.drafts(split)
                 predictions = stylist.reply(stylist_prompts(articles, drafts, prompts, "draft"), generation)
-            scores = notebench_scores(predictions, articles, world_claims, self.scorer())
-            metrics.update({f"notebench/{system}/{key}": value for key, value in scores.items()})
+            scores = notebench_scores(predictions, articles, self.claims, self.scorer())
+            metrics.update({f"notebench/{system}{suffix}/{key}": value for key, value in scores.items()})
             records = [
                 {**_article_record(a), **({"draft": drafts[i]} if drafts else {}), "prediction": p}
                 for i, (a, p) in enumerate(zip(articles, predictions, strict=True))
             ]
-            _write_jsonl(self.ctx.stage_dir / "notebench" / f"{system}.jsonl", records)
-            write_examples(self.ctx.stage_dir, f"NoteBench: {system}", _note_examples(records))
-        self._write_comparison(metrics)
+            _write_jsonl(self.ctx.stage_dir / "notebench" / f"{system}{suffix}.jsonl", records)
+            if self.claims is not None:
+                examples = _note_examples(records, self.claims)
+                write_examples(self.ctx.stage_dir, f"NoteBench: {system}{suffix}", examples)
         return metrics
 
     def _write_comparison(self, metrics: dict[str, float]) -> None:
@@ -351,13 +373,13 @@ def _fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
     return [(str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _note_examples(records: list[dict[str, Any]], per_lang: int = 2) -> list[Example]:
+def _note_examples(records: list[dict[str, Any]], claims_fn, per_lang: int = 2) -> list[Example]:
     """The first ``per_lang`` notes of each language beside their facts (and draft), the claims the facts
     do not support or contradict marked; right when there are none."""
     shown = []
     for lang in sorted({r["lang"] for r in records}):
         for r in [r for r in records if r["lang"] == lang][:per_lang]:
-            claims = world_claims(r["prediction"], lang)
+            claims = claims_fn(r["prediction"], lang)
             verdicts = claim_verdicts(claims, r["facts"])
             wrong = [claims[a] for a, verdict in verdicts.items() if verdict != "stated"]
             fields = {"facts": ", ".join(f"{a}: {v}" for a, v in r["facts"].items())}
@@ -370,7 +392,8 @@ def _note_examples(records: list[dict[str, Any]], per_lang: int = 2) -> list[Exa
 
 
 def _article_record(article: dict[str, Any]) -> dict[str, Any]:
-    return {key: article[key] for key in ("id", "lang", "facts", "draft", "reference")}
+    keys = ("id", "lang", "facts", "draft", "reference", "input")
+    return {key: article[key] for key in keys if key in article}
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -422,7 +445,7 @@ class SAGStylistSFTTask(_SAGTask, CausalLMSFTTask):
     data_config = SAGDataConfig
     options_config = SAGOptions
     sample_kind = "article"
-    extra_sources = {"benchmark": "article", "self_improve": "article"}
+    extra_sources = {"benchmark": "article", "benchmark_needs_llm": "article", "self_improve": "article"}
 
     def __init__(self, stage, ctx, model_cfg: SAGModelConfig, data_cfg: SAGDataConfig, options: SAGOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
@@ -448,7 +471,7 @@ class SAGContentDPOTask(_SAGTask, CausalLMDPOTask):
     data_config = SAGDataConfig
     options_config = SAGDPOOptions
     sample_kind = "article"
-    extra_sources = {"benchmark": "article", "self_improve": "article"}
+    extra_sources = {"benchmark": "article", "benchmark_needs_llm": "article", "self_improve": "article"}
 
     def __init__(self, stage, ctx, model_cfg: SAGDPOModelConfig, data_cfg: SAGDataConfig, options):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
@@ -482,6 +505,8 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
         unknown = [name for name in options.previous_rounds if name not in ctx.stage_outputs]
         if unknown:
             raise ConfigError(f"options.previous_rounds: {unknown} are not earlier stages of this run")
+        if self.sag.claims is None:
+            raise ConfigError("data.claim_checker: the self-improvement filter checks claims; name a checker")
         self.round_stats: dict[str, float] = {}
 
     def build_conversations(self, split: Split) -> list[list[dict[str, str]]]:
@@ -521,7 +546,7 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
             [scores[i * n : (i + 1) * n] for i in range(len(inputs))],
             inputs,
             opts.filter,
-            world_claims,
+            self.sag.claims,
         )
         kept = [
             {

@@ -107,6 +107,38 @@ NOTE = {
         "tags": ("#{product} #{tag} #好物分享",),
     },
 }
+# A seller's free-form message carrying the same facts: other wording, shuffled order, small talk between.
+REQUEST = {
+    "en": {
+        "intro": (
+            "Hi! I'm selling my {product} {category}.",
+            "Listing one {product} {category}, barely used.",
+        ),
+        "color": ("Colour-wise it's {color}.", "It's the {color} version."),
+        "material": ("The body is all {material}.", "{Material} throughout."),
+        "feature": ("Worth saying it's {feature}.", "Bonus: {feature}."),
+        "audience": ("My friends who are {audience} love theirs.", "An ideal pick for {audience}."),
+        "price": ("Asking ${price}.", "Let it go for ${price}."),
+    },
+    "zh": {
+        "intro": ("你好！出一个{product}{category}。", "转让{product}{category}一个，几乎全新。"),
+        "color": ("颜色是{color}的。", "这个是{color}款。"),
+        "material": ("整体是{material}做的。", "{material}质地。"),
+        "feature": ("值得一提：{feature}。", "额外优点：{feature}。"),
+        "audience": ("身边的{audience}都很喜欢。", "很适合{audience}。"),
+        "price": ("出价{price}元。", "{price}元就出。"),
+    },
+}
+SMALL_TALK = {  # no vocabulary word and no price, so a message's claims are its facts
+    "en": (
+        "Ships within two days.",
+        "Pickup works too.",
+        "Message me with any questions!",
+        "Still in the original box.",
+        "Smoke-free home.",
+    ),
+    "zh": ("两天内发货。", "也可以自提。", "有问题随时私信！", "原盒还在。", "无烟家庭。"),
+}
 _EMOJI_OR_TAG = re.compile(r"#\S+|[\u2600-\u27bf\U0001f300-\U0001faff]\ufe0f?")
 
 
@@ -198,6 +230,26 @@ def article(seed: int, split: str, index: int, lang: str = "en") -> dict:
         },
         "variant_attributes": {"unsupported": added, "contradicted": changed},
     }
+
+
+def seller_request(facts: dict[str, str], lang: str, rng: np.random.Generator) -> str:
+    """A seller's message stating ``facts`` (in ``lang``): the opener, then the other facts in a random
+    order with two small-talk sentences among them, each fact in one of two wordings unlike the draft's."""
+    t = REQUEST[lang]
+    fields = dict(facts, **{k.capitalize(): capitalize(v) for k, v in facts.items()})
+    sentences = [t[a][rng.integers(2)].format(**fields) for a in OPTIONAL if a in facts]
+    sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+    for line in rng.choice(len(SMALL_TALK[lang]), size=2, replace=False):
+        sentences.insert(int(rng.integers(len(sentences) + 1)), SMALL_TALK[lang][line])
+    opener = t["intro"][rng.integers(2)].format(**fields)
+    return (" " if lang == "en" else "").join([opener, *sentences])
+
+
+def request_article(seed: int, split: str, index: int, lang: str = "en") -> dict:
+    """Article ``index`` of ``split`` (:func:`article`) with ``input``: its facts as a seller's message
+    (:func:`seller_request`), the same message structure in every language."""
+    a = article(seed, split, index, lang)
+    return {**a, "input": seller_request(a["facts"], lang, item_rng(seed, "article-request", split, index))}
 
 
 def _patterns(lang: str) -> dict[str, list[tuple[re.Pattern, str]]]:

@@ -1,4 +1,5 @@
-"""SAG articles JSONL ``{"id", "lang": "en"|"zh", "facts"?: {str: str}, "draft"?, "reference"}``."""
+"""SAG articles JSONL ``{"id", "lang": "en"|"zh", "facts"?: {str: str}, "draft"?, "reference", "input"?}``
+(``input``: free text the systems get instead of the fact list, e.g. a seller's message)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ def _parse_article(raw: dict[str, Any], base_dir: Path) -> Fields:
         "facts": facts,
         "draft": require_text(raw, "draft") if "draft" in raw else None,
         "reference": require_text(raw, "reference"),
+        **({"input": require_text(raw, "input")} if "input" in raw else {}),
     }
 
 
 def read_articles(
     path: str | Path, *, on_bad_sample: BadSamplePolicy = "error", counter: BadSampleCounter | None = None
 ) -> RecordDataset:
-    """Samples ``{"id": str, "lang", "facts", "draft", "reference"}``, validated; ``facts`` may be absent
-    (``{}``: a styled article alone) and so may ``draft`` (``None``: drafts come from the LLM)."""
+    """Samples ``{"id": str, "lang", "facts", "draft", "reference"}`` (and ``input`` when given), validated;
+    ``facts`` may be absent (``{}``: a styled article alone) and so may ``draft`` (``None``: drafts come
+    from the LLM)."""
     return read_annotation_file(
         path,
         _parse_article,
