@@ -4,6 +4,7 @@ save / load round trip, and learning through the real CLI with frozen towers unc
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -59,6 +60,29 @@ def test_a_fresh_head_ranks_as_the_cosine_and_the_loss_is_bradley_terry(tmp_path
     ):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b))
     assert strict.any() and not strict.all()
+
+
+def test_pair_accuracy_per_caption_kind_pair_equals_a_pair_by_pair_count(tmp_path):
+    task = make_task(tmp_path)
+    with torch.no_grad():
+        task.model.head.fusion.mlp[-1].weight.normal_()
+    task.eval()
+    metrics = task.evaluate()
+    pairs = task.eval_dataset()
+    wins: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for i, (ranking, a, b, _) in enumerate(pairs.pairs):
+            chosen, rejected, gap = task.rewards(task.collate([pairs[i]]))
+            kinds = pairs.rankings.items[ranking]["kinds"]
+            count = wins.setdefault(f"{kinds[a]}>{kinds[b]}", [0, 0, 0])
+            count[0] += float(chosen > rejected) + 0.5 * float(chosen == rejected)
+            count[1] += float(gap > 0) + 0.5 * float(gap == 0)
+            count[2] += 1
+    assert len(wins) > 3
+    for key, (reward, cosine, n) in wins.items():
+        assert metrics[f"eval_pair_accuracy/{key}"] == pytest.approx(100 * reward / n)
+        assert metrics[f"eval_cosine_pair_accuracy/{key}"] == pytest.approx(100 * cosine / n)
+    assert len(metrics) == 2 * len(wins)
 
 
 def test_the_saved_reward_model_scores_as_the_trained_one(tmp_path):

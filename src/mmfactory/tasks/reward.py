@@ -14,7 +14,8 @@ excluded, or kept with target 0.5 with ``data.ties: half``), counted as ``{split
 
 ``evaluate``: pairwise accuracy of the reward on the held-out rankings' strict pairs
 (``eval_pair_accuracy``), beside the same accuracy of the plain CLIP cosine
-(``eval_cosine_pair_accuracy``), in percent; a tie in score counts half.
+(``eval_cosine_pair_accuracy``), in percent; a tie in score counts half; both also per caption-kind pair
+when the rankings name their captions' kinds (``eval_pair_accuracy/detailed>wrong_attribute``, ...).
 
 ``final/`` is the CLIP folder (``CLIPModel.from_pretrained`` reads it) plus ``reward_head.safetensors``
 and ``reward_head.json`` (:func:`~mmfactory.models.image_text_scorer.load_scorer`).
@@ -238,6 +239,36 @@ class ImageTextRewardTask(TrainingTask):
             "pair_accuracy": 100 * wins.mean() if strict.any() else torch.zeros(()),
             "cosine_pair_accuracy": 100 * cosine_wins.mean() if strict.any() else torch.zeros(()),
         }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Pair accuracy of the reward and of the plain cosine per caption-kind pair
+        (``eval_pair_accuracy/{chosen kind}>{rejected kind}``, in percent, a tie counting half) when the
+        held-out rankings name their captions' kinds (the world's do): which comparisons the reward model
+        learnt beyond the cosine, and which it lost."""
+        pairs = self.eval_dataset()
+        if pairs is None or not all("kinds" in item for item in pairs.rankings.items):
+            return {}
+        device, size = next(self.model.parameters()).device, self.options.eval_batch_size
+        wins: dict[str, list[float]] = {}
+        for lo in range(0, len(pairs), size):
+            index = range(lo, min(lo + size, len(pairs)))
+            batch = {k: v.to(device) for k, v in self.collate([pairs[i] for i in index]).items()}
+            chosen, rejected, cosine_gap = self.rewards(batch)
+            for i, c, r, g in zip(
+                index, chosen.tolist(), rejected.tolist(), cosine_gap.tolist(), strict=True
+            ):
+                ranking, a, b, _ = pairs.pairs[i]
+                kinds = pairs.rankings.items[ranking]["kinds"]
+                counts = wins.setdefault(f"{kinds[a]}>{kinds[b]}", [0.0, 0.0, 0])
+                counts[0] += (c > r) + 0.5 * (c == r)
+                counts[1] += (g > 0) + 0.5 * (g == 0)
+                counts[2] += 1
+        metrics = {}
+        for key, (reward, cosine, n) in sorted(wins.items()):
+            metrics[f"eval_pair_accuracy/{key}"] = 100.0 * reward / n
+            metrics[f"eval_cosine_pair_accuracy/{key}"] = 100.0 * cosine / n
+        return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:
         save_scorer_folder(self, out_dir)
