@@ -105,7 +105,7 @@ def test_every_shipped_image_text_stage_reads_the_golden_samples():
 
 
 GOLDEN_OTHER = Path(__file__).parent / "golden" / "other_sources.json"
-SAG_SPLITS = ("train", "eval", "benchmark", "self_improve")
+SAG_SPLITS = ("train", "eval", "benchmark", "benchmark_needs_llm", "self_improve")
 
 
 def _h(obj) -> str:
