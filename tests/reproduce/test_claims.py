@@ -90,6 +90,24 @@ def test_rows_for_missing_runs_metrics_and_methods():
     assert "s/b" in row["checks"][0]["detail"]
 
 
+def test_a_rate_left_out_as_not_judged_does_not_count_in_the_verdict():
+    rate = Check("fewer contradictions", compare=["b/n/en/factuality_rate", "a/n/en/factuality_rate"])
+    up = Check("a beats b", compare=["s/a", "s/b"])
+    judged = {
+        "s/a": 2.0,
+        "s/b": 1.0,
+        "a/n/en/factuality_rate": 10.0,
+        "a/n/en/judged": 80.0,
+        "b/n/en/judged": 0.0,
+    }
+    row = judge(_method(rate, up), {0: judged}, [0])
+    assert row["verdict"] == "yes" and row["checks"][0]["state"] == "not judged"
+    assert "b/n/en/factuality_rate" in row["checks"][0]["detail"] and row["reason"].startswith("– ")
+    assert judge(_method(rate), {0: judged}, [0])["verdict"] == "not judged"
+    del judged["b/n/en/judged"]  # no judged share: the metric is missing, not left out
+    assert judge(_method(rate, up), {0: judged}, [0])["verdict"] == "not run"
+
+
 def test_select_keeps_the_order_asked_for_and_refuses_unknown_names():
     registry = load_registry()
     assert [m.method for m in registry.select(["mac", "Audio-Visual LLM", "ARM"])] == [

@@ -12,6 +12,7 @@ from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError
 from mmfactory.examples import read_examples
 from mmfactory.report.figures import curves_png, read_metrics_log, stage_curves
+from mmfactory.reproduce.claims import MARKS
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222;
@@ -22,7 +23,8 @@ table { border-collapse: collapse; margin: .5rem 0 1rem; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: .25rem .5rem; vertical-align: top; text-align: left; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict-yes { background: #d8f5d0; } .verdict-no, .verdict-failed { background: #fbd5d5; }
-.verdict-partly { background: #fff1c2; } .verdict-not-built, .verdict-not-run { background: #e8e8e8; }
+.verdict-partly { background: #fff1c2; }
+.verdict-not-built, .verdict-not-run, .verdict-not-judged { background: #e8e8e8; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5rem .8rem; }
 .cards { display: flex; flex-wrap: wrap; gap: .6rem; }
 .card { border: 2px solid #ccc; border-radius: 6px; padding: .4rem; width: 260px; font-size: 12px; }
@@ -79,10 +81,9 @@ def _claims_section(folder: Path) -> str:
         f"<table><tr><th>method</th><th>paper's claim</th><th>measured ({_e(spread)})</th>"
         "<th>reproduced?</th></tr>"
     )
-    marks = {"holds": "✓", "fails": "✗", "mixed": "~", "missing": "?"}
     for r in rows:
         checks = "".join(
-            f"<li>{marks[c['state']]} {_e(c['label'])}: {_e(c['detail'])}</li>" for c in r["checks"]
+            f"<li>{MARKS[c['state']]} {_e(c['label'])}: {_e(c['detail'])}</li>" for c in r["checks"]
         )
         measured = f"<ul>{checks}</ul>" if checks else _e(r["reason"])
         verdict = r["verdict"].replace(" ", "-")

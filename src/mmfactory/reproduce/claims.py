@@ -136,6 +136,15 @@ def _spread(numbers: list[float]) -> str:
     return f"{mean:.4g} ± {statistics.stdev(numbers):.2g}"
 
 
+MARKS = {"holds": "✓", "fails": "✗", "mixed": "~", "missing": "?", "not judged": "–"}  # a check's state
+
+
+def _not_judged(key: str, metrics: dict) -> bool:
+    """A rate its run left out because the checker recognised no claim: the sibling ``judged`` share is
+    there (NoteBench's "not judged", :mod:`mmfactory.sag.notebench`)."""
+    return f"{key.rpartition('/')[0]}/judged" in metrics
+
+
 def judge(method: Method, runs: dict[int, dict], seeds: list[int]) -> dict:
     """The claims-table row of ``method`` from its recipe's ``results.json`` metrics per seed (``runs``:
     seed -> metrics; a missing seed is a run that did not finish)."""
@@ -155,6 +164,10 @@ def judge(method: Method, runs: dict[int, dict], seeds: list[int]) -> dict:
         numbers = [check.measure(runs[s]) for s in seeds]
         if any(n is None for n in numbers):
             absent = sorted({k for s in seeds for k in check.keys if k not in runs[s]})
+            if absent and all(_not_judged(k, runs[s]) for s in seeds for k in absent if k not in runs[s]):
+                detail = f"not judged: no claim recognised ({', '.join(absent)})"
+                row["checks"].append({"label": check.label, "state": "not judged", "detail": detail})
+                continue  # says nothing either way: left out of the verdict
             row["checks"].append({"label": check.label, "state": "missing", "detail": f"no metric {absent}"})
             states.append("missing")
             continue
@@ -167,13 +180,14 @@ def judge(method: Method, runs: dict[int, dict], seeds: list[int]) -> dict:
         row["checks"].append({"label": check.label, "state": state, "detail": detail, "per_seed": numbers})
     if "missing" in states:
         verdict = "not run"
+    elif not states:
+        verdict = "not judged"
     elif all(s == "holds" for s in states):
         verdict = "yes"
     elif all(s == "fails" for s in states):
         verdict = "no"
     else:
         verdict = "partly"
-    marks = {"holds": "✓", "fails": "✗", "mixed": "~", "missing": "?"}
     measured = "; ".join(f"{c['label']}: {c['detail']}" for c in row["checks"])
-    reason = "; ".join(f"{marks[c['state']]} {c['label']}" for c in row["checks"])
+    reason = "; ".join(f"{MARKS[c['state']]} {c['label']}" for c in row["checks"])
     return {**row, "verdict": verdict, "measured": measured, "reason": reason}

@@ -22,7 +22,7 @@ from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError, StageConfig, load_recipe
 from mmfactory.environment import environment
 from mmfactory.recipes import resolve_recipe
-from mmfactory.reproduce.claims import PROFILES, Method, judge, load_registry
+from mmfactory.reproduce.claims import MARKS, PROFILES, Method, judge, load_registry
 from mmfactory.runner import run_recipe
 
 QUICK_NOTE = (
@@ -192,9 +192,8 @@ def format_claims(rows: list[dict], profile: str) -> str:
         lines.append(QUICK_NOTE)
     for r in rows:
         lines.append(f"{r['method']:<24} {r['verdict']:<9} {r['recipe'] or ''}")
-        marks = {"holds": "✓", "fails": "✗", "mixed": "~", "missing": "?"}
         for c in r["checks"]:
-            lines.append(f"    {marks[c['state']]} {c['label']}: {c['detail']}")
+            lines.append(f"    {MARKS[c['state']]} {c['label']}: {c['detail']}")
         if not r["checks"]:
             lines.append(f"    {r['reason']}")
     return "\n".join(lines)
