@@ -40,6 +40,21 @@ TINY_CLIP = {
     },
     "projection_dim": 16,
 }
+
+
+def clip_stage(train: int, steps: int, **extra) -> dict:
+    """A recipe's first stage: TINY_CLIP trained on ``train`` world scenes (8 held out) for ``steps``."""
+    data = world_data(["scenes"], train, 8)
+    return {
+        "name": "clip",
+        "task": "image_text_contrastive",
+        "model": {"tiny": TINY_CLIP},
+        "data": data,
+        "train": {"max_steps": steps},
+        **extra,
+    }
+
+
 WORLD_DATA = world_data(["scenes"], 8, 6)
 
 

@@ -17,7 +17,7 @@ from mmfactory.config import ConfigError
 from mmfactory.data.sources import SourceConfig
 from mmfactory.data.world_source import world_pool_samples, world_web_pool
 from tests.helpers import world_data, write_recipe
-from tests.test_image_text_contrastive import TINY_CLIP
+from tests.test_image_text_contrastive import TINY_CLIP, clip_stage
 
 POOL, KEEP = "world:120:0.5", 0.3
 
@@ -32,13 +32,7 @@ RECIPE = {
     "name": "test/filter",
     "defaults": {"train": {"batch_size": 16, "log_every": 5, "seed": 0}},
     "stages": [
-        {
-            "name": "clip",
-            "task": "image_text_contrastive",
-            "model": {"tiny": TINY_CLIP},
-            "data": world_data(["scenes"], 32, 8),
-            "train": {"max_steps": 5},
-        },
+        clip_stage(32, 5),
         {
             "name": "itm",
             "task": "image_text_matching",

@@ -18,7 +18,7 @@ from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.image_text_scorer import SentenceEncoder, load_scorer, sentence_pooling
 from mmfactory.tasks.reward import tokenize_texts
 from tests.helpers import world_data, write_recipe
-from tests.test_image_text_contrastive import TINY_CLIP
+from tests.test_image_text_contrastive import TINY_CLIP, clip_stage
 
 
 def write_sentence_encoder(folder, pooling: str | None = "mean"):
@@ -74,13 +74,7 @@ def test_a_reward_model_on_a_sentence_encoder_learns_and_its_folder_scores_a_poo
             "schedule": {"kind": "constant", "warmup_steps": 0},
         },
         "stages": [
-            {
-                "name": "clip",
-                "task": "image_text_contrastive",
-                "model": {"tiny": TINY_CLIP},
-                "data": world_data(["scenes"], 32, 8),
-                "train": {"max_steps": 5},
-            },
+            clip_stage(32, 5),
             {
                 "name": "reward",
                 "task": "image_text_reward",

@@ -15,7 +15,7 @@ from mmfactory.models.image_text_scorer import load_scorer
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from tests.helpers import world_data, write_recipe
-from tests.test_image_text_contrastive import TINY_CLIP
+from tests.test_image_text_contrastive import TINY_CLIP, clip_stage
 
 
 def make_task(tmp_path, **data):
@@ -105,14 +105,7 @@ def test_the_reward_model_learns_through_the_cli_with_frozen_towers(tmp_path):
             "schedule": {"kind": "constant", "warmup_steps": 0},
         },
         "stages": [
-            {
-                "name": "clip",
-                "task": "image_text_contrastive",
-                "model": {"tiny": TINY_CLIP},
-                "data": world_data(["scenes"], 64, 8),
-                "optimizer": {"lr": 3.0e-3},
-                "train": {"max_steps": 20},
-            },
+            clip_stage(64, 20, optimizer={"lr": 3.0e-3}),
             {
                 "name": "reward",
                 "task": "image_text_reward",
