@@ -64,7 +64,7 @@ def notebench_scores(
     scorer: StyleScorer | None = None,
 ) -> dict[str, float]:
     """``{"{lang}/{metric}": value}`` for each language among ``articles`` (plus ``{lang}/num_samples``);
-    ``claims_fn`` None: no claim checks (fact recall and both rates left out)."""
+    ``claims_fn`` None: no claim checks (judged, fact recall and both rates left out)."""
     if len(predictions) != len(articles):
         raise ValueError(f"{len(predictions)} predictions for {len(articles)} articles")
     out: dict[str, float] = {}

@@ -39,7 +39,7 @@ from mmfactory.models.lm import CausalLMConfig, load_causal_lm, locate_gguf
 from mmfactory.sag.data import SAGPrompts, fill, hallucinated_article
 from mmfactory.sag.notebench import comparison_table, load_claim_checker, notebench_scores, rows_from_metrics
 from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
-from mmfactory.sag.self_improve import FilterConfig, claim_verdicts, filter_candidates
+from mmfactory.sag.self_improve import ClaimsFn, FilterConfig, claim_verdicts, filter_candidates
 from mmfactory.sag.style import StyleScorer, StyleScorerConfig
 from mmfactory.tasks.base import StageContext
 from mmfactory.tasks.causal_lm import CHAT_META, CausalLMSFTTask
@@ -373,7 +373,7 @@ def _fingerprint(path: Path | None) -> list[tuple[str, int, int]]:
     return [(str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _note_examples(records: list[dict[str, Any]], claims_fn, per_lang: int = 2) -> list[Example]:
+def _note_examples(records: list[dict[str, Any]], claims_fn: ClaimsFn, per_lang: int = 2) -> list[Example]:
     """The first ``per_lang`` notes of each language beside their facts (and draft), the claims the facts
     do not support or contradict marked; right when there are none."""
     shown = []
