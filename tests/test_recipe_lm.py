@@ -59,6 +59,11 @@ def test_changed_config_is_refused_for_an_existing_stage(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mmfactory: configuration error: ")
     assert "produced by a different configuration" in err
+    # A folder written before a config field existed (here: train.ema_decay) is the same configuration.
+    saved = out / "sft" / "config.yaml"
+    saved.write_text("".join(line for line in saved.read_text().splitlines(True) if "ema_decay" not in line))
+    assert main(["run", str(path), "--output", str(out)]) == 0
+    assert "already done: skipped" in capsys.readouterr().out
 
 
 def test_config_errors_exit_2_with_the_key_path(tmp_path, capsys):

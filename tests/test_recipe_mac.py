@@ -1,5 +1,6 @@
-"""mac/tiny through the real CLI, shrunk: both stages learn, masking cuts the step's FLOPs, retrieval is
-reported for each, and the saved model loads back and retrieves its training videos above chance."""
+"""mac/tiny through the real CLI, shrunk: an image tower trains, both video stages start from its vision half
+and learn with the temperature fixed, masking cuts the step's FLOPs, retrieval is reported for each, and the
+saved model loads back and retrieves its training videos above chance."""
 
 import json
 
@@ -17,20 +18,32 @@ from mmfactory.tasks.base import StageContext
 
 TRAIN_VIDEOS = 16
 OVERRIDES = [
-    "model.vision.hidden_size=32",
-    "model.vision.num_layers=1",
-    "model.vision.num_heads=2",
-    "model.vision.patch_size=8",
-    "model.text.tiny.hidden_size=32",
-    "model.text.tiny.intermediate_size=64",
-    "model.text.tiny.num_hidden_layers=1",
-    f"data.train=[{{format: world, kind: videos, size: {TRAIN_VIDEOS}}}]",
-    "data.eval=[{format: world, kind: videos, split: val, size: 8}]",
+    "stages.image_tower.model.tiny.vision_config={hidden_size: 32, intermediate_size: 64, "
+    "num_hidden_layers: 1, "
+    "num_attention_heads: 2, image_size: 32, patch_size: 8}",
+    "stages.image_tower.data.train=[{format: world, kind: scenes, size: 64, image_size: 32}]",
+    "stages.image_tower.data.eval=[{format: world, kind: scenes, split: val, size: 16, image_size: 32}]",
+    "stages.image_tower.train.max_steps=20",
+    "stages.masked_long.enabled=false",
+    "stages.image_masked.enabled=false",
+    "stages.image_unmasked.enabled=false",
+    "stages.image_masked_long.enabled=false",
+    *[
+        f"stages.{stage}.{override}"
+        for stage in ("masked", "unmasked")
+        for override in (
+            "model.text.tiny.hidden_size=32",
+            "model.text.tiny.intermediate_size=64",
+            "model.text.tiny.num_hidden_layers=1",
+            f"data.train=[{{format: world, kind: videos, size: {TRAIN_VIDEOS}}}]",
+            "data.eval=[{format: world, kind: videos, split: val, size: 8}]",
+            "train.max_steps=60",
+            "options.profile_steps=1",
+        )
+    ],
     "train.batch_size=16",
-    "train.max_steps=60",
     "train.log_every=1",
     "optimizer.lr=3.0e-3",
-    "options.profile_steps=1",
 ]
 
 
@@ -52,9 +65,13 @@ def test_mac_tiny_through_cli(tmp_path, capsys, one_thread):
     metrics = json.loads((out / "results.json").read_text())["metrics"]
 
     recipe = load_recipe(resolve_recipe("mac/tiny"), OVERRIDES)
-    _, spec, _, _ = validate_stage(recipe.stages[0], 0)
+    masked_stage = next(s for s in recipe.stages if s.name == "masked")
+    _, spec, _, _ = validate_stage(masked_stage, 1)
     set_seed(0)  # the runner seeds each stage before its task builds the model
-    initial = load_dual_encoder(spec)[0].state_dict()
+    tower = out / "image_tower" / "final"
+    initial = load_dual_encoder(spec, vision_init=tower)[0].state_dict()
+    tower_start = {k: v for k, v in initial.items() if k.startswith("vision_model.")}
+    assert initial["log_logit_scale"].exp().item() == pytest.approx(20.0)
     finals = {}
     for stage in ("masked", "unmasked"):
         logged = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
@@ -66,13 +83,21 @@ def test_mac_tiny_through_cli(tmp_path, capsys, one_thread):
                 assert 0.0 <= metrics[f"{stage}/{direction}_R@{k}"] <= 100.0
             assert 1.0 <= metrics[f"{stage}/{direction}_MdR"] <= metrics[f"{stage}/{items}"]
         finals[stage] = load_file(out / stage / "final" / "model.safetensors")
-        for name, value in finals[stage].items():  # every parameter trains (no frozen parts in MAC)
-            assert not torch.equal(value, initial[name]), f"{stage}: {name} did not change"
+        for name, value in finals[
+            stage
+        ].items():  # every weight trains from its start; the temperature is fixed
+            if name == "log_logit_scale":
+                assert torch.equal(value, initial[name]), f"{stage}: the fixed temperature moved"
+            else:
+                assert not torch.equal(value, initial[name]), f"{stage}: {name} did not change"
     assert metrics["masked/step_gflops"] < 0.4 * metrics["unmasked/step_gflops"]
-    assert not torch.equal(finals["masked"]["log_logit_scale"], finals["unmasked"]["log_logit_scale"])
+    # Both video stages started from the image tower's vision weights (the temporal embeddings at zero).
+    assert torch.equal(
+        tower_start["vision_model.temporal_pos"], torch.zeros_like(tower_start["vision_model.temporal_pos"])
+    )
 
     # The saved model loads through init_from and retrieves the videos it was trained on above chance.
-    stage = recipe.stages[0]
+    stage = masked_stage
     stage.init_from = str(out / "masked" / "final")
     task = build_task(stage, 0, StageContext(out, out / "reload")).eval()
     train_retrieval = task.retrieval(task.videos("train"))

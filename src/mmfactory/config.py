@@ -217,6 +217,9 @@ class TrainConfig:
     # group_by_modality_length): fewer pad tokens, and every step still trains on the same samples.
     group_by_length: bool = False
     find_unused_parameters: bool = False  # DDP: needed when some trainable parameters may get no gradient
+    # An exponential moving average of the trainable weights (timm's ModelEma), updated after every step;
+    # the stage then also reports its evaluation with the averaged weights as ema_* (null: none).
+    ema_decay: float | None = None
 
     def validate(self) -> None:
         if self.max_steps is not None and self.epochs is not None:  # neither: tasks.validate_stage
@@ -234,6 +237,8 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm: must be > 0 (null: no clipping), got {self.max_grad_norm}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in (0, 1) (null: no EMA), got {self.ema_decay}")
 
 
 @dataclass

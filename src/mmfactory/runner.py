@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mmfactory.atomic import write_atomic
-from mmfactory.config import ConfigError, Recipe, StageConfig, to_dict
+from mmfactory.config import ConfigError, Recipe, StageConfig, from_dict, to_dict
 from mmfactory.data.sources import check_source_paths, stage_sources
 from mmfactory.environment import environment
 from mmfactory.lineage import dir_fingerprint, stale_reason
@@ -43,9 +43,18 @@ def _stage_yaml(stage: StageConfig) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
+def _saved_config_as_now(saved: str) -> str | None:
+    """A saved ``config.yaml`` re-read and written as this version writes it: a field added since then
+    appears with its default, so it does not make finished work look stale. None if it no longer parses."""
+    try:
+        return _stage_yaml(from_dict(StageConfig, yaml.safe_load(saved), "config.yaml"))
+    except (ConfigError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
 def _check_same_config(stage_dir: Path, text: str) -> None:
     path = stage_dir / "config.yaml"
-    if path.is_file() and path.read_text() != text:
+    if path.is_file() and path.read_text() != text and _saved_config_as_now(path.read_text()) != text:
         raise StageConfigChanged(
             f"{stage_dir} was produced by a different configuration of this stage (see {path}); "
             "use another --output, or delete that folder to start the stage again"

@@ -5,8 +5,19 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
+from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
+from mmfactory.config import ConfigError
 from mmfactory.models.components.vit import SpaceTimeViTConfig
 from mmfactory.models.dual_encoder import (
     DualEncoderModel,
@@ -107,12 +118,15 @@ def test_drop_masked_text_equals_encoding_each_shortened_caption_alone(pooling):
     model, tokenizer = tiny_model(pooling)
     model.double()
     batch = tokenize_captions(tokenizer, CAPTIONS, 32)
-    ours = model.encode_text(**batch, mask_ratio=0.5, generator=torch.Generator().manual_seed(1))
+    ours = model.encode_text(
+        **batch, mask_ratio=0.5, mask_mode="drop", generator=torch.Generator().manual_seed(1)
+    )
     ids, mask, positions = mask_text_tokens(
         batch["input_ids"],
         batch["attention_mask"],
         ~batch["special_tokens_mask"].bool(),
         0.5,
+        "drop",
         generator=torch.Generator().manual_seed(1),
     )
     reference = []
@@ -213,3 +227,57 @@ def test_local_bert_folder_keeps_its_weights_and_tokenizer(tmp_path):
     theirs = loaded_tokenizer(CAPTIONS[:1] + ["a red star ."], padding=True, truncation=True, max_length=6)
     assert ours["input_ids"].tolist() == theirs["input_ids"]
     assert ours["attention_mask"].tolist() == theirs["attention_mask"]
+
+
+def _tiny_clip_folder(path, hidden_act="quick_gelu"):
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        hidden_act=hidden_act,
+    )
+    torch.manual_seed(3)
+    tower = CLIPVisionModel(config)
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))  # not the identity norms of a fresh init
+    tower.save_pretrained(path)
+    return tower
+
+
+def test_video_encoder_starts_from_a_clip_image_tower_exactly(tmp_path):
+    tower = _tiny_clip_folder(tmp_path / "clip").eval()
+    spec = DualEncoderSpec(
+        vision=SpaceTimeViTConfig(num_frames=3), text=TextEncoderSpec(tiny=TINY_BERT), vision_init="unused"
+    )
+    model, _ = load_dual_encoder(spec, vision_init=tmp_path / "clip")
+    vit = model.vision_model.eval()
+    assert vit.config.hidden_size == 32 and vit.config.pre_norm and vit.config.hidden_act == "quick_gelu"
+    image = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    pixel_values = ((image.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    expected = tower(pixel_values=pixel_values).pooler_output  # post_layernorm(CLS)
+    torch.testing.assert_close(vit(image).cls, expected, rtol=1e-5, atol=1e-5)
+    still = image[:, None].expand(-1, 3, -1, -1, -1)  # a still 3-frame clip: temporal embeddings start at 0
+    assert torch.equal(vit.temporal_pos, torch.zeros(3, 32))
+    with pytest.raises(ConfigError, match="model.vision.hidden_size: 48, but the vision_init tower"):
+        bad = DualEncoderSpec(vision=SpaceTimeViTConfig(hidden_size=48), text=TextEncoderSpec(tiny=TINY_BERT))
+        load_dual_encoder(bad, vision_init=tmp_path / "clip")
+    assert vit(still).cls.shape == (2, 32)
+
+
+def test_the_temperature_is_fixed_unless_asked_to_learn(tmp_path):
+    fixed, _ = load_dual_encoder(DualEncoderSpec(vision=TINY_VISION, text=TextEncoderSpec(tiny=TINY_BERT)))
+    assert not fixed.log_logit_scale.requires_grad and fixed.log_logit_scale.item() == pytest.approx(
+        math.log(20)
+    )
+    fixed.save_pretrained(tmp_path)
+    assert not DualEncoderModel.from_pretrained(tmp_path).log_logit_scale.requires_grad
+    learned, _ = load_dual_encoder(
+        DualEncoderSpec(vision=TINY_VISION, text=TextEncoderSpec(tiny=TINY_BERT), learn_logit_scale=True)
+    )
+    assert learned.log_logit_scale.requires_grad

@@ -10,15 +10,21 @@ from mmfactory.config import ConfigError
 from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,
     CrossAttention,
+    DropPath,
     MaskedPretrainingModel,
     PixelDecoder,
     PixelDecoderConfig,
     VisionMamba,
     VisionMambaClassifier,
     VisionMambaConfig,
+    _from_scan,
+    _to_scan,
     block_causal_mask,
     cluster_order,
+    drop_path_rates,
+    interpolate_positions,
     load_encoder,
+    load_pretrained_encoder,
     normalize_patches,
     patchify,
     random_split,
@@ -319,21 +325,104 @@ def test_layer_ids_for_layer_wise_decay():
     assert ids["encoder.patch_embed.weight"] == 0
     assert ids["encoder.blocks.0.mixer.A_log"] == 1 and ids["encoder.blocks.2.mlp.w3.weight"] == 3
     assert ids["norm.weight"] == ids["head.bias"] == 4
+    assert ids["cls_token"] == ids["pos_embed"] == 0  # as the official get_layer_id_for_vit
 
 
-def test_classifier_mean_pools_normalised_tokens():
-    torch.manual_seed(0)
-    model = VisionMambaClassifier(encoder_config(), 5).eval()
-    x = images()
-    (hidden,) = model.encoder(model.encoder.embed(model.encoder.normalize(x)))
-    expected = F.linear(
-        F.layer_norm(hidden, (32,), model.norm.weight, model.norm.bias).mean(1),
-        model.head.weight,
-        model.head.bias,
+def _official_classifier_forward(model: VisionMambaClassifier, x: torch.Tensor) -> torch.Tensor:
+    """The official fine-tuning forward, written out: patch tokens, the class token inserted at N // 2, the
+    learned positions, the blocks, the final norm, the class token's state (or the mean of the two halves)."""
+    enc = model.encoder
+    tokens = enc.patch_embed(enc.normalize(x)).flatten(2).transpose(1, 2)
+    n = tokens.shape[1]
+    c = n // 2
+    seq = (
+        torch.cat([tokens[:, :c], model.cls_token.expand(len(x), -1, -1), tokens[:, c:]], 1) + model.pos_embed
     )
-    torch.testing.assert_close(model(x), expected)
+    for block in enc.blocks:
+        seq = block(seq, c)
+    seq = F.layer_norm(seq, (32,), model.norm.weight, model.norm.bias)
+    pooled = seq[:, c] if model.pooling == "cls" else (seq[:, :c].mean(1) + seq[:, c + 1 :].mean(1)) / 2
+    return F.linear(pooled, model.head.weight, model.head.bias)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_reads_the_middle_class_token_as_the_official_model(pooling):
+    torch.manual_seed(0)
+    model = VisionMambaClassifier(encoder_config(), 5, pooling=pooling).eval()
+    x = images()
+    assert model.cls_position == 8 and model.pos_embed.shape == (17, 32)
+    torch.testing.assert_close(model(x), _official_classifier_forward(model, x))
+    # The class token sits in the middle: with the causal forward scan, the 8 patch states before it do not
+    # depend on it, and the states from it on do.
+    seen = {}
+    model.encoder.blocks[-1].register_forward_hook(lambda m, a, out: seen.update(h=out))
+    model(x)
+    before = seen["h"]
+    with torch.no_grad():
+        model.cls_token.add_(1.0)
+    model(x)
+    assert torch.equal(seen["h"][:, :8], before[:, :8]) and not torch.allclose(
+        seen["h"][:, 8:], before[:, 8:]
+    )
     with pytest.raises(ValueError, match=r"expected \[B, 16, 16, 3\] images"):
         model(images(channels=1))
+
+
+def test_column_scans_keep_the_class_token_in_place():
+    x = torch.arange(2 * 17 * 1.0).view(2, 17, 1)  # 4x4 grid + a class token at 8
+    for scan in ("column", "column_backward", "backward"):
+        scanned = _to_scan(x, scan, 4, 8)
+        assert torch.equal(_from_scan(scanned, scan, 4, 8), x)
+    column = _to_scan(x, "column", 4, 8)[0, :, 0].tolist()
+    assert column[8] == 8.0  # still the class token
+    patches = [int(v) - (int(v) > 8) for v in column[:8] + column[9:]]  # raster patch indices
+    assert patches == [r * 4 + c for c in range(4) for r in range(4)]
+    torch.manual_seed(0)
+    four = VisionMambaClassifier(encoder_config(), 3, ["forward", "backward", "column", "column_backward"])
+    torch.testing.assert_close(four.eval()(images()), _official_classifier_forward(four, images()))
+
+
+def test_positions_start_from_the_pretraining_table_interpolated_to_the_new_grid():
+    table = sincos_2d_positions(32, 4)  # the 16 px pretraining encoder's
+    torch.manual_seed(0)
+    same = VisionMambaClassifier(encoder_config(), 3)
+    load_pretrained_encoder(same, arm_model().state_dict(), encoder_config())
+    assert torch.equal(same.patch_positions(), table) and torch.equal(same.pos_embed[8], torch.zeros(32))
+    assert torch.equal(interpolate_positions(table, 4), table)
+    larger = VisionMambaClassifier(encoder_config(image_size=24), 3)  # 6x6 patches
+    load_pretrained_encoder(larger, arm_model().state_dict(), encoder_config())
+    grid = table.T.reshape(1, 32, 4, 4)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).reshape(32, 36).T
+    assert larger.pos_embed.shape == (37, 32) and torch.equal(larger.pos_embed[18], torch.zeros(32))
+    torch.testing.assert_close(larger.patch_positions(), expected)
+    assert torch.equal(larger.encoder.patch_embed.weight, arm_model().encoder.patch_embed.weight)
+    assert larger.head.weight.std() < 1e-4  # re-initialised at std 2e-5, as the official fine-tuning
+    # A fine-tuned classifier passes its own (learned) positions and class token on.
+    with torch.no_grad():
+        larger.pos_embed.add_(torch.randn_like(larger.pos_embed))
+    again = VisionMambaClassifier(encoder_config(image_size=24), 3)
+    load_pretrained_encoder(again, larger.state_dict(), encoder_config(image_size=24))
+    assert torch.equal(again.patch_positions(), larger.patch_positions())
+    assert torch.equal(again.cls_token, larger.cls_token)
+
+
+def test_drop_path_rates_follow_the_official_schedule_and_are_identity_in_eval():
+    assert drop_path_rates(0.1, 4) == pytest.approx([0.0, 0.0, 0.1 / 3, 0.2 / 3])
+    layer = DropPath(0.5)
+    x = torch.randn(400, 3, 2)
+    assert torch.equal(layer.eval()(x), x)
+    out = layer.train()(x)
+    kept = (out != 0).flatten(1).all(1)
+    assert ((out == 0).flatten(1).all(1) | kept).all()  # whole samples dropped or kept
+    torch.testing.assert_close(out[kept], 2 * x[kept])
+    assert 0.4 < kept.float().mean() < 0.6
+    torch.manual_seed(0)
+    model = VisionMambaClassifier(encoder_config(), 3, drop_path=0.5)
+    assert [b.drop_path.rate for b in model.encoder.blocks] == pytest.approx([0.0, 0.0, 0.25])
+    x = images()
+    torch.testing.assert_close(model.eval()(x), model(x), rtol=0, atol=0)
+    train_out = [model.train()(x) for _ in range(6)]
+    assert any(not torch.equal(train_out[0], o) for o in train_out[1:])
 
 
 @pytest.mark.parametrize("channels", [3, 1])

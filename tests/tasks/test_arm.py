@@ -1,6 +1,7 @@
 """ARM tasks: pixel losses and label-smoothed cross-entropy against naive references (forward and gradient),
 layer-wise lr decay groups, and fine-tuning initialised from a pretraining stage's output."""
 
+import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -59,7 +60,8 @@ def test_pretraining_loss_is_the_mse_of_normalised_pixels(tmp_path, task_name, e
 
 
 def test_finetune_loss_is_label_smoothed_cross_entropy(tmp_path):
-    task = _task(tmp_path, "arm_finetune", {"encoder": ENCODER}, {"label_smoothing": 0.2}).double()
+    model = {"encoder": ENCODER, "drop_path": 0.0}  # stochastic depth would make two forwards differ
+    task = _task(tmp_path, "arm_finetune", model, {"label_smoothing": 0.2}).double()
     batch = _batch(task, 6)
     out = task(batch)
     logits = task.model(batch["images"])
@@ -181,3 +183,45 @@ def test_eval_labels_follow_the_training_classes_by_name(tmp_path):
 def _task_with_data(tmp_path, data: dict):
     stage = StageConfig(name="ft", task="arm_finetune", model={"encoder": ENCODER}, data=data)
     return build_task(stage, 0, StageContext(tmp_path, tmp_path / "ft"))
+
+
+def test_finetune_at_a_higher_resolution_interpolates_the_pretraining_positions(tmp_path):
+    pretrain = _task(tmp_path, "arm_pretrain", {"encoder": ENCODER, "decoder": DECODER, "cluster_size": 2})
+    pretrain.save_pretrained(tmp_path / "pretrain_out")
+    outputs = {"pretrain": tmp_path / "pretrain_out"}
+    data = world_data(["labelled"], 12, 4, image_size=24)
+    stage = StageConfig(
+        name="ft",
+        task="arm_finetune",
+        model={"image_size": 24},
+        data=data,
+        init_from="pretrain",
+        train=TrainConfig(max_steps=1),
+    )
+    task = build_task(stage, 0, StageContext(tmp_path, tmp_path / "ft", outputs))
+    assert task.encoder_config.image_size == 24 and task.model.pos_embed.shape == (37, 32)  # 6x6 + class
+    source = pretrain.model.encoder.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in task.model.encoder.state_dict().items())
+    batch = _batch(task)
+    assert batch["images"].shape == (4, 24, 24, 3) and task(batch)["loss"].isfinite()
+    with pytest.raises(ConfigError, match="image_size: 26 is not a multiple of patch_size 4"):
+        build_task(
+            StageConfig(
+                name="ft", task="arm_finetune", model={"image_size": 26}, data=data, init_from="pretrain"
+            ),
+            0,
+            StageContext(tmp_path, tmp_path / "ft", outputs),
+        )
+
+
+def test_training_images_are_augmented_and_eval_images_are_not(tmp_path):
+    finetune = _task(tmp_path, "arm_finetune", {"encoder": ENCODER})
+    assert finetune.options.augment.crop_scale == [0.08, 1.0] and finetune.options.augment.erase_prob == 0.25
+    raw = finetune.labelled("train")[0][0]["image"]
+    torch.manual_seed(0)
+    assert not np.array_equal(finetune.train_dataset()[0]["image"], raw)
+    assert np.array_equal(finetune.eval_dataset()[0]["image"], finetune.labelled("eval")[0][0]["image"])
+    pretrain = _task(tmp_path, "arm_pretrain", {"encoder": ENCODER, "cluster_size": 2})
+    assert pretrain.options.augment.crop_scale == [0.2, 1.0] and pretrain.options.augment.flip
+    plain = _task(tmp_path, "arm_finetune", {"encoder": ENCODER}, options={"augment": {}})
+    assert np.array_equal(plain.train_dataset()[0]["image"], raw)

@@ -1,6 +1,7 @@
 """video_text_contrastive: masking in training only, retrieval wiring, the step profile, CSV (MSR-VTT)."""
 
 import csv
+from collections import Counter
 
 import av
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
+from mmfactory.data.sources import SourceConfig, read_sources
 from mmfactory.losses.contrastive import clip_loss
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
@@ -62,7 +64,7 @@ def _token_counts(task, batch):
 
 
 def test_training_masks_and_evaluation_sees_full_inputs(tmp_path):
-    task = make_task(tmp_path, video_mask_ratio=0.75, text_mask_ratio=0.5)
+    task = make_task(tmp_path, video_mask_ratio=0.75, text_mask_ratio=0.5, text_mask_mode="drop")
     dataset = task.train_dataset()
     batch = task.collate([dataset[i] for i in range(4)])
     assert batch["video"].shape == (4, 2, 16, 16, 3) and batch["video"].dtype == torch.uint8
@@ -70,12 +72,37 @@ def test_training_masks_and_evaluation_sees_full_inputs(tmp_path):
     task.train()
     video_tokens, text_tokens = _token_counts(task, batch)
     assert video_tokens == 1 + 2 * 4 and text_tokens < length  # 4 of 16 patches per frame; words dropped
+    default = make_task(tmp_path, video_mask_ratio=0.75, text_mask_ratio=0.5).train()
+    assert _token_counts(default, batch) == (1 + 2 * 4, length)  # [MASK] in place: the length is kept
     task.eval()
     assert _token_counts(task, batch) == (1 + 2 * 16, length)
     loss = task(batch)["loss"]
     torch.testing.assert_close(task(batch)["loss"], loss, rtol=0, atol=0)  # no randomness in evaluation
     out = task.model(batch["video"], batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(loss, clip_loss(out.video_embeds, out.text_embeds, out.log_logit_scale))
+
+
+def test_image_text_sources_train_as_one_frame_clips(tmp_path):
+    data = {
+        "train": [{"format": "world", "kind": "scenes", "size": 6, "image_size": 16}],
+        "eval": [{"format": "world", "kind": "scenes", "split": "val", "size": 4, "image_size": 16}],
+        "num_frames": 1,
+    }
+    task = make_task(tmp_path, data=data)
+    images = read_sources(
+        [SourceConfig("world", kind="scenes", size=6, image_size=16)], "image-text", Counter(), "x"
+    )
+    videos = task.videos("train")
+    assert [v["captions"] for v in videos.items] == images.captions  # every caption of every image
+    assert np.array_equal(videos.media(2), images.image(2)[None])  # [1, H, W, 3]
+    batch = task.collate([task.train_dataset()[i] for i in range(4)])
+    assert batch["video"].shape == (4, 1, 16, 16, 3)
+    task.train()
+    assert _token_counts(task, batch)[0] == 1 + 4  # 75 % of an image's 16 patches dropped
+    assert task.retrieval()["retrieval_videos"] == 4
+    with pytest.raises(ConfigError, match="up front only"):
+        streamed = {**data, "train": [{"format": "webdataset", "path": "x", "streaming": True}]}
+        make_task(tmp_path, data=streamed)
 
 
 def test_frame_and_caption_sampling(tmp_path):
@@ -198,7 +225,7 @@ def test_csv_videos_train_and_evaluate(tmp_path):
         ({"video_mask_ratio": 1.0}, WORLD_DATA, r"options.video_mask_ratio: must be in \[0, 1\)"),
         ({"video_mask_kind": "random"}, WORLD_DATA, "options.video_mask_kind"),
         ({}, {"train": [{"format": "csv"}]}, r"data.train\[0\].path: format 'csv' needs a path"),
-        ({}, {"train": [{"format": "world", "kind": "scenes"}]}, "world kind 'scenes' yields image-text"),
+        ({}, {"train": [{"format": "world", "kind": "labelled"}]}, "world kind 'labelled' yields"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, options, data, message):

@@ -69,3 +69,24 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     task = Regression(StageContext(tmp_path, tmp_path), nan_at=7)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4 \(micro-batch 1\)"):
         train_stage(task, _stage(grad_accum=2), tmp_path, Accelerator(cpu=True))
+
+
+def test_weight_ema_follows_the_live_weights_and_reports_its_own_evaluation(tmp_path):
+    task = Regression(StageContext(tmp_path, tmp_path))
+    seen = []  # the weight each training forward sees: the initial one, then the one after each step
+    task.linear.register_forward_pre_hook(
+        lambda m, a: seen.append(m.weight.item()) if task.training else None
+    )
+    stage = _stage(max_steps=12, ema_decay=0.8)
+    stage.optimizer.lr = 0.3
+    summary = train_stage(task, stage, tmp_path, Accelerator(cpu=True))
+    live = seen[1:] + [task.linear.weight.item()]  # after steps 1..12
+    shadow = seen[0]
+    for weight in live:
+        shadow = 0.8 * shadow + 0.2 * weight
+    assert task.weight_ema.shadow("linear.weight").item() == pytest.approx(shadow, rel=1e-6)
+    assert task.linear.weight.item() == live[-1]  # the live weights are back after the EMA evaluation
+    metrics = summary["metrics"]
+    assert metrics["ema_eval_abs_w"] == pytest.approx(abs(shadow), rel=1e-6)
+    assert metrics["eval_abs_w"] == pytest.approx(abs(live[-1]), rel=1e-6)
+    assert "weight_ema.linear__weight" in task.state_dict()  # a buffer: checkpointed with the run

@@ -16,9 +16,11 @@ def _cli(recipe, out) -> list[str]:
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    # Dropout on, so the restored RNG matters as much as the weights and the optimizer.
+    # Dropout on, so the restored RNG matters as much as the weights and the optimizer; an EMA of the
+    # weights, so the restored buffers matter too.
     recipe = tiny_sft_recipe(max_steps=40, save_every=4, keep_checkpoints=2, log_every=2)
     recipe["stages"][0]["model"]["tiny"]["attention_dropout"] = 0.1
+    recipe["defaults"]["train"]["ema_decay"] = 0.9
     path = write_recipe(recipe, tmp_path / "r.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -45,3 +47,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records]
 
     assert losses(resumed) == losses(reference)
+    ema = [
+        json.loads((run / "results.json").read_text())["metrics"]["sft/ema_eval_loss"]
+        for run in (reference, resumed)
+    ]
+    assert ema[0] == ema[1]

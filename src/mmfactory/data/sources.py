@@ -23,7 +23,8 @@ Sample kinds and what a reader returns for them:
   from ``media(i)`` when a sample is drawn:
 
   - ``video-text``: ``{"video_id", "captions"}``; media: the video (frames or file,
-    :func:`mmfactory.data.video_text.video_clip` decodes it);
+    :func:`mmfactory.data.video_text.video_clip` decodes it); any ``image-text`` source is read as
+    ``video-text`` too, each image a 1-frame clip (:data:`CONVERSIONS`: a video-text task is omnivorous);
   - ``labelled-image``: ``{"label": int}`` (``classes`` names them); media: uint8 ``[H, W]`` or
     ``[H, W, C]`` as stored (the task fits size and channels);
   - ``preference``: ``{"id", "prompt", "chosen", "rejected"}`` (paired) or ``{"id", "prompt",
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import importlib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -212,10 +214,13 @@ class Format:
     needs_path: bool = True
 
     def read(self, source: SourceConfig, kind: SampleKind, bad: BadSampleCounter, counts: Counter):
-        import importlib
+        return _function(self.reader)(source, kind, bad, counts)
 
-        module, function = self.reader.split(":")
-        return getattr(importlib.import_module(module), function)(source, kind, bad, counts)
+
+def _function(reference: str):
+    """The function a ``"module:function"`` reference names (imported on use)."""
+    module, function = reference.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 COMMON_KEYS = frozenset({"format", "weight", "limit", "subset", "seed", "on_bad_sample", "split"})
@@ -324,6 +329,26 @@ FORMATS: dict[str, Format] = {
 # Reading and mixing
 # --------------------------------------------------------------------------------------------------
 
+# kind a task reads -> (another kind, "module:function" converting that kind's samples into the first)
+CONVERSIONS: dict[SampleKind, tuple[SampleKind, str]] = {
+    "video-text": ("image-text", "mmfactory.data.video_text:images_as_clips"),
+}
+
+
+def _yields(source: SourceConfig) -> tuple[str, tuple[SampleKind, ...]]:
+    """How a source is named in messages, and the kinds it yields."""
+    if source.format == "world":
+        return f"world kind {source.kind!r}", WORLD_KINDS[source.kind]
+    return f"format {source.format!r}", FORMATS[source.format].kinds
+
+
+def _read_kind(source: SourceConfig, kind: SampleKind) -> tuple[SampleKind, str | None]:
+    """The kind to read ``source`` as for a task reading ``kind``, and the converter to apply (or None)."""
+    yields = _yields(source)[1]
+    if kind not in yields and kind in CONVERSIONS and CONVERSIONS[kind][0] in yields:
+        return CONVERSIONS[kind]
+    return kind, None
+
 
 def read_sources(
     sources: list[SourceConfig],
@@ -347,7 +372,10 @@ def read_sources(
     for source in sources:
         spec = FORMATS[source.format]
         bad, local = BadSampleCounter(max_examples=MAX_EXAMPLES), Counter()
-        part = spec.read(source, kind, bad, local)
+        read_kind, converter = _read_kind(source, kind)
+        part = spec.read(source, read_kind, bad, local)
+        if converter is not None:
+            part = _function(converter)(part)
         seen = bad.total + len(part)  # records read, before the limit
         counts.update({f"{prefix}/{key}": n for key, n in local.items()})
         counts.update({f"{prefix}/bad_{reason}": n for reason, n in bad.summary().items()})
@@ -396,11 +424,13 @@ def _subset(part, source: SourceConfig):
 def check_kinds(sources: list[SourceConfig], kind: SampleKind, where: str) -> None:
     """Refuse a source that does not yield ``kind`` (checked when the recipe is validated)."""
     for index, source in enumerate(sources):
-        if source.format == "world":
-            what, yields = f"world kind {source.kind!r}", WORLD_KINDS[source.kind]
-        else:
-            what, yields = f"format {source.format!r}", FORMATS[source.format].kinds
-        if kind not in yields:
+        what, yields = _yields(source)
+        converted = _read_kind(source, kind)[1] is not None
+        if converted and source.streaming:
+            raise ConfigError(
+                f"{where}[{index}]: {what} is read as {kind!r} up front only; set streaming: false"
+            )
+        if kind not in yields and not converted:
             raise ConfigError(
                 f"{where}[{index}]: {what} yields {', '.join(yields)} samples, this task reads {kind!r}"
             )

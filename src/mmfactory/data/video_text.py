@@ -10,11 +10,13 @@ costs one parse and a file-existence check before step 1, not a decode per video
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.media import FrameSampling, frame_indices, load_video
 from mmfactory.data.policy import BadSampleCounter
 from mmfactory.data.samples import Samples
@@ -28,6 +30,17 @@ def video_clip(
     if isinstance(video, np.ndarray):
         return video[frame_indices(len(video), num_frames, sampling, rng)]
     return load_video(video, num_frames, sampling, rng).frames
+
+
+def _image_clip(image: Callable[[int], np.ndarray], index: int) -> np.ndarray:
+    return image(index)[None]  # [1, H, W, 3]
+
+
+def images_as_clips(images: ImageCaptions) -> Samples:
+    """``image-text`` samples as ``video-text`` ones: each image a 1-frame clip (``video_id``
+    ``image-{i}``) with all its captions, so a video-text task trains and retrieves on images too."""
+    items = [{"video_id": f"image-{i}", "captions": list(c)} for i, c in enumerate(images.captions)]
+    return Samples(items, partial(_image_clip, images.image))
 
 
 def _record_video(records: list, index: int) -> Path:

@@ -1,5 +1,6 @@
 """Video/image-text dual encoder (MAC): a maskable space-time ViT and a Hugging Face text encoder, each
-followed by a linear projection into a shared space, and a learnable logit scale for the contrastive loss.
+followed by a linear projection into a shared space, and the logit scale (inverse temperature) of the
+contrastive loss, fixed or learned.
 
 Hugging Face native: :class:`DualEncoderConfig` / :class:`DualEncoderModel` are a ``PreTrainedConfig`` /
 ``PreTrainedModel``, so ``save_pretrained`` writes ``config.json`` + ``model.safetensors`` and
@@ -10,10 +11,10 @@ tokens as sentence-transformers do).
 
 Text masking. MAC "adopts the mask sampling technique for text inputs for consistency" with the video. Per
 sequence, ``round(ratio * n)`` of its ``n`` maskable tokens (real tokens other than ``[CLS]``/``[SEP]``) are
-chosen uniformly at random. ``"drop"`` (the default) removes them as the video's masked patches are removed:
-the kept tokens are packed to the left and keep their original position ids, so the encoder must accept
-``position_ids`` (BERT-family models do). ``"replace"`` puts ``[MASK]`` in their place (BERT-style; same
-length, no savings).
+chosen uniformly at random. ``"replace"`` (the default, as MAC's figure draws it) puts ``[MASK]`` in their
+place (BERT-style; same length, no savings). ``"drop"`` removes them as the video's masked patches are
+removed: the kept tokens are packed to the left and keep their original position ids, so the encoder must
+accept ``position_ids`` (BERT-family models do); it saves text compute, which is small beside the video's.
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
 from mmfactory.config import ConfigError, from_dict
-from mmfactory.models.components.vit import MaskKind, SpaceTimeViT, SpaceTimeViTConfig
+from mmfactory.models.components.vit import (
+    MaskKind,
+    SpaceTimeViT,
+    SpaceTimeViTConfig,
+    clip_vision_config,
+    clip_vision_weights,
+)
 from mmfactory.models.lm import check_config_keys
+from mmfactory.models.vision import VisionTowerConfig, has_cls_token, load_image_processor, load_vision_tower
 
 TextMaskMode = Literal["drop", "replace"]
 TextPooling = Literal["cls", "mean"]
@@ -56,7 +64,7 @@ def mask_text_tokens(
     attention_mask: Tensor,
     maskable: Tensor,
     mask_ratio: float,
-    mode: TextMaskMode = "drop",
+    mode: TextMaskMode = "replace",
     mask_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -96,8 +104,9 @@ def mask_text_tokens(
 class DualEncoderConfig(PreTrainedConfig):
     """``vision_config``: :class:`SpaceTimeViTConfig` fields; ``text_config``: any HF encoder config.
 
-    ``logit_scale_init`` is the initial inverse temperature (MAC: temperature 0.05, scale 20), learned in log
-    space and clamped to ``[1, max_logit_scale]`` by the loss. ``mask_token_id`` serves ``replace`` masking.
+    ``logit_scale_init`` is the inverse temperature (MAC, after Frozen-in-Time: temperature 0.05, scale 20),
+    fixed unless ``learn_logit_scale`` (CLIP's choice: learned in log space, clamped to
+    ``[1, max_logit_scale]`` by the loss). ``mask_token_id`` serves ``replace`` masking.
     """
 
     model_type = "mmfactory_dual_encoder"
@@ -108,6 +117,7 @@ class DualEncoderConfig(PreTrainedConfig):
     projection_dim: int = 64
     text_pooling: str = "cls"
     logit_scale_init: float = 20.0
+    learn_logit_scale: bool = False
     max_logit_scale: float = 100.0
     mask_token_id: int | None = None
     initializer_range: float = 0.02
@@ -140,7 +150,11 @@ class DualEncoderModel(PreTrainedModel):
             self.text_model.pooler = None  # unused (pooling is ours) and would get no gradient
         self.video_projection = nn.Linear(vision.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        scale = torch.tensor(math.log(config.logit_scale_init))
+        if config.learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(scale)
+        else:  # a fixed temperature: a buffer, so no trainable-set pattern or optimizer can move it
+            self.register_buffer("log_logit_scale", scale)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -155,7 +169,7 @@ class DualEncoderModel(PreTrainedModel):
         self,
         video: Tensor,
         mask_ratio: float = 0.0,
-        mask_kind: MaskKind = "tube",
+        mask_kind: MaskKind = "frame",
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``[B, T, H, W, 3]`` frames (or ``[B, H, W, 3]`` images) -> ``[B, P]`` projected CLS."""
@@ -167,7 +181,7 @@ class DualEncoderModel(PreTrainedModel):
         attention_mask: Tensor,
         special_tokens_mask: Tensor | None = None,
         mask_ratio: float = 0.0,
-        mask_mode: TextMaskMode = "drop",
+        mask_mode: TextMaskMode = "replace",
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``[B, L]`` tokens (``[CLS] ... [SEP]``, right-padded) -> ``[B, P]`` projected pooled state.
@@ -205,9 +219,9 @@ class DualEncoderModel(PreTrainedModel):
         attention_mask: Tensor,
         special_tokens_mask: Tensor | None = None,
         video_mask_ratio: float = 0.0,
-        video_mask_kind: MaskKind = "tube",
+        video_mask_kind: MaskKind = "frame",
         text_mask_ratio: float = 0.0,
-        text_mask_mode: TextMaskMode = "drop",
+        text_mask_mode: TextMaskMode = "replace",
         generator: torch.Generator | None = None,
     ) -> DualEncoderOutput:
         """Both embeddings of matched ``[B, ...]`` videos and texts, with the masking asked for."""
@@ -257,8 +271,13 @@ class DualEncoderSpec:
 
     vision: SpaceTimeViTConfig = field(default_factory=SpaceTimeViTConfig)
     text: TextEncoderSpec = field(default_factory=TextEncoderSpec)
+    # A CLIP vision tower (a folder, a hub id, or an earlier stage) whose weights start the video encoder;
+    # its sizes then replace vision's (setting one of them to another value is an error), vision.num_frames
+    # is kept.
+    vision_init: str | None = None
     projection_dim: int = 64
-    logit_scale_init: float = 20.0  # 1 / temperature; MAC uses temperature 0.05
+    logit_scale_init: float = 20.0  # 1 / temperature; MAC / Frozen-in-Time: temperature 0.05
+    learn_logit_scale: bool = False  # Frozen-in-Time keeps the temperature fixed; CLIP learns it
     max_logit_scale: float = 100.0
 
 
@@ -285,12 +304,35 @@ def load_text_tokenizer(spec: TextEncoderSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def image_tower_start(spec: DualEncoderSpec, folder: str | Path) -> tuple[SpaceTimeViTConfig, dict]:
+    """``(vision config, SpaceTimeViT weights)`` from the CLIP vision tower in ``folder`` (a full CLIP or a
+    vision-only one, as LLaVA's towers load); refuses ``spec.vision`` sizes that contradict the tower."""
+    tower = load_vision_tower(VisionTowerConfig(path=str(folder)))
+    if not has_cls_token(tower.config):
+        raise ConfigError(
+            f"model.vision_init: {folder} is a {tower.config.model_type} tower without a class token; "
+            "the video encoder starts from CLIP vision towers"
+        )
+    processor = load_image_processor(folder, tower.config.image_size)
+    vision = clip_vision_config(
+        tower.config, spec.vision.num_frames, processor.image_mean, processor.image_std
+    )
+    default = SpaceTimeViTConfig()
+    for f in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio"):
+        asked, got = getattr(spec.vision, f), getattr(vision, f)
+        if asked not in (got, getattr(default, f)):
+            raise ConfigError(f"model.vision.{f}: {asked}, but the vision_init tower {folder} has {got}")
+    return vision, clip_vision_weights(tower.state_dict(), spec.vision.num_frames)
+
+
 def load_dual_encoder(
-    spec: DualEncoderSpec, init_dir: Path | None = None
+    spec: DualEncoderSpec, init_dir: Path | None = None, vision_init: Path | None = None
 ) -> tuple[DualEncoderModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` from ``init_dir`` (a ``save_pretrained`` folder) or built from ``spec``.
 
-    A ``text.path`` encoder keeps its pretrained weights; everything else starts from the config's init.
+    ``vision_init`` (``spec.vision_init`` resolved to a folder) starts the video encoder from a CLIP image
+    tower; a ``text.path`` encoder keeps its pretrained weights; everything else starts from the config's
+    init.
     """
     if init_dir is not None:
         return DualEncoderModel.from_pretrained(init_dir), AutoTokenizer.from_pretrained(init_dir)
@@ -305,16 +347,22 @@ def load_dual_encoder(
         )
     else:
         raise ConfigError("model.text: set text.path, text.tiny or the stage's init_from")
+    vision, vision_weights = spec.vision, None
+    if vision_init is not None:
+        vision, vision_weights = image_tower_start(spec, vision_init)
     config = DualEncoderConfig(
-        vision_config=dataclasses.asdict(spec.vision),
+        vision_config=dataclasses.asdict(vision),
         text_config=text_config,
         projection_dim=spec.projection_dim,
         text_pooling=text.pooling,
         logit_scale_init=spec.logit_scale_init,
+        learn_logit_scale=spec.learn_logit_scale,
         max_logit_scale=spec.max_logit_scale,
         mask_token_id=tokenizer.mask_token_id,
     )
     model = DualEncoderModel(config)
+    if vision_weights is not None:
+        model.vision_model.load_state_dict(vision_weights)
     if text.path is not None:
         pretrained = AutoModel.from_pretrained(text.path).state_dict()
         model.text_model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("pooler.")})

@@ -25,9 +25,11 @@ features without a mask (a cross-attention decoder as in CrossMAE, Fu et al. 202
 self-attention one). Both pretext tasks thus share every module and differ only in what is predicted from
 what.
 
-Fine-tuning (:class:`VisionMambaClassifier`): the encoder on the full raster sequence, a final LayerNorm,
-mean pooling and a linear head. ``scans`` adds scan directions initialised from the unidirectional
-weights; see :class:`MambaMLPBlock` for how this relates to the official 4-scan ("v3") mixer.
+Fine-tuning (:class:`VisionMambaClassifier`), as the official model: a class token in the middle of the
+raster sequence, learned position embeddings started from the pretraining sin-cos table (interpolated when
+fine-tuning at another resolution), the encoder with stochastic depth, a final LayerNorm and a linear head
+on the mean of the patch states (or the class token's). ``scans`` adds scan directions initialised from the
+unidirectional weights; see :class:`MambaMLPBlock` for how this relates to the official 4-scan ("v3") mixer.
 
 Checkpoints: ``save_pretrained`` writes ``config.json`` and ``model.safetensors``; fine-tuning transfers the
 ``encoder.*`` weights of any of the three (:func:`load_encoder`).
@@ -225,21 +227,56 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-def _to_scan(x: Tensor, scan: ScanOrder, grid: int) -> Tensor:
-    """Reorder ``[B, L, D]`` raster tokens into ``scan`` order."""
+def _transpose_grid(x: Tensor, grid: int, cls_position: int | None) -> Tensor:
+    """``[B, L, D]`` raster tokens read column by column; a class token at ``cls_position`` stays there
+    (the official 4-scan mixer takes it out, transposes the grid and puts it back)."""
+    if cls_position is not None:
+        cls = x[:, cls_position : cls_position + 1]
+        x = torch.cat([x[:, :cls_position], x[:, cls_position + 1 :]], dim=1)
+    b, _, d = x.shape
+    x = x.view(b, grid, grid, d).transpose(1, 2).reshape(b, grid * grid, d)
+    if cls_position is not None:
+        x = torch.cat([x[:, :cls_position], cls, x[:, cls_position:]], dim=1)
+    return x
+
+
+def _to_scan(x: Tensor, scan: ScanOrder, grid: int, cls_position: int | None = None) -> Tensor:
+    """Reorder ``[B, L, D]`` raster tokens (a class token at ``cls_position``, if any) into ``scan`` order."""
     if scan.startswith("column"):
-        b, _, d = x.shape
-        x = x.view(b, grid, grid, d).transpose(1, 2).reshape(b, grid * grid, d)
+        x = _transpose_grid(x, grid, cls_position)
     return x.flip(1) if scan.endswith("backward") else x
 
 
-def _from_scan(x: Tensor, scan: ScanOrder, grid: int) -> Tensor:
+def _from_scan(x: Tensor, scan: ScanOrder, grid: int, cls_position: int | None = None) -> Tensor:
     """Inverse of :func:`_to_scan` (a transpose of a square grid is its own inverse)."""
     x = x.flip(1) if scan.endswith("backward") else x
     if scan.startswith("column"):
-        b, _, d = x.shape
-        x = x.view(b, grid, grid, d).transpose(1, 2).reshape(b, grid * grid, d)
+        x = _transpose_grid(x, grid, cls_position)
     return x
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates as the official fine-tuning builds them: block ``i`` gets
+    ``[0] + linspace(0, rate, depth)`` at ``i``, so blocks 0 and 1 never drop and the last gets
+    ``rate * (depth - 2) / (depth - 1)``."""
+    steps = torch.linspace(0, rate, depth).tolist()
+    return ([0.0] + steps)[:depth]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability ``rate`` and scale
+    the kept ones by ``1 / (1 - rate)``; the identity in eval."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(keep)
+        return x * mask / keep
 
 
 class MambaMLPBlock(nn.Module):
@@ -255,7 +292,7 @@ class MambaMLPBlock(nn.Module):
     of linear maps is the linear map of the mean); they differ in what fine-tuning may change.
     """
 
-    def __init__(self, config: VisionMambaConfig, scans: Sequence[ScanOrder]):
+    def __init__(self, config: VisionMambaConfig, scans: Sequence[ScanOrder], drop_path: float = 0.0):
         super().__init__()
         dim, eps = config.hidden_size, config.layer_norm_eps
         self.grid = config.grid_size
@@ -271,25 +308,29 @@ class MambaMLPBlock(nn.Module):
         self.extra_scans = nn.ModuleDict({scan: copy.deepcopy(self.mixer) for scan in scans[1:]})
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, dim * 4 * 2 // 3)
+        self.drop_path = DropPath(drop_path)
 
-    def mix(self, x: Tensor) -> Tensor:
-        """The token mixer on normalised ``[B, L, D]``: forward scan, or the mean over all scans."""
+    def mix(self, x: Tensor, cls_position: int | None = None) -> Tensor:
+        """The token mixer on normalised ``[B, L, D]``: forward scan, or the mean over all scans; a class
+        token at ``cls_position`` is scanned where it sits (column scans keep it in place)."""
         if not self.extra_scans:
             return self.mixer(x)
-        if x.shape[1] != self.grid**2:
+        expected = self.grid**2 + (cls_position is not None)
+        if x.shape[1] != expected:
             raise ValueError(
-                f"multi-scan blocks need the full {self.grid}x{self.grid} raster grid, got {x.shape[1]}"
+                f"multi-scan blocks need the full {self.grid}x{self.grid} raster grid, "
+                f"got {x.shape[1]} tokens"
             )
         outs = [self.mixer(x)]
         outs += [
-            _from_scan(m(_to_scan(x, scan, self.grid)), scan, self.grid)
+            _from_scan(m(_to_scan(x, scan, self.grid, cls_position)), scan, self.grid, cls_position)
             for scan, m in self.extra_scans.items()
         ]
         return torch.stack(outs).mean(0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.mix(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Tensor, cls_position: int | None = None) -> Tensor:
+        x = x + self.drop_path(self.mix(self.norm1(x), cls_position))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionMamba(nn.Module):
@@ -300,7 +341,9 @@ class VisionMamba(nn.Module):
     the visible patches) through the blocks. ``scans`` other than ``["forward"]`` need full raster grids.
     """
 
-    def __init__(self, config: VisionMambaConfig, scans: Sequence[ScanOrder] = ("forward",)):
+    def __init__(
+        self, config: VisionMambaConfig, scans: Sequence[ScanOrder] = ("forward",), drop_path: float = 0.0
+    ):
         super().__init__()
         config.validate()
         if not scans or scans[0] != "forward" or len(set(scans)) != len(scans):
@@ -311,7 +354,9 @@ class VisionMamba(nn.Module):
         self.register_buffer("pos_embed", sincos_2d_positions(dim, config.grid_size), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
-        self.blocks = nn.ModuleList(MambaMLPBlock(config, self.scans) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(
+            MambaMLPBlock(config, self.scans, rate) for rate in drop_path_rates(drop_path, config.num_layers)
+        )
         self._init_weights()
 
     @torch.no_grad()
@@ -346,20 +391,21 @@ class VisionMamba(nn.Module):
         """Normalised ``[B, C, H, W]`` -> raster tokens with positions ``[B, L, D]``."""
         return self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed
 
-    def forward(self, tokens: Tensor, output_layers: Sequence[int] | None = None) -> list[Tensor]:
+    def forward(
+        self, tokens: Tensor, output_layers: Sequence[int] | None = None, cls_position: int | None = None
+    ) -> list[Tensor]:
         """``[B, N, D]`` -> hidden states ``[B, N, D]`` after each 1-based layer in ``output_layers``
-        (default: the last)."""
+        (default: the last); ``cls_position``: where a class token sits among raster tokens, if any."""
         wanted = list(output_layers or [len(self.blocks)])
         hidden = {}
         for depth, block in enumerate(self.blocks[: max(wanted)], start=1):
-            tokens = block(tokens)
+            tokens = block(tokens, cls_position)
             hidden[depth] = tokens
         return [hidden[layer] for layer in wanted]
 
     def layer_id(self, name: str) -> int:
-        """Depth of parameter ``name`` (relative to this module) for layer-wise lr decay (BEiT / MAE):
-        0 for the patch embedding, ``i + 1`` for block ``i``. (The official ARM code looks for
-        ``blocks.`` where its blocks are named ``layers.``, so there only the patch embedding decays.)"""
+        """Depth of parameter ``name`` (relative to this module) for layer-wise lr decay (BEiT / MAE, as the
+        official fine-tuning's ``param_groups_lrd``): 0 for the patch embedding, ``i + 1`` for block ``i``."""
         if name.startswith("patch_embed."):
             return 0
         if name.startswith("blocks."):
@@ -622,8 +668,31 @@ class MaskedPretrainingModel(_PretrainedModel):
         )
 
 
+Pooling = Literal["cls", "mean"]
+
+
+def interpolate_positions(table: Tensor, grid: int) -> Tensor:
+    """A ``[g * g, D]`` raster position table resized to ``[grid * grid, D]`` (bicubic, as the official
+    fine-tuning's ``interpolate_pos_embed``); returned as it is when ``g == grid``."""
+    old = math.isqrt(table.shape[0])
+    if old == grid:
+        return table
+    x = table.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+
+
 class VisionMambaClassifier(_PretrainedModel):
-    """Encoder on the raster sequence -> LayerNorm -> mean over tokens -> linear head: ``[B, classes]``."""
+    """The official fine-tuning model: a learned class token in the *middle* of the raster sequence
+    (position ``N // 2`` of ``N`` patches), a learned position embedding ``[N + 1, D]``, the encoder (with
+    stochastic depth ``drop_path``), a final LayerNorm and a linear head on the mean of the patch states
+    before and after the class token (``pooling: mean``: the official ``global_pool``, which its README's
+    fine-tuning commands set) or on the class token's state (``cls``). Column scans keep the class token in
+    place.
+
+    Position embeddings start from the pretraining encoder's fixed sin-cos table, bicubically interpolated
+    when fine-tuning at another resolution (:func:`interpolate_positions`), with zeros at the class token.
+    """
 
     model_type = "mmfactory_vision_mamba_classifier"
 
@@ -633,27 +702,62 @@ class VisionMambaClassifier(_PretrainedModel):
         num_classes: int,
         scans: Sequence[ScanOrder] = ("forward",),
         class_names: Sequence[str] | None = None,
+        pooling: Pooling = "mean",
+        drop_path: float = 0.0,
     ):
         super().__init__()
-        self.encoder = VisionMamba(encoder, scans)
-        self.norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
-        self.head = nn.Linear(encoder.hidden_size, num_classes)
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"pooling: must be 'cls' or 'mean', got {pooling!r}")
+        self.encoder = VisionMamba(encoder, scans, drop_path)
+        dim, patches = encoder.hidden_size, encoder.num_patches
+        self.cls_position, self.pooling, self.drop_path = patches // 2, pooling, drop_path
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(patches + 1, dim))
+        for param in (self.cls_token, self.pos_embed):
+            param._no_weight_decay = True  # the official no_weight_decay list
+        self.norm = nn.LayerNorm(dim, eps=encoder.layer_norm_eps)
+        self.head = nn.Linear(dim, num_classes)
         self.class_names = (
             list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         )
         with torch.no_grad():
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            self.set_positions(sincos_2d_positions(dim, encoder.grid_size))
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    @torch.no_grad()
+    def set_positions(self, patch_table: Tensor) -> None:
+        """``pos_embed`` from a ``[g * g, D]`` raster table (interpolated to this grid), zero at the class
+        token."""
+        table = interpolate_positions(patch_table, self.encoder.config.grid_size)
+        c = self.cls_position
+        zero = table.new_zeros(1, table.shape[1])
+        self.pos_embed.copy_(torch.cat([table[:c], zero, table[c:]]))
+
+    def patch_positions(self) -> Tensor:
+        """``[N, D]``: ``pos_embed`` without the class token's row."""
+        c = self.cls_position
+        return torch.cat([self.pos_embed[:c], self.pos_embed[c + 1 :]])
+
     def forward(self, images: Tensor) -> Tensor:
         """uint8 ``[B, H, W, C]`` -> logits ``[B, num_classes]``."""
-        (hidden,) = self.encoder(self.encoder.embed(self.encoder.normalize(images)))
-        return self.head(self.norm(hidden).mean(dim=1))
+        enc, c = self.encoder, self.cls_position
+        x = enc.patch_embed(enc.normalize(images)).flatten(2).transpose(1, 2)  # [B, N, D]
+        x = torch.cat([x[:, :c], self.cls_token.expand(len(x), -1, -1), x[:, c:]], dim=1) + self.pos_embed
+        (hidden,) = enc(x, cls_position=c)
+        hidden = self.norm(hidden)  # [B, N + 1, D]
+        if self.pooling == "cls":
+            return self.head(hidden[:, c])
+        return self.head((hidden[:, :c].mean(1) + hidden[:, c + 1 :].mean(1)) / 2)
 
     def layer_id(self, name: str) -> int:
-        """Layer-wise lr decay depth: the encoder's, and ``num_layers + 1`` for the norm and head."""
+        """Layer-wise lr decay depth: the encoder's, 0 for the class token and positions (as the patch
+        embedding), ``num_layers + 1`` for the norm and head."""
         if name.startswith("encoder."):
             return self.encoder.layer_id(name.removeprefix("encoder."))
+        if name in ("cls_token", "pos_embed"):
+            return 0
         return len(self.encoder.blocks) + 1
 
     def config_dict(self) -> dict[str, Any]:
@@ -662,11 +766,38 @@ class VisionMambaClassifier(_PretrainedModel):
             "num_classes": self.head.out_features,
             "scans": list(self.encoder.scans),
             "class_names": self.class_names,
+            "pooling": self.pooling,
+            "drop_path": self.drop_path,
         }
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        return cls(encoder_config_from(config), config["num_classes"], config["scans"], config["class_names"])
+        return cls(
+            encoder_config_from(config),
+            config["num_classes"],
+            config["scans"],
+            config["class_names"],
+            config.get("pooling", "mean"),
+            config.get("drop_path", 0.0),
+        )
+
+
+def load_pretrained_encoder(
+    classifier: VisionMambaClassifier, state: dict[str, Tensor], saved: VisionMambaConfig
+) -> None:
+    """Start ``classifier`` from a ``save_pretrained`` state dict whose encoder config is ``saved``: the
+    encoder weights (:func:`load_encoder`), then the position embeddings — a classifier's own (its patch
+    rows interpolated to this grid) or the pretraining encoder's sin-cos table (interpolated) — and a
+    classifier's class token. The head is re-initialised with std 2e-5, as the official fine-tuning does."""
+    load_encoder(classifier.encoder, state)
+    with torch.no_grad():
+        if "pos_embed" in state:
+            c = saved.num_patches // 2
+            classifier.set_positions(torch.cat([state["pos_embed"][:c], state["pos_embed"][c + 1 :]]))
+            classifier.cls_token.copy_(state["cls_token"])
+        else:
+            classifier.set_positions(sincos_2d_positions(saved.hidden_size, saved.grid_size))
+        nn.init.trunc_normal_(classifier.head.weight, std=2e-5)
 
 
 def load_encoder(encoder: VisionMamba, state: dict[str, Tensor]) -> None:

@@ -3,13 +3,16 @@ it is compared with, and classification fine-tuning (see :mod:`mmfactory.models.
 
 * ``arm_pretrain``: MSE between predicted and per-patch normalised pixels of clusters ``2..K``.
 * ``arm_mae_pretrain``: the same encoder and decoder class, MSE on the masked patches only.
-* ``arm_finetune``: cross-entropy with label smoothing on mean-pooled features, layer-wise lr decay, and
-  ``init_from`` a pretraining (or fine-tuning) stage whose encoder weights are transferred; extra scan
-  directions start as copies of the forward one. Eval reports top-1 accuracy (``eval_accuracy``).
+* ``arm_finetune``: the official fine-tuning model (middle class token, learned positions, stochastic
+  depth), cross-entropy with label smoothing, layer-wise lr decay, and ``init_from`` a pretraining (or
+  fine-tuning) stage whose encoder weights are transferred, at the pretraining resolution or another one
+  (``model.image_size``: positions interpolated); extra scan directions start as copies of the forward one.
+  Eval reports top-1 accuracy (``eval_accuracy``).
 
 Images come from ``labelled-image`` sources (the world, image folders, IDX files), fitted to the encoder's
-``image_size`` and ``in_channels``; pretraining uses the images only. Throughput is logged
-as ``images_per_s``.
+``image_size`` and ``in_channels``; pretraining uses the images only. Training images are augmented as the
+official code does (``options.augment``, :mod:`mmfactory.data.augment`). Throughput is logged as
+``images_per_s``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
+from mmfactory.data.augment import AugmentedImages, ImageAugment
 from mmfactory.data.images import FittedImages, align_classes
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.examples import Example, write_examples
@@ -34,11 +38,12 @@ from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,
     MaskedPretrainingModel,
     PixelDecoderConfig,
+    Pooling,
     ScanOrder,
     VisionMambaClassifier,
     VisionMambaConfig,
     encoder_config_from,
-    load_encoder,
+    load_pretrained_encoder,
     read_pretrained,
 )
 from mmfactory.tasks.base import TrainingTask
@@ -87,31 +92,49 @@ class MAEModelSpec:
 @dataclass
 class ClassifierSpec:
     """``arm_finetune``'s model. The encoder comes from ``init_from`` (then ``encoder``, if given, must
-    match it) or is built from ``encoder``. ``scans``: ``[forward]`` is the pretrained unidirectional
-    encoder, ``[forward, backward]`` bidirectional, all four the official fine-tuning mixer.
+    match it, its ``image_size`` aside) or is built from ``encoder``. ``image_size`` fine-tunes at another
+    resolution than the encoder's (the official code: pretrain at 192, fine-tune at 224 or 384), position
+    embeddings interpolated. ``scans``: ``[forward]`` is the pretrained unidirectional encoder,
+    ``[forward, backward]`` bidirectional, all four the official fine-tuning mixer. ``pooling``: ``mean`` of
+    the patch states (the official README's ``--global_pool True``) or the middle class token's state
+    (``cls``, the official code's default). ``drop_path``: stochastic depth (official 0.1).
     ``num_classes`` defaults to the training data's."""
 
     encoder: VisionMambaConfig | None = None
+    image_size: int | None = None
     scans: list[ScanOrder] = field(default_factory=lambda: ["forward"])
+    pooling: Pooling = "mean"
+    drop_path: float = 0.1
     num_classes: int | None = None
 
     def validate(self) -> None:
         if not self.scans or self.scans[0] != "forward" or len(set(self.scans)) != len(self.scans):
             raise ConfigError(f"scans: must start with 'forward' and not repeat, got {self.scans}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path: must be in [0, 1), got {self.drop_path}")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"pooling: must be 'cls' or 'mean', got {self.pooling!r}")
 
 
 @dataclass
-class NoOptions:
-    """The pretraining tasks have no options."""
+class PretrainOptions:
+    """Pretraining augmentation; default the official ``RandomResizedCrop(scale=(0.2, 1))`` + flip."""
+
+    augment: ImageAugment = field(default_factory=lambda: ImageAugment(crop_scale=[0.2, 1.0], flip=True))
 
 
 @dataclass
 class FinetuneOptions:
     """``layer_decay``: block ``i`` (1-based) of ``L`` trains at ``lr * layer_decay^(L + 1 - i)``, the patch
-    embedding at ``lr * layer_decay^(L + 1)``, the norm and head at ``lr`` (1 disables it)."""
+    embedding, class token and positions at ``lr * layer_decay^(L + 1)``, the norm and head at ``lr`` (1
+    disables it). ``augment``: default the official timm transform's crop (scale 0.08-1), flip and random
+    erasing (0.25); RandAugment is not implemented."""
 
     label_smoothing: float = 0.1
     layer_decay: float = 0.75
+    augment: ImageAugment = field(
+        default_factory=lambda: ImageAugment(crop_scale=[0.08, 1.0], flip=True, erase_prob=0.25)
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -147,7 +170,8 @@ class _ImageTask(TrainingTask):
         return self._data[split]
 
     def train_dataset(self) -> Dataset:
-        return self.labelled("train")[0]
+        data, augment = self.labelled("train")[0], self.options.augment
+        return AugmentedImages(data, augment) if augment.active else data
 
     def eval_dataset(self) -> Dataset | None:
         data = self.labelled("eval")
@@ -178,7 +202,7 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 class _PixelPretrainTask(_ImageTask):
     """MSE between predicted and target normalised pixels, ``model(images) -> (pred, target)``."""
 
-    options_config = NoOptions
+    options_config = PretrainOptions
 
     def __init__(
         self,
@@ -186,7 +210,7 @@ class _PixelPretrainTask(_ImageTask):
         ctx,
         model_cfg: ARMModelSpec | MAEModelSpec,
         data_cfg: ImageDataConfig,
-        options: NoOptions,
+        options: PretrainOptions,
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         if stage.init_from is not None:
@@ -203,7 +227,9 @@ class ARMPretrainTask(_PixelPretrainTask):
     model_config = ARMModelSpec
     data_config = ImageDataConfig
 
-    def __init__(self, stage, ctx, model_cfg: ARMModelSpec, data_cfg: ImageDataConfig, options: NoOptions):
+    def __init__(
+        self, stage, ctx, model_cfg: ARMModelSpec, data_cfg: ImageDataConfig, options: PretrainOptions
+    ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model = ARMPretrainingModel(model_cfg.encoder, model_cfg.decoder, model_cfg.cluster_size)
 
@@ -229,13 +255,16 @@ class MaskedPretrainTask(_PixelPretrainTask):
     model_config = MAEModelSpec
     data_config = ImageDataConfig
 
-    def __init__(self, stage, ctx, model_cfg: MAEModelSpec, data_cfg: ImageDataConfig, options: NoOptions):
+    def __init__(
+        self, stage, ctx, model_cfg: MAEModelSpec, data_cfg: ImageDataConfig, options: PretrainOptions
+    ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model = MaskedPretrainingModel(model_cfg.encoder, model_cfg.decoder, model_cfg.mask_ratio)
 
 
 def _encoder_differences(a: VisionMambaConfig, b: VisionMambaConfig) -> list[str]:
-    skip = {"size", "scan_chunk_size"}  # a preset name and a speed knob do not change the weights
+    # a preset name and a speed knob do not change the weights; the resolution is model.image_size's
+    skip = {"size", "scan_chunk_size", "image_size"}
     return [
         f.name
         for f in dataclasses.fields(a)
@@ -253,17 +282,20 @@ class ImageClassificationTask(_ImageTask):
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         init_dir = ctx.resolve_init(stage.init_from)
-        state = None
+        state = saved = None
         self.encoder_config = model_cfg.encoder
         if init_dir is not None:
             config, state = read_pretrained(init_dir)
             saved = encoder_config_from(config, f"{init_dir}/config.json: encoder")
             if model_cfg.encoder is None:
-                self.encoder_config = saved
+                self.encoder_config = dataclasses.replace(saved)
             elif diff := _encoder_differences(model_cfg.encoder, saved):
                 raise ConfigError(f"model.encoder: {diff} differ from the encoder of init_from {init_dir}")
         elif model_cfg.encoder is None:
             raise ConfigError("model.encoder: needed to build the encoder when there is no init_from")
+        if model_cfg.image_size is not None:
+            self.encoder_config = dataclasses.replace(self.encoder_config, image_size=model_cfg.image_size)
+            self.encoder_config.validate()
         self._setup_data()
         class_names = self.labelled("train")[1]
         num_classes = model_cfg.num_classes or len(class_names)
@@ -272,9 +304,11 @@ class ImageClassificationTask(_ImageTask):
                 f"model.num_classes: {num_classes} but the training data has {len(class_names)} classes"
             )
         names = class_names + [str(i) for i in range(len(class_names), num_classes)]
-        self.model = VisionMambaClassifier(self.encoder_config, num_classes, model_cfg.scans, names)
+        self.model = VisionMambaClassifier(
+            self.encoder_config, num_classes, model_cfg.scans, names, model_cfg.pooling, model_cfg.drop_path
+        )
         if state is not None:
-            load_encoder(self.model.encoder, state)
+            load_pretrained_encoder(self.model, state, saved)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         logits = self.model(batch["images"])

@@ -74,9 +74,11 @@ class ContrastiveOptions:
     """MAC's masking (training only) and what ``evaluate`` measures."""
 
     video_mask_ratio: float = 0.75  # fraction of each frame's patches dropped before the encoder
-    video_mask_kind: MaskKind = "tube"  # tube: one spatial mask for all frames; frame: one per frame
+    # frame: each frame draws its own mask (MAC's figure); tube: one spatial mask for all frames (VideoMAE)
+    video_mask_kind: MaskKind = "frame"
     text_mask_ratio: float = 0.15
-    text_mask_mode: TextMaskMode = "drop"  # drop tokens like patches, or replace them by [MASK]
+    # replace: [MASK] in place of the masked tokens (MAC's figure); drop: removed like the video patches
+    text_mask_mode: TextMaskMode = "replace"
     eval_batch_size: int = 64  # videos or captions per encoder call in retrieval
     profile_steps: int = 3  # timed training forward+backward passes in evaluate (single process); 0: none
 
@@ -162,7 +164,16 @@ class VideoTextContrastiveTask(TrainingTask):
         options: ContrastiveOptions,
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
-        self.model, self.tokenizer = load_dual_encoder(model_cfg, ctx.resolve_init(stage.init_from))
+        vision_init = None
+        if model_cfg.vision_init is not None and stage.init_from is None:
+            from mmfactory.models.hub import resolve_model_folder
+
+            vision_init = ctx.stage_path(model_cfg.vision_init) or resolve_model_folder(
+                model_cfg.vision_init, "model.vision_init (a CLIP vision tower)"
+            )
+        self.model, self.tokenizer = load_dual_encoder(
+            model_cfg, ctx.resolve_init(stage.init_from), vision_init
+        )
         self.counts: Counter = Counter()
         self._videos: dict[str, Samples] = {}
 

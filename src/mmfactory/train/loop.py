@@ -29,6 +29,7 @@ from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.streaming import TrainStream
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.train import checkpoint as ckpt
+from mmfactory.train.ema import WeightEMA
 from mmfactory.train.optim import build_optimizer, build_scheduler, select_trainable
 from mmfactory.train.sampler import StepSampler
 
@@ -177,6 +178,10 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)
     select_trainable(task, stage.trainable, stage.frozen)
     trainable = [p for p in task.parameters() if p.requires_grad]
+    ema = None
+    if cfg.ema_decay is not None:  # its shadow weights are buffers of the task: checkpointed, resumed
+        ema = WeightEMA({n: p for n, p in task.named_parameters() if p.requires_grad}, cfg.ema_decay)
+        task.weight_ema = ema
     optimizer = build_optimizer(task, stage.optimizer)
     scheduler = build_scheduler(optimizer, total_steps, stage.schedule)
     model, optimizer = accelerator.prepare(task, optimizer)
@@ -253,6 +258,8 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
 
         done = step + 1
         window_items += total_weight
@@ -313,6 +320,14 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         task.eval()
         metrics.update(task.evaluate())
         task.train()
+    if ema is not None:  # the same evaluation with the averaged weights; the live ones are saved
+        with ema.swapped_in():
+            ema_metrics = evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size)
+            if is_main:
+                task.eval()
+                ema_metrics.update(task.evaluate())
+                task.train()
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
     log.log(total_steps, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
     log.close()
     return {"steps": total_steps, "time_s": round(train_time, 2), "metrics": metrics}

@@ -7,11 +7,16 @@ the two are divided rather than one embedding per space-time position; a learned
 Blocks are pre-norm transformer layers with joint attention over all tokens (Frozen-in-Time uses divided
 space-time attention; MAC's point, the masking, is the same either way). An image is a 1-frame video.
 
+Starting from an image ViT (Frozen-in-Time and MAC start from image-pretrained weights):
+:func:`clip_vision_weights` maps a Hugging Face CLIP vision tower onto this layout (``pre_norm`` and
+``hidden_act`` give CLIP's pre-LayerNorm and QuickGELU), the temporal embeddings starting at zero so a
+1-frame video is encoded exactly as the image tower encodes the image.
+
 Mask sampling (MAE): per sample, uniform noise is argsorted and the patches with the ``K`` smallest values are
 kept, ``K = round((1 - mask_ratio) * S)`` per frame; the rest are *dropped before the patch embedding*, so
 the encoder's cost scales with the visible fraction. ``mask_kind`` picks ``"frame"`` (each frame draws its
-own mask) or ``"tube"`` (one spatial mask shared by all frames, as VideoMAE's tube masking). Every sample
-keeps exactly ``T * K`` tokens, so a batch needs no attention mask.
+own mask, as MAC's figure shows; the default) or ``"tube"`` (one spatial mask shared by all frames, as
+VideoMAE's tube masking). Every sample keeps exactly ``T * K`` tokens, so a batch needs no attention mask.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 from mmfactory.config import ConfigError
 
 MaskKind = Literal["frame", "tube"]
+Activation = Literal["gelu", "quick_gelu"]
 
 
 @dataclass
@@ -40,6 +46,8 @@ class SpaceTimeViTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
+    pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's pre_layrnorm)
+    hidden_act: Activation = "gelu"  # the MLP's; CLIP towers use quick_gelu
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, applied to [0, 1] pixels
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -52,6 +60,8 @@ class SpaceTimeViTConfig:
             raise ConfigError(
                 f"hidden_size: {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
+        if self.hidden_act not in ("gelu", "quick_gelu"):
+            raise ConfigError(f"hidden_act: must be 'gelu' or 'quick_gelu', got {self.hidden_act!r}")
 
     @property
     def patches_per_frame(self) -> int:
@@ -81,7 +91,7 @@ def sample_patch_mask(
     frames: int,
     patches_per_frame: int,
     mask_ratio: float,
-    kind: MaskKind = "tube",
+    kind: MaskKind = "frame",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -118,16 +128,24 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (GELU MLP)."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the activation of OpenAI's CLIP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (GELU or QuickGELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, act: Activation = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        activation = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation, nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -146,8 +164,9 @@ class SpaceTimeViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.spatial_pos = nn.Parameter(torch.zeros(config.patches_per_frame, dim))
         self.temporal_pos = nn.Parameter(torch.zeros(config.num_frames, dim))
+        self.pre_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_heads, config.mlp_ratio, config.layer_norm_eps)
+            Block(dim, config.num_heads, config.mlp_ratio, config.layer_norm_eps, config.hidden_act)
             for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -179,7 +198,7 @@ class SpaceTimeViT(nn.Module):
         self,
         pixels: Tensor,
         mask_ratio: float = 0.0,
-        mask_kind: MaskKind = "tube",
+        mask_kind: MaskKind = "frame",
         generator: torch.Generator | None = None,
     ) -> ViTOutput:
         """Encode ``pixels`` ``[B, T, H, W, 3]`` (or images ``[B, H, W, 3]``), dropping ``mask_ratio`` of the
@@ -194,7 +213,69 @@ class SpaceTimeViT(nn.Module):
             spatial_pos = self.spatial_pos[keep]  # [B, T, K, D]
         x = self.patch_embed(patches) + spatial_pos + self.temporal_pos[:t, None]  # [B, T, K, D]
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(1, 2)], dim=1)  # [B, 1 + T * K, D]
+        x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
         return ViTOutput(cls=x[:, 0], tokens=x[:, 1:], mask=mask)
+
+
+def clip_vision_config(clip_config, num_frames: int, pixel_mean, pixel_std) -> SpaceTimeViTConfig:
+    """The :class:`SpaceTimeViTConfig` of a Hugging Face ``CLIPVisionConfig`` (same sizes, pre-norm, its
+    activation), taking ``num_frames`` frames normalised by the tower's image processor's mean and std."""
+    if clip_config.hidden_act not in ("gelu", "quick_gelu"):
+        raise ConfigError(f"vision_init: a {clip_config.hidden_act!r} MLP has no SpaceTimeViT equivalent")
+    return SpaceTimeViTConfig(
+        image_size=clip_config.image_size,
+        patch_size=clip_config.patch_size,
+        num_frames=num_frames,
+        hidden_size=clip_config.hidden_size,
+        num_layers=clip_config.num_hidden_layers,
+        num_heads=clip_config.num_attention_heads,
+        mlp_ratio=clip_config.intermediate_size / clip_config.hidden_size,
+        layer_norm_eps=clip_config.layer_norm_eps,
+        pre_norm=True,
+        hidden_act=clip_config.hidden_act,
+        pixel_mean=tuple(pixel_mean),
+        pixel_std=tuple(pixel_std),
+    )
+
+
+def clip_vision_weights(clip_state: dict[str, Tensor], num_frames: int) -> dict[str, Tensor]:
+    """A ``CLIPVisionModel`` state dict -> :class:`SpaceTimeViT` weights (see :func:`clip_vision_config`).
+
+    The patch convolution becomes the linear patch embedding (rows, columns, channels; zero bias), the
+    class embedding plus its position becomes ``cls_token``, the other positions ``spatial_pos``; the
+    temporal embeddings start at zero (Frozen-in-Time's init); q/k/v are fused; ``post_layernorm`` is the
+    final norm. A 1-frame video is then encoded as the image tower encodes the image.
+    """
+    prefix = "vision_model."
+    w = {k.removeprefix(prefix): v for k, v in clip_state.items()}
+    conv = w["embeddings.patch_embedding.weight"]  # [D, 3, P, P]
+    dim = conv.shape[0]
+    pos = w["embeddings.position_embedding.weight"]  # [1 + S, D]
+    out = {
+        "patch_embed.weight": conv.permute(0, 2, 3, 1).reshape(dim, -1),
+        "patch_embed.bias": torch.zeros(dim, dtype=conv.dtype),
+        "cls_token": (w["embeddings.class_embedding"] + pos[0]).view(1, 1, dim),
+        "spatial_pos": pos[1:],
+        "temporal_pos": torch.zeros(num_frames, dim, dtype=pos.dtype),
+        "pre_norm.weight": w["pre_layrnorm.weight"],
+        "pre_norm.bias": w["pre_layrnorm.bias"],
+        "norm.weight": w["post_layernorm.weight"],
+        "norm.bias": w["post_layernorm.bias"],
+    }
+    layer = 0
+    while f"encoder.layers.{layer}.layer_norm1.weight" in w:
+        src, dst = f"encoder.layers.{layer}.", f"blocks.{layer}."
+        for name in ("weight", "bias"):
+            out[dst + f"attn.qkv.{name}"] = torch.cat(
+                [w[src + f"self_attn.{p}_proj.{name}"] for p in ("q", "k", "v")]
+            )
+            out[dst + f"attn.proj.{name}"] = w[src + f"self_attn.out_proj.{name}"]
+            out[dst + f"norm1.{name}"] = w[src + f"layer_norm1.{name}"]
+            out[dst + f"norm2.{name}"] = w[src + f"layer_norm2.{name}"]
+            out[dst + f"mlp.0.{name}"] = w[src + f"mlp.fc1.{name}"]
+            out[dst + f"mlp.2.{name}"] = w[src + f"mlp.fc2.{name}"]
+        layer += 1
+    return out
