@@ -19,6 +19,7 @@ from tests.models.test_mllm import TINY_VISION
 DATA = world_data(["vqa", "captions"], 48, 8, image_size=16, max_length=128)
 EVAL = TINY_EVAL
 MLLM_STAGE = {"trainable": ["model.projector.*", "model.language_model.*"], "data": DATA, "options": EVAL}
+MOE_TRAINABLE = ["model.projector.*", "model.language_model.model.layers.*.mlp.*"]  # the official set
 
 
 def tiny_llava_mod_recipe() -> dict:
@@ -46,6 +47,7 @@ def tiny_llava_mod_recipe() -> dict:
                 "task": "mllm_mimic_distill",
                 "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": student_lm}},
                 **MLLM_STAGE,
+                "train": {"max_steps": 40},  # off the uniform start, so the MoE phase has signal to follow
                 "options": {**EVAL, "teacher": "teacher", "mode": "kd_only"},
             },
             {
@@ -53,6 +55,7 @@ def tiny_llava_mod_recipe() -> dict:
                 "task": "mllm_mimic_distill",
                 "init_from": "mimic_dense",
                 **MLLM_STAGE,
+                "trainable": MOE_TRAINABLE,
                 "options": {
                     **EVAL,
                     "teacher": "teacher",
@@ -65,6 +68,7 @@ def tiny_llava_mod_recipe() -> dict:
                 "task": "mllm_preference_distill",
                 "init_from": "mimic_moe",
                 **MLLM_STAGE,
+                "trainable": MOE_TRAINABLE,
                 "data": world_data(["preference"], 24, 4, image_size=16),
                 "train": {"batch_size": 4, "max_steps": 6},
                 "options": {**EVAL, "teacher": "teacher", "loss": "kto_pair"},
@@ -81,8 +85,9 @@ def test_llava_mod_stages_through_cli(tmp_path, capsys):
     assert table[0].split() == ["stage", "vqa_accuracy", "params_activated_m", "reward_accuracy"]
     assert [row.split()[0] for row in table[2:]] == ["teacher", "mimic_dense", "mimic_moe", "preference"]
     metrics = json.loads((out / "results.json").read_text())["metrics"]
-    for stage in ("mimic_dense", "mimic_moe"):
-        assert metrics[f"{stage}/train_loss"] < metrics[f"{stage}/train_first_loss"] - 0.3, stage
+    # mimic_moe trains only the FFNs, routers and projector; on this 16-wide student its loss stays flat over
+    # a few steps, so its learning is checked by what changed (below).
+    assert metrics["mimic_dense/train_loss"] < metrics["mimic_dense/train_first_loss"] - 0.3
     assert metrics["mimic_dense/params_total_m"] == metrics["mimic_dense/params_activated_m"]
     assert metrics["mimic_moe/params_total_m"] > metrics["mimic_moe/params_activated_m"]
     assert metrics["mimic_moe/params_activated_m"] > metrics["mimic_dense/params_total_m"]  # two experts run
@@ -102,6 +107,18 @@ def test_llava_mod_stages_through_cli(tmp_path, capsys):
             assert value.equal(moe[name]) and value.equal(dense[name]), f"frozen {name} changed"
         elif name.startswith(("projector.", "language_model.model.layers.0.mlp.router")):
             assert not value.equal(moe[name]), f"trainable {name} did not change in preference"
+        if ".mlp." not in name and not name.startswith("projector."):
+            # Outside the experts, routers and projector, the MoE mimic and preference stages change nothing:
+            # attention, norms, embeddings and the head are those mimic_dense left.
+            assert value.equal(moe[name]) and value.equal(dense[name]), f"{name} changed outside the FFNs"
+    assert not moe["language_model.model.layers.1.mlp.up_proj.weight"].equal(
+        dense["language_model.model.layers.1.mlp.up_proj.weight"]
+    )  # the dense layer's FFN trains in mimic_moe too (the official `mlp.*` set)
+    for name in (
+        "language_model.model.layers.0.mlp.experts.0.up_proj.weight",
+        "language_model.model.layers.1.mlp.up_proj.weight",
+    ):
+        assert not moe[name].equal(pref[name]), f"{name} did not train in preference"
     assert not any(
         value.equal(teacher.get(name)) for name, value in dense.items() if name.startswith("projector.")
     )
@@ -111,6 +128,23 @@ def test_the_shipped_recipe_validates_and_its_teacher_is_llava_tiny():
     recipe = load_recipe(resolve_recipe("llava_mod/tiny"))
     for i, stage in enumerate(recipe.stages):
         validate_stage(stage, i)
+    stages = {s.name: s for s in recipe.stages}
+    kinds = {
+        name: {d["kind"] for d in stages[name].data["train"]}
+        for name in ("mimic_dense", "mimic_moe", "student_sft")
+    }
+    # The two mimic phases read different data (general captions and chats, then VQA-style tasks); the
+    # SFT-only baseline reads both.
+    assert kinds["mimic_dense"] == {"captions", "llava"} and not kinds["mimic_dense"] & kinds["mimic_moe"]
+    assert kinds["student_sft"] == kinds["mimic_dense"] | kinds["mimic_moe"]
+    assert (
+        stages["mimic_moe"].trainable
+        == stages["preference"].trainable
+        == [
+            "model.projector.*",
+            "model.language_model.model.layers.*.mlp.*",
+        ]
+    )
     llava = load_recipe(resolve_recipe("llava/tiny"))
     teacher = {s.name: s for s in recipe.stages[: len(llava.stages)]}
     assert teacher == {s.name: s for s in llava.stages}

@@ -64,15 +64,17 @@ def dense_reference(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
 def capacity_reference(
     block: SparseMoeBlock, x: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Python loop over assignments in DeepSpeed's order: all first choices by position, then second ones."""
+    """DeepSpeed's top-2 gating written as loops: assignments kept in DeepSpeed's order (all first choices by
+    position, then the second ones) up to each expert's capacity; then, as ``top2gating`` does, each token's
+    kept softmax probabilities are divided by their sum (clamped at float eps). Without
+    ``capacity_renormalize``: the top-k-normalised gates of the kept assignments, unchanged."""
     flat, mask = x.reshape(-1, x.shape[-1]), mask.reshape(-1)
     probs = torch.softmax(block.router(flat).float(), dim=-1)
-    gates, chosen = probs.topk(block.top_k, dim=-1)
-    gates = gates / gates.sum(-1, keepdim=True)
+    top_probs, chosen = probs.topk(block.top_k, dim=-1)
     num_routed = int(mask.sum()) * block.top_k
     capacity = max(math.ceil(block.capacity_factor * num_routed / block.num_experts), block.min_capacity)
     used, dropped = [0] * block.num_experts, 0
-    out = torch.zeros_like(flat)
+    kept = torch.zeros_like(top_probs, dtype=torch.bool)
     for choice in range(block.top_k):
         for token in range(flat.shape[0]):
             expert = int(chosen[token, choice])
@@ -82,7 +84,18 @@ def capacity_reference(
                 dropped += 1
                 continue
             used[expert] += 1
-            out[token] += gates[token, choice] * block.experts[expert](flat[token : token + 1])[0]
+            kept[token, choice] = True
+    if block.capacity_renormalize:
+        denom = (top_probs * kept).sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+        gates = top_probs * kept / denom
+    else:
+        gates = top_probs / top_probs.sum(-1, keepdim=True) * kept
+    out = torch.zeros_like(flat)
+    for token in range(flat.shape[0]):
+        for choice in range(block.top_k):
+            if kept[token, choice]:
+                expert = int(chosen[token, choice])
+                out[token] += gates[token, choice] * block.experts[expert](flat[token : token + 1])[0]
     return out.view(x.shape), dropped
 
 
@@ -232,9 +245,11 @@ def test_padding_mask_of_the_wrong_size_is_rejected():
         random_block(4, 2)(torch.randn(2, 3, HIDDEN), padding_mask=torch.ones(5))
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_capacity_drops_match_deepspeed_order_reference(with_padding):
+def test_capacity_drops_match_deepspeed_order_reference(with_padding, renormalize):
     block = random_block(4, 2, capacity_factor=0.5, min_capacity=1)
+    block.capacity_renormalize = renormalize
     x = torch.randn(2, 12, HIDDEN, requires_grad=True)
     mask = torch.ones(2, 12, dtype=torch.bool)
     if with_padding:
@@ -294,5 +309,24 @@ def test_bfloat16_block_keeps_its_dtype_and_tracks_float32():
     x = torch.randn(2, 5, HIDDEN)
     expected = block(x)
     out = block.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and block.router_logits.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and block.router_logits.dtype == torch.float32  # the router in fp32
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_router_runs_in_float32_under_bf16_autocast_and_a_bf16_model():
+    block = random_block(4, 2)
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    assert block.router_logits.dtype == torch.float32
+    torch.testing.assert_close(
+        block.router_logits, x.reshape(-1, HIDDEN) @ block.router.weight.T, rtol=0, atol=0
+    )
+    block.experts.to(torch.bfloat16)  # a model cast to bf16, its router kept in fp32 (as upcycle leaves it)
+    block(x.bfloat16())
+    assert block.router_logits.dtype == torch.float32
+    low = random_block(4, 2)
+    low.router_fp32 = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low(x)
+    assert low.router_logits.dtype == torch.bfloat16

@@ -157,3 +157,24 @@ def test_jsonl_pairs_and_refusals(tmp_path):
         task = build_task(_stage(tmp_path, data={"train": [source], "eval": []})[0], 0, ctx)
         with pytest.raises(ConfigError, match=message):
             task.train_dataset()
+
+
+def test_kto_pair_reference_point_detachment_is_a_recipe_option():
+    from mmfactory.losses.preference import kto_pair_loss
+    from mmfactory.tasks.preference import DPOOptions, preference_objective
+
+    torch.manual_seed(0)
+    policy = torch.randn(8, requires_grad=True)
+    reference, tokens = torch.randn(8), torch.full((8,), 5)
+    grads = {}
+    for detach in (True, False):
+        out = preference_objective(
+            DPOOptions(loss="kto_pair", detach_reference_point=detach), policy, reference, tokens
+        )
+        (grads[detach],) = torch.autograd.grad(out["loss"], policy)
+        expected = kto_pair_loss(*policy.chunk(2), *reference.chunk(2), 0.1, detach)[0]
+        (reference_grad,) = torch.autograd.grad(expected, policy)
+        torch.testing.assert_close(grads[detach], reference_grad)
+    assert not torch.allclose(grads[True], grads[False])  # the reference points carry gradient when attached
+    with pytest.raises(ConfigError, match="detach_reference_point: only the kto_pair loss"):
+        DPOOptions(loss="sigmoid", detach_reference_point=False).validate()

@@ -68,6 +68,8 @@ class UpcycleOptions:
     capacity_factor: float | None = None
     min_capacity: int = 4
     router_jitter: float = 0.0
+    capacity_renormalize: bool = True  # DeepSpeed renormalises a token's surviving gates after drops
+    router_fp32: bool = True  # DeepSpeed keeps the gate in float32
 
     def validate(self) -> None:
         if isinstance(self.layers, str) and self.layers not in LAYER_SELECTIONS:
@@ -265,6 +267,8 @@ class MimicDistillTask(MultimodalSFTTask):
                 capacity_factor=up.capacity_factor,
                 min_capacity=up.min_capacity,
                 router_jitter=up.router_jitter,
+                capacity_renormalize=up.capacity_renormalize,
+                router_fp32=up.router_fp32,
             )
         self.teacher: MultimodalLM | None = None
         self.teacher_dir = ctx.resolve_init(options.teacher)

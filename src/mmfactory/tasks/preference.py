@@ -89,10 +89,17 @@ class DPOOptions:
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid only (conservative DPO)
     sft_weight: float = 0.0
+    # kto_pair only: no gradient through the reference points (the KTO paper and TRL; LLaVA-MoD's
+    # scripts use TRL's kto_pair, which does not detach them: false)
+    detach_reference_point: bool = True
 
     def validate(self) -> None:
         if self.loss != "sigmoid" and self.label_smoothing:
             raise ConfigError("label_smoothing: only the sigmoid loss smooths labels")
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if self.loss != "kto_pair" and not self.detach_reference_point:
+            raise ConfigError("detach_reference_point: only the kto_pair loss has reference points")
 
 
 @dataclass
@@ -134,7 +141,7 @@ def preference_objective(
         )
     else:
         loss, chosen_rewards, rejected_rewards = kto_pair_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, opts.beta, opts.detach_reference_point
         )
     metrics = {}
     if opts.sft_weight:

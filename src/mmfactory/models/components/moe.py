@@ -11,9 +11,14 @@ Optional capacity (``capacity_factor``, as DeepSpeed's top-2 gating that the off
 each expert keeps at most ``max(ceil(capacity_factor * k * N / E), min_capacity)`` assignments, ``N`` the
 number of real (non-padding) tokens. Priority is by position, not by gate value: all first choices come
 before all second choices (and so on), each in flattened token order ``b * T + t``, so later tokens are
-dropped first. A dropped assignment contributes nothing (the token keeps its residual) and the surviving
-gates are not renormalised. The count of dropped assignments of the last forward is ``dropped_assignments``.
-Unlike DeepSpeed, which samples the second expert with Gumbel noise in training, routing is plain top-k.
+dropped first. A dropped assignment contributes nothing (the token keeps its residual); a token's surviving
+gates are renormalised to sum to 1 (``capacity_renormalize``, as DeepSpeed's ``top2gating`` divides by
+``gates1_s + gates2_s`` after the capacity masks, clamped at float eps). The count of dropped assignments
+of the last forward is ``dropped_assignments``. Unlike DeepSpeed, which samples the second expert with
+Gumbel noise in training, routing is plain top-k.
+
+The router runs in float32 (``router_fp32``, as DeepSpeed's gate keeps its weight and input in fp32): under
+bf16 autocast, or with the model cast to bf16, the routing decisions stay those of full precision.
 
 :func:`upcycle` replaces the ``mlp`` of chosen decoder layers of any Hugging Face decoder with a block whose
 experts are deep copies of that MLP, so (with ``normalize_topk``) the upcycled model computes what the dense
@@ -29,6 +34,7 @@ from os import PathLike
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedModel
 
@@ -50,6 +56,8 @@ class SparseMoeBlock(nn.Module):
         min_capacity: lower bound on the capacity (DeepSpeed's default is 4).
         router_jitter: in training, multiply the router's input (not the experts') by uniform noise in
             ``[1 - router_jitter, 1 + router_jitter]`` (Switch Transformer). 0 turns it off.
+        capacity_renormalize: with a capacity, renormalise each token's surviving gates (DeepSpeed).
+        router_fp32: keep the router's weight in float32 and compute its logits in float32, autocast off.
 
     After each forward the block holds, for the auxiliary losses (:mod:`mmfactory.losses.moe_aux`),
     ``router_logits`` ``[N, E]`` (with their graph) and ``padding_mask`` ``[N]`` (bool, or ``None``).
@@ -67,6 +75,8 @@ class SparseMoeBlock(nn.Module):
         capacity_factor: float | None = None,
         min_capacity: int = 4,
         router_jitter: float = 0.0,
+        capacity_renormalize: bool = True,
+        router_fp32: bool = True,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= len(experts):
@@ -82,6 +92,8 @@ class SparseMoeBlock(nn.Module):
         self.capacity_factor = capacity_factor
         self.min_capacity = min_capacity
         self.router_jitter = router_jitter
+        self.capacity_renormalize = capacity_renormalize
+        self.router_fp32 = router_fp32
         self.router_logits: Tensor | None = None
         self.padding_mask: Tensor | None = None
         self.dropped_assignments = 0
@@ -106,7 +118,11 @@ class SparseMoeBlock(nn.Module):
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             router_input = x * noise
-        logits = self.router(router_input)  # [N, E]
+        if self.router_fp32:
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(router_input.float(), self.router.weight.float())  # [N, E]
+        else:
+            logits = self.router(router_input)  # [N, E]
         gates, expert_ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)  # [N, k]
         if self.normalize_topk:
             gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -121,6 +137,9 @@ class SparseMoeBlock(nn.Module):
         self.router_logits, self.padding_mask = logits, mask
 
         token_index, slot_gates, counts = self._dispatch(expert_ids, gates, mask)  # [S], [S], E ints
+        if self.capacity_factor is not None and self.capacity_renormalize:
+            kept = slot_gates.new_zeros(x.shape[0]).index_add(0, token_index, slot_gates)  # [N]
+            slot_gates = slot_gates / kept.clamp_min(torch.finfo(kept.dtype).eps).index_select(0, token_index)
         routed = x.index_select(0, token_index)  # [S, H], grouped by expert
         expert_out = torch.cat(
             [expert(part) for expert, part in zip(self.experts, routed.split(counts), strict=True)]
@@ -217,11 +236,14 @@ def upcycle(
     capacity_factor: float | None = None,
     min_capacity: int = 4,
     router_jitter: float = 0.0,
+    capacity_renormalize: bool = True,
+    router_fp32: bool = True,
 ) -> list[int]:
     """Sparse upcycling, in place: the ``mlp`` of each chosen decoder layer becomes a :class:`SparseMoeBlock`.
 
     Every expert is a deep copy of the dense MLP and the router a new bias-free ``nn.Linear`` (PyTorch's
-    default init, as DeepSpeed's gate) on the MLP's device and dtype. With ``normalize_topk`` the upcycled
+    default init, as DeepSpeed's gate) on the MLP's device, in float32 with ``router_fp32`` (else the MLP's
+    dtype). With ``normalize_topk`` the upcycled
     model's outputs equal the dense model's. The settings (with the resolved layer indices) are recorded in
     ``model.config.moe_upcycling`` so that :func:`load_upcycled` can rebuild the model; the other arguments
     are those of :class:`SparseMoeBlock`. A model is upcycled once.
@@ -251,9 +273,11 @@ def upcycle(
             capacity_factor=capacity_factor,
             min_capacity=min_capacity,
             router_jitter=router_jitter,
+            capacity_renormalize=capacity_renormalize,
+            router_fp32=router_fp32,
         )
         reference = next(dense_mlp.parameters())
-        block.router.to(device=reference.device, dtype=reference.dtype)
+        block.router.to(device=reference.device, dtype=torch.float32 if router_fp32 else reference.dtype)
         all_layers[index].mlp = block
     setattr(
         model.config,
@@ -266,6 +290,8 @@ def upcycle(
             "capacity_factor": capacity_factor,
             "min_capacity": min_capacity,
             "router_jitter": router_jitter,
+            "capacity_renormalize": capacity_renormalize,
+            "router_fp32": router_fp32,
         },
     )
     return indices
