@@ -135,7 +135,9 @@ def test_the_shipped_recipe_validates_and_its_teacher_is_llava_tiny():
     }
     # The two mimic phases read different data (general captions and chats, then VQA-style tasks); the
     # SFT-only baseline reads both.
-    assert kinds["mimic_dense"] == {"captions", "llava"} and not kinds["mimic_dense"] & kinds["mimic_moe"]
+    vqa_style = {"vqa", "existence_pairs", "yesno_pairs", "pope"}
+    assert kinds["mimic_dense"] == {"captions", "llava"} and vqa_style <= kinds["mimic_moe"]
+    assert not vqa_style & kinds["mimic_dense"] and "captions" not in kinds["mimic_moe"]
     assert kinds["student_sft"] == kinds["mimic_dense"] | kinds["mimic_moe"]
     assert (
         stages["mimic_moe"].trainable
