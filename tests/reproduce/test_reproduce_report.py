@@ -12,19 +12,28 @@ import pytest
 from PIL import Image
 
 from mmfactory.cli import main
+from tests.test_recipe_mac import OVERRIDES
 
-SHRUNK_MAC = [
-    "model.vision.hidden_size=32",
-    "model.vision.num_layers=1",
-    "model.vision.num_heads=2",
-    "model.text.tiny.hidden_size=32",
-    "model.text.tiny.intermediate_size=64",
-    "model.text.tiny.num_hidden_layers=1",
-    "data.train=[{format: world, kind: videos, size: 32}]",
-    "data.eval=[{format: world, kind: videos, split: val, size: 8}]",
-    "train.batch_size=8",
+IMAGE_STAGE = [
+    "model.vision={image_size: 32, patch_size: 8, hidden_size: 32, num_layers: 1, num_heads: 2, "
+    "num_frames: 1}",
+    "data.train=[{format: world, kind: scenes, size: 32, image_size: 32}]",
+    "data.eval=[{format: world, kind: scenes, split: val, size: 8, image_size: 32}]",
     "train.max_steps=6",
-    "train.log_every=1",
+]
+# mac/tiny's CLI test shrink with every stage on: each check of the claims row has its metrics
+SHRUNK_MAC = [
+    *(o for o in OVERRIDES if not o.endswith(".enabled=false")),
+    *(
+        f"stages.masked_long.{o.removeprefix('stages.masked.')}"
+        for o in OVERRIDES
+        if o.startswith("stages.masked.")
+    ),
+    *(
+        f"stages.{stage}.{o}"
+        for stage in ("image_masked", "image_unmasked", "image_masked_long")
+        for o in IMAGE_STAGE
+    ),
 ]
 CHROMIUMS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -41,8 +50,9 @@ def test_reproduce_writes_the_claims_table_and_resumes(reproduced, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     progress = [line for line in printed.splitlines() if line.startswith("[reproduce 1/1 mac/tiny seed 0]")]
-    assert any("stage 1/2 masked" in line for line in progress)
-    assert any("stage 2/2 unmasked" in line for line in progress)
+    assert any("stage 1/7 image_tower" in line for line in progress)
+    assert any("stage 2/7 masked" in line for line in progress)
+    assert any("stage 7/7 image_masked_long" in line for line in progress)
     assert all(re.search(r"elapsed \S+ · about \S+ left$", line) for line in progress)
     assert "pipeline check" in printed
 
@@ -63,7 +73,7 @@ def test_reproduce_writes_the_claims_table_and_resumes(reproduced, capsys):
     assert summary["runs"]["mac/tiny/seed-0"]["state"] == "done"
 
     assert main(args) == 0  # again: every stage is found done, the same table comes out
-    assert printed.count("already done") == 0 and capsys.readouterr().out.count("already done") == 2
+    assert printed.count("already done") == 0 and capsys.readouterr().out.count("already done") == 7
     assert {r["method"]: r["checks"] for r in json.loads((out / "claims.json").read_text())}["MAC"] == mac[
         "checks"
     ]
