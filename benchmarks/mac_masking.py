@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/mac_masking.py --image-size 224 --device cuda   # MAC's 224 px frames, a GPU
 
 Both sides are the real ``video_text_contrastive`` task (built as a recipe stage builds it, same weights):
-MAC's masking (75% of every frame's patches as tubes, 15% of caption tokens, dropped before the encoders)
-against no masking. A step is forward + backward + AdamW update on one batch of world videos. FLOPs come from
+MAC's masking as shipped (75% of every frame's patches dropped before the encoder, a new mask per frame;
+15% of caption tokens replaced by [MASK]) against no masking. A step is forward + backward + AdamW update on one batch of world videos. FLOPs come from
 ``FlopCounterMode`` over one forward + backward (matmuls and attention); times are the median of
 ``--repeats`` steps, masked and unmasked interleaved so that load from other jobs hits both alike, after
 one warm-up step each. Wall time and process CPU time are both reported (on a shared CPU the latter is
@@ -27,9 +27,9 @@ from mmfactory.tasks.contrastive import count_flops
 
 MASKED = {
     "video_mask_ratio": 0.75,
-    "video_mask_kind": "tube",
+    "video_mask_kind": "frame",
     "text_mask_ratio": 0.15,
-    "text_mask_mode": "drop",
+    "text_mask_mode": "replace",
 }
 UNMASKED = {"video_mask_ratio": 0.0, "text_mask_ratio": 0.0}
 
@@ -58,9 +58,8 @@ def build(args: argparse.Namespace, options: dict, run_dir: Path):
     }
     data = {
         "num_frames": args.frames,
-        "world_train_size": args.batch,
-        "world_eval_size": 0,
-        "world_video_size": args.image_size,
+        "train": [{"format": "world", "kind": "videos", "size": args.batch, "image_size": args.image_size}],
+        "eval": [],
     }
     stage = StageConfig(
         name="bench",
@@ -74,7 +73,8 @@ def build(args: argparse.Namespace, options: dict, run_dir: Path):
     task = build_task(stage, 0, StageContext(run_dir, run_dir / "bench")).to(args.device).train()
     dataset = task.train_dataset()
     batch = {k: v.to(args.device) for k, v in task.collate([dataset[i] for i in range(args.batch)]).items()}
-    return task, batch, torch.optim.AdamW(task.parameters(), lr=1e-4)
+    trainable = [p for p in task.parameters() if p.requires_grad]  # the temperature is fixed
+    return task, batch, torch.optim.AdamW(trainable, lr=1e-4)
 
 
 def main() -> None:

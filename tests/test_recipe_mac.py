@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from mmfactory.cli import main
-from mmfactory.config import load_recipe
+from mmfactory.config import ConfigError, load_recipe
 from mmfactory.models.dual_encoder import load_dual_encoder
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import build_task, validate_stage
@@ -99,6 +99,9 @@ def test_mac_tiny_through_cli(tmp_path, capsys, one_thread):
     # The saved model loads through init_from and retrieves the videos it was trained on above chance.
     stage = masked_stage
     stage.init_from = str(out / "masked" / "final")
+    with pytest.raises(ConfigError, match="vision_init: init_from already loads the whole model"):
+        build_task(stage, 0, StageContext(out, out / "reload", {"image_tower": tower}))
+    stage.model = {**stage.model, "vision_init": None}
     task = build_task(stage, 0, StageContext(out, out / "reload")).eval()
     train_retrieval = task.retrieval(task.videos("train"))
     chance = 100.0 / TRAIN_VIDEOS

@@ -165,7 +165,12 @@ class VideoTextContrastiveTask(TrainingTask):
     ):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         vision_init = None
-        if model_cfg.vision_init is not None and stage.init_from is None:
+        if model_cfg.vision_init is not None and stage.init_from is not None:
+            raise ConfigError(
+                f"stages.{stage.name}.model.vision_init: init_from already loads the whole model; "
+                "set model.vision_init=null, or drop init_from"
+            )
+        if model_cfg.vision_init is not None:
             from mmfactory.models.hub import resolve_model_folder
 
             vision_init = ctx.stage_path(model_cfg.vision_init) or resolve_model_folder(
