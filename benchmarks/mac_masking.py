@@ -5,8 +5,9 @@
 
 Both sides are the real ``video_text_contrastive`` task (built as a recipe stage builds it, same weights):
 MAC's masking as shipped (75% of every frame's patches dropped before the encoder, a new mask per frame;
-15% of caption tokens replaced by [MASK]) against no masking. A step is forward + backward + AdamW update on one batch of world videos. FLOPs come from
-``FlopCounterMode`` over one forward + backward (matmuls and attention); times are the median of
+15% of caption tokens replaced by [MASK]) against no masking. A step is forward + backward + AdamW update
+on one batch of world videos. FLOPs come from ``FlopCounterMode`` over one forward + backward (matmuls and
+attention); times are the median of
 ``--repeats`` steps, masked and unmasked interleaved so that load from other jobs hits both alike, after
 one warm-up step each. Wall time and process CPU time are both reported (on a shared CPU the latter is
 steadier). Paper goal: >= 60% fewer FLOPs and step time <= 0.4x ("3x faster pretraining").
