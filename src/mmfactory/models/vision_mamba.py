@@ -387,9 +387,13 @@ class VisionMamba(nn.Module):
         pixels = images.permute(0, 3, 1, 2).to(self.patch_embed.weight.dtype) / 255.0
         return (pixels - self.pixel_mean) / self.pixel_std
 
+    def patch_tokens(self, pixels: Tensor) -> Tensor:
+        """Normalised ``[B, C, H, W]`` -> raster patch tokens ``[B, L, D]``, no positions."""
+        return self.patch_embed(pixels).flatten(2).transpose(1, 2)
+
     def embed(self, pixels: Tensor) -> Tensor:
-        """Normalised ``[B, C, H, W]`` -> raster tokens with positions ``[B, L, D]``."""
-        return self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed
+        """Normalised ``[B, C, H, W]`` -> raster tokens with the fixed sin-cos positions ``[B, L, D]``."""
+        return self.patch_tokens(pixels) + self.pos_embed
 
     def forward(
         self, tokens: Tensor, output_layers: Sequence[int] | None = None, cls_position: int | None = None
@@ -743,7 +747,7 @@ class VisionMambaClassifier(_PretrainedModel):
     def forward(self, images: Tensor) -> Tensor:
         """uint8 ``[B, H, W, C]`` -> logits ``[B, num_classes]``."""
         enc, c = self.encoder, self.cls_position
-        x = enc.patch_embed(enc.normalize(images)).flatten(2).transpose(1, 2)  # [B, N, D]
+        x = enc.patch_tokens(enc.normalize(images))  # [B, N, D]
         x = torch.cat([x[:, :c], self.cls_token.expand(len(x), -1, -1), x[:, c:]], dim=1) + self.pos_embed
         (hidden,) = enc(x, cls_position=c)
         hidden = self.norm(hidden)  # [B, N + 1, D]
