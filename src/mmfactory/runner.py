@@ -27,6 +27,7 @@ from mmfactory.data.sources import check_source_paths, stage_sources
 from mmfactory.environment import environment
 from mmfactory.lineage import dir_fingerprint, stale_reason
 from mmfactory.lineage import lineage as stage_lineage
+from mmfactory.models.hub import not_a_model_source, resolve_model_folder
 from mmfactory.tasks import build_task, validate_stage
 from mmfactory.tasks.base import StageContext
 from mmfactory.train import checkpoint as ckpt
@@ -155,12 +156,18 @@ def run_recipe(
             references[f"data.{name}[{index}].keep_uids"] = (
                 stage_name if stage_name in earlier else source.keep_uids
             )
+        known = ", ".join(earlier) or "none"
         for key, value in references.items():
-            if value is not None and value not in earlier and not Path(value).expanduser().exists():
-                known = ", ".join(earlier) or "none"
+            if value is None or value in earlier or Path(value).expanduser().exists():
+                continue
+            if key.endswith("keep_uids"):
                 raise ConfigError(
                     f"stages[{i}].{key}: {value!r} is neither an earlier stage ({known}) nor a folder"
                 )
+            try:  # a hub id: fetched now (or found in the cache), so a typo fails before anything trains
+                resolve_model_folder(value, key)
+            except FileNotFoundError:
+                raise ConfigError(f"stages[{i}].{key}: {value!r} is {not_a_model_source(known)}") from None
     run_dir = Path(run_dir)
     stage_outputs: dict[str, Path] = {}
     results: dict = {"recipe": recipe.name, "compare": recipe.compare, "stages": {}, "metrics": {}}

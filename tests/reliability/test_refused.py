@@ -60,8 +60,8 @@ def test_an_init_from_typo_is_refused_before_the_first_stage_trains(tmp_path, ca
     recipe["stages"].append({**first, "name": "second", "model": {}, "init_from": "frist"})
     code, err = run(tmp_path, capsys, recipe=recipe)
     assert code == 2 and err == [
-        "mmfactory: configuration error: stages[1].init_from: 'frist' is neither an earlier stage (sft) nor "
-        "a folder"
+        "mmfactory: configuration error: stages[1].init_from: 'frist' is neither an earlier stage (sft), "
+        "nor a folder, nor a hub id in the cache or on the hub"
     ]
     assert not (tmp_path / "run").exists()
 

@@ -18,7 +18,6 @@ A tiny tower's clip length follows from its ``max_source_positions``: 50 positio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,13 +34,14 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfactory.config import ConfigError
 from mmfactory.data.media import resample_audio
+from mmfactory.models.hub import resolve_model_folder
 
 HOP_SECONDS = 0.01  # Whisper's mel hop: 160 samples at 16 kHz
 
 
 @dataclass
 class AudioTowerConfig:
-    """Where an audio tower comes from: ``path`` (a local folder with a Whisper checkpoint, whose encoder
+    """Where an audio tower comes from: ``path`` (a folder or hub id of a Whisper checkpoint, whose encoder
     is kept) or ``tiny`` (keyword arguments of a ``WhisperConfig``: ``d_model``, ``encoder_layers``,
     ``encoder_attention_heads``, ``encoder_ffn_dim``, ``num_mel_bins``, ``max_source_positions``)."""
 
@@ -77,9 +77,7 @@ def load_audio_tower(
         return build_audio_tower(config).to(dtype), log_mel_extractor(config)
     if cfg.path is None:
         raise ConfigError("audio: set audio.path or audio.tiny (or the stage's init_from)")
-    path = Path(cfg.path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"audio tower folder {cfg.path!r} does not exist (models load from folders)")
+    path = resolve_model_folder(cfg.path, "audio tower")
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "whisper":
         raise ValueError(f"{path}: audio towers of type {config.model_type!r} are not supported (whisper)")

@@ -46,6 +46,7 @@ from mmfactory.models.components.vit import (
     clip_vision_config,
     clip_vision_weights,
 )
+from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.lm import check_config_keys
 from mmfactory.models.vision import VisionTowerConfig, has_cls_token, load_image_processor, load_vision_tower
 
@@ -281,17 +282,12 @@ class DualEncoderSpec:
     max_logit_scale: float = 100.0
 
 
-def _local(path: str | Path, what: str) -> Path:
-    local = Path(path).expanduser()
-    if not local.exists():
-        raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
-    return local
-
-
 def load_text_tokenizer(spec: TextEncoderSpec) -> PreTrainedTokenizerBase:
     """The spec's tokenizer with ``[CLS]``, ``[SEP]``, ``[MASK]`` and ``[PAD]`` added where missing."""
     if spec.tokenizer is not None or spec.path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(_local(spec.tokenizer or spec.path, "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_folder(spec.tokenizer or spec.path, "tokenizer")
+        )
     else:
         from mmfactory.data.world_source import world_tokenizer
 
@@ -338,8 +334,9 @@ def load_dual_encoder(
         return DualEncoderModel.from_pretrained(init_dir), AutoTokenizer.from_pretrained(init_dir)
     text = spec.text
     tokenizer = load_text_tokenizer(text)
-    if text.path is not None:
-        text_config = AutoConfig.from_pretrained(_local(text.path, "text encoder"))
+    text_folder = resolve_model_folder(text.path, "text encoder") if text.path is not None else None
+    if text_folder is not None:
+        text_config = AutoConfig.from_pretrained(text_folder)
     elif text.tiny is not None:
         kwargs = dict(text.tiny)
         text_config = AutoConfig.for_model(
@@ -363,8 +360,8 @@ def load_dual_encoder(
     model = DualEncoderModel(config)
     if vision_weights is not None:
         model.vision_model.load_state_dict(vision_weights)
-    if text.path is not None:
-        pretrained = AutoModel.from_pretrained(text.path).state_dict()
+    if text_folder is not None:
+        pretrained = AutoModel.from_pretrained(text_folder).state_dict()
         model.text_model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("pooler.")})
     if model.text_model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.text_model.resize_token_embeddings(len(tokenizer))

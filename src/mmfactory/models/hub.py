@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def not_a_model_source(known_stages: str) -> str:
+    """The end of the message for a model reference that resolves to nothing."""
+    return f"neither an earlier stage ({known_stages}), nor a folder, nor a hub id in the cache or on the hub"
+
+
 def resolve_model_folder(name: str, what: str) -> Path:
     """``name`` as a local folder: an existing path, else a hub id fetched into (or, under
     ``HF_HUB_OFFLINE=1``, found in) the local Hugging Face cache. Raises ``FileNotFoundError`` saying

@@ -1,7 +1,9 @@
-"""Causal language models and tokenizers: tiny from a config, or real from a local folder / GGUF file.
+"""Causal language models and tokenizers: tiny from a config, or real from a local folder, a hub id or a
+GGUF file.
 
 Both paths end in Hugging Face Auto classes, so a tiny test model and a real checkpoint take the same
-road. Nothing is ever downloaded: paths must be local.
+road. Hub ids resolve through :func:`mmfactory.models.hub.resolve_model_folder` (the local cache under
+``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import (
 )
 
 from mmfactory.config import ConfigError
+from mmfactory.models.hub import resolve_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,13 +80,6 @@ def check_config_keys(kwargs: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.{key}: not a {config_class.__name__} setting{hint}")
 
 
-def _local(path: str | Path, what: str) -> Path:
-    local = Path(path).expanduser()
-    if not local.exists():
-        raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
-    return local
-
-
 def locate_gguf(cfg: CausalLMConfig) -> CausalLMConfig:
     """``cfg`` with a GGUF file given as ``gguf_package`` + ``gguf_file`` or as a path turned into
     ``path`` (its folder) + ``gguf_file`` (its name); a missing package or file is a clear error."""
@@ -115,7 +111,7 @@ def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
 
 def load_tokenizer(cfg: CausalLMConfig, model_path: Path | None) -> PreTrainedTokenizerBase:
     if cfg.tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(_local(cfg.tokenizer, "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(cfg.tokenizer, "tokenizer"))
     elif model_path is not None:
         folder, gguf = _split_gguf(model_path, cfg.gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
@@ -135,7 +131,7 @@ def load_causal_lm(
     if init_dir is None:
         cfg = locate_gguf(cfg)
     source = init_dir if init_dir is not None else cfg.path
-    model_path = _local(source, "model path") if source is not None else None
+    model_path = resolve_model_folder(source, "model path") if source is not None else None
     if model_path is None and cfg.tiny is None:
         raise ConfigError("model: set model.path, model.tiny or the stage's init_from")
     tokenizer = load_tokenizer(cfg, model_path)

@@ -26,6 +26,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging as hf_logging
 
 from mmfactory.config import ConfigError
+from mmfactory.models.hub import resolve_model_folder
 
 # checkpoint model_type -> the vision-only class that loads it (a full CLIP folder loads its vision half)
 VISION_TOWERS: dict[str, type[PreTrainedModel]] = {
@@ -40,8 +41,8 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 @dataclass
 class VisionTowerConfig:
-    """Where a vision tower comes from: ``path`` (a local folder) or ``tiny`` (keyword arguments of a
-    ``clip_vision_model`` / ``siglip_vision_model`` config, including ``model_type``)."""
+    """Where a vision tower comes from: ``path`` (a local folder or a hub id) or ``tiny`` (keyword arguments
+    of a ``clip_vision_model`` / ``siglip_vision_model`` config, including ``model_type``)."""
 
     path: str | None = None
     tiny: dict[str, Any] | None = None
@@ -70,11 +71,7 @@ def load_vision_tower(cfg: VisionTowerConfig, dtype: torch.dtype = torch.float32
         return AutoModel.from_config(config, dtype=dtype)
     if cfg.path is None:
         raise ConfigError("vision: set vision.path or vision.tiny (or the stage's init_from)")
-    path = Path(cfg.path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"vision tower folder {cfg.path!r} does not exist (models load from local folders)"
-        )
+    path = resolve_model_folder(cfg.path, "vision tower")
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in VISION_TOWERS:
         raise ValueError(

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmfactory.config import StageConfig
+from mmfactory.models.hub import not_a_model_source, resolve_model_folder
 
 
 @dataclass
@@ -30,19 +31,18 @@ class StageContext:
     stage_outputs: dict[str, Path] = field(default_factory=dict)  # earlier stage name -> its final/ dir
     is_main_process: bool = True
 
-    def resolve_init(self, init_from: str | None) -> Path | None:
-        """``init_from`` as a folder: an earlier stage's ``final/`` or a local path."""
+    def resolve_init(self, init_from: str | None, what: str = "init_from") -> Path | None:
+        """``init_from`` as a folder: an earlier stage's ``final/``, a local path or a hub id; ``what`` names
+        the setting in the error."""
         if init_from is None:
             return None
         if init_from in self.stage_outputs:
             return self.stage_outputs[init_from]
-        path = Path(init_from).expanduser()
-        if not path.exists():
+        try:
+            return resolve_model_folder(init_from, what)
+        except FileNotFoundError:
             known = ", ".join(self.stage_outputs) or "none"
-            raise FileNotFoundError(
-                f"init_from {init_from!r} is neither an earlier stage (done: {known}) nor an existing path"
-            )
-        return path
+            raise FileNotFoundError(f"{what}: {init_from!r} is {not_a_model_source(known)}") from None
 
     def stage_path(self, reference: str) -> Path | None:
         """``reference`` inside an earlier stage's ``final/``: ``STAGE`` (the folder) or ``STAGE/SUB/PATH``;

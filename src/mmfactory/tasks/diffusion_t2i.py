@@ -90,7 +90,7 @@ class DiffusionT2ITask(ImageSourcesTask):
 
     def __init__(self, stage, ctx, model_cfg: DiffusionModelConfig, data_cfg: DiffusionData, options):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
-        self.lm_dir = ctx.resolve_init(model_cfg.text_encoder)
+        self.lm_dir = ctx.resolve_init(model_cfg.text_encoder, "model.text_encoder")
         self.text_encoder = AutoModelForCausalLM.from_pretrained(self.lm_dir).requires_grad_(False).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.lm_dir)
         if self.tokenizer.pad_token is None:
@@ -185,7 +185,7 @@ class DiffusionT2ITask(ImageSourcesTask):
         metrics: dict[str, float] = {}
         judge = None
         if self.options.judge is not None:
-            judge = SceneJudge.from_pretrained(self.ctx.resolve_init(self.options.judge))
+            judge = SceneJudge.from_pretrained(self.ctx.resolve_init(self.options.judge, "options.judge"))
             judge = judge.to(next(self.unet.parameters()).device).eval()
         source = self.source("eval")
         if len(source):

@@ -95,6 +95,7 @@ from mmfactory.eval.zero_shot import zero_shot_accuracy
 from mmfactory.examples import retrieval_examples, write_examples
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
 from mmfactory.losses.dense import cell_attribute_loss, pool_patches_to_cells
+from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import TrainingTask
 
@@ -152,13 +153,6 @@ class CLIPSpec:
             raise ConfigError(f"tiny.text_config.{taken[0]}: set from the tokenizer; remove it")
 
 
-def _local(path: str | Path, what: str) -> Path:
-    local = Path(path).expanduser()
-    if not local.exists():
-        raise FileNotFoundError(f"{what} {path!r} does not exist (models load from local folders only)")
-    return local
-
-
 def check_eos_pooling(text_config: CLIPTextConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a text config whose pooling would not land on the EOS that :func:`tokenize_for_clip` appends.
 
@@ -188,9 +182,9 @@ def load_clip(
     if folder is None and spec.tiny is None:
         raise ConfigError("model: set model.path, model.tiny or the stage's init_from")
     if folder is not None:
-        folder = _local(folder, "CLIP folder")
+        folder = resolve_model_folder(folder, "CLIP folder")
     if spec.tokenizer is not None or folder is not None:
-        tokenizer = AutoTokenizer.from_pretrained(_local(spec.tokenizer or folder, "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(spec.tokenizer or folder, "tokenizer"))
     else:
         tokenizer = world_tokenizer()
     if tokenizer.pad_token is None:

@@ -34,6 +34,7 @@ from mmfactory.models.components.vq import (
     pixels_from_uint8,
     uint8_from_pixels,
 )
+from mmfactory.models.hub import resolve_model_folder
 from mmfactory.tasks.base import TrainingTask
 
 
@@ -160,7 +161,7 @@ class VQOptions:
 
 def load_vq(spec: VQSpec, init_dir: Path | None) -> VQImageTokenizer:
     if init_dir is not None or spec.path is not None:
-        return VQImageTokenizer.from_pretrained(init_dir or Path(spec.path).expanduser())
+        return VQImageTokenizer.from_pretrained(init_dir or resolve_model_folder(spec.path, "VQ tokenizer"))
     return VQImageTokenizer(VQTokenizerConfig(**(spec.tiny or {})))
 
 

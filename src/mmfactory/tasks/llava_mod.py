@@ -271,7 +271,7 @@ class MimicDistillTask(MultimodalSFTTask):
                 router_fp32=up.router_fp32,
             )
         self.teacher: MultimodalLM | None = None
-        self.teacher_dir = ctx.resolve_init(options.teacher)
+        self.teacher_dir = ctx.resolve_init(options.teacher, "options.teacher")
         if options.teacher_topk is None:  # the stored top-k replaces the teacher in training
             self.teacher = load_teacher(self.teacher_dir, self.model, self.processor)
 
@@ -395,7 +395,9 @@ class PreferenceDistillTask(MultimodalSFTTask):
 
     def __init__(self, stage, ctx, model_cfg, data_cfg, options: PreferenceDistillOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
-        self.teacher = load_teacher(ctx.resolve_init(options.teacher), self.model, self.processor)
+        self.teacher = load_teacher(
+            ctx.resolve_init(options.teacher, "options.teacher"), self.model, self.processor
+        )
         self._pairs: dict[str, list[tuple[MultimodalSample, MultimodalSample]]] = {}
 
     def train(self, mode: bool = True) -> PreferenceDistillTask:

@@ -193,9 +193,11 @@ class T2ITask(ImageSourcesTask):
                 raise ConfigError("model: set model.lm and model.vq (or init_from an earlier mars_t2i stage)")
             lm_cfg = model_cfg.lm
             if lm_cfg.path is not None:
-                lm_cfg = CausalLMConfig(**{**asdict(lm_cfg), "path": str(ctx.resolve_init(lm_cfg.path))})
+                lm_cfg = CausalLMConfig(
+                    **{**asdict(lm_cfg), "path": str(ctx.resolve_init(lm_cfg.path, "model.lm.path"))}
+                )
             lm, self.tokenizer = load_causal_lm(lm_cfg)
-            self.vq = VQImageTokenizer.from_pretrained(ctx.resolve_init(model_cfg.vq))
+            self.vq = VQImageTokenizer.from_pretrained(ctx.resolve_init(model_cfg.vq, "model.vq"))
             rows = lm.get_input_embeddings().num_embeddings
             layout = T2ILayout(rows, self.vq.codebook_size, model_cfg.experts, list(model_cfg.expert_modules))
             self.model = TextToImageLM(lm, layout)
@@ -256,7 +258,7 @@ class T2ITask(ImageSourcesTask):
     def _load_judge(self) -> SceneJudge | None:
         if self.options.judge is None:
             return None
-        judge = SceneJudge.from_pretrained(self.ctx.resolve_init(self.options.judge))
+        judge = SceneJudge.from_pretrained(self.ctx.resolve_init(self.options.judge, "options.judge"))
         return judge.to(next(self.model.parameters()).device).eval()
 
     @torch.no_grad()
@@ -369,7 +371,9 @@ class T2ITask(ImageSourcesTask):
             from transformers import AutoModelForCausalLM
 
             reference = (
-                AutoModelForCausalLM.from_pretrained(self.ctx.resolve_init(self.options.text_reference))
+                AutoModelForCausalLM.from_pretrained(
+                    self.ctx.resolve_init(self.options.text_reference, "options.text_reference")
+                )
                 .to(device)
                 .eval()
             )

@@ -193,7 +193,7 @@ class MultimodalSFTTask(TrainingTask):
     def _resolve_parts(self, spec: MultimodalLMSpec) -> MultimodalLMSpec:
         """``vision.path`` / ``lm.path`` naming an earlier stage -> that stage's ``final/`` folder."""
         resolved = {
-            name: replace(part, path=str(self.ctx.resolve_init(part.path)))
+            name: replace(part, path=str(self.ctx.resolve_init(part.path, f"model.{name}.path")))
             for name, part in (("vision", spec.vision), ("lm", spec.lm))
             if part.path is not None and part.path in self.ctx.stage_outputs
         }

@@ -177,7 +177,7 @@ def resolve_drafter(cfg: DrafterConfig, ctx: StageContext) -> tuple[DrafterConfi
     if cfg.gguf_file is not None:
         return cfg, Path(cfg.path) / cfg.gguf_file
     if cfg.path is not None:
-        return cfg, ctx.stage_outputs.get(cfg.path, Path(cfg.path))
+        return cfg, ctx.resolve_init(cfg.path, "model.drafter.path")
     return cfg, None
 
 
@@ -209,12 +209,6 @@ class SAGStage:
             )
         # Resolved now, so that a missing drafter fails before anything trains.
         self.drafter_weights = resolve_drafter(drafter_cfg, ctx)[1] if drafter_cfg is not None else None
-        if self.drafter_weights is not None and not self.drafter_weights.exists():
-            known = ", ".join(ctx.stage_outputs) or "none"
-            raise FileNotFoundError(
-                f"model.drafter.path: {drafter_cfg.path!r} is neither an earlier stage (done: {known}) "
-                "nor an existing folder"
-            )
         self.claims = load_claim_checker(cfg.claim_checker)  # a bad checker fails before training
         self._drafter: ChatLM | None = None
         self._articles: dict[str, list[dict[str, Any]]] = {}
