@@ -12,6 +12,7 @@
     mmfactory generate --model DIR --prompt ... --out DIR   draw PNGs with a MARS (mars_t2i) model
     mmfactory eval --model DIR                         a multimodal model's VQA / POPE / caption scores
                                                        (audio-visual models: video / audio / AV QA, captions)
+    mmfactory eval --model DIR --benchmark pope=FILE   ... on benchmark files (pope, vqa, captions, mmbench)
     mmfactory export RUN/STAGE --to llava-hf --out DIR  a multimodal model as transformers' LLaVA
     mmfactory world export --out DIR [--size small]    write the built-in world in real file formats
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -228,6 +230,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     config = json.loads((Path(args.model) / "config.json").read_text())
+    if args.benchmark:
+        return _evaluate_benchmark_files(args, cfg, config.get("model_type"))
+    if args.image_root or args.limit is not None or args.strict or args.output or args.caption_prompt:
+        raise ConfigError("--image-root, --limit, --strict, --output, --caption-prompt go with --benchmark")
     if config.get("model_type") == "mmfactory_av_llm":
         metrics = _evaluate_av_folder(args, cfg)
     else:
@@ -236,6 +242,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics = evaluate_mllm(model, processor, benchmarks, cfg)
     for key, value in metrics.items():
         print(f"{key:<36} {value:.4f}")
+    return 0
+
+
+def _evaluate_benchmark_files(args: argparse.Namespace, cfg, model_type: str | None) -> int:
+    """``--benchmark KIND=FILE`` files in their official formats (docs/evaluating.md): a table, and the
+    metrics, ``n`` and ``skipped`` of each file as JSON with ``--output``."""
+    from mmfactory.atomic import write_atomic
+    from mmfactory.eval.external import (
+        EvalFileOptions,
+        evaluate_files,
+        format_results,
+        model_answerer,
+        parse_benchmark,
+    )
+    from mmfactory.eval.mllm import load_mllm
+
+    if model_type != "mmfactory_mllm":
+        raise ConfigError(
+            f"--benchmark: files are asked of an mllm_sft model, {args.model} is {model_type!r}"
+        )
+    try:
+        benchmarks = [parse_benchmark(spec) for spec in args.benchmark]
+    except ValueError as error:
+        raise ConfigError(f"--benchmark: {error}") from None
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: a number of records, at least 1, not {args.limit}")
+    options = EvalFileOptions(
+        image_root=Path(args.image_root) if args.image_root else None,
+        limit=args.limit,
+        strict=args.strict,
+        caption_prompt=args.caption_prompt or EvalFileOptions.caption_prompt,
+        max_new_tokens=args.max_new_tokens,
+    )
+    model, processor = load_mllm(args.model)
+    try:
+        results = evaluate_files(benchmarks, model_answerer(model, processor, cfg), options)
+    except BadSampleError as error:
+        print(f"mmfactory: bad record: {error} (without --strict it is skipped and counted)", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    if args.output:
+        out = {"model": args.model, "benchmarks": {name: r.to_json() for name, r in results.items()}}
+        write_atomic(Path(args.output), json.dumps(out, indent=2) + "\n")
+        print(f"results: {args.output}")
     return 0
 
 
@@ -286,10 +336,12 @@ def _cmd_filter_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """A stage's model (``RUN/STAGE`` or its ``final/`` folder) in another library's format."""
+    """A stage's model (``RUN/STAGE`` or its ``final/`` folder) in another library's format, merged, or
+    its LoRA adapters alone."""
     import torch
 
     from mmfactory.eval.mllm import load_mllm
+    from mmfactory.models.lora import ADAPTER_DIR
     from mmfactory.models.mllm import export_llava
 
     folder = Path(args.model)
@@ -297,6 +349,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
         folder = folder / "final"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{args.model}: not a stage folder or a model folder (no config.json, no final/)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; name a new folder")
+    if args.to == "adapter":
+        if not (folder / ADAPTER_DIR).is_dir():
+            raise ConfigError(f"{folder}: no {ADAPTER_DIR}/ (only stages trained with options.lora keep one)")
+        shutil.copytree(folder / ADAPTER_DIR, out, dirs_exist_ok=True)
+        print(f"{folder / ADAPTER_DIR} -> {out} (peft adapter: PeftModel.from_pretrained(base, '{out}'))")
+        return 0
+    if args.to == "merged":  # final/ already holds the merged weights: everything but the adapters
+        shutil.copytree(folder, out, ignore=shutil.ignore_patterns(ADAPTER_DIR), dirs_exist_ok=True)
+        print(f"{folder} -> {out} (the model with any LoRA adapters merged in)")
+        return 0
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type != "mmfactory_mllm":
         raise ConfigError(
@@ -401,6 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--streams", default="video,audio", help="audio-visual models: the streams to ask with")
     p.add_argument("--frame-size", type=int, default=32, help="audio-visual models: world video frame side")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        metavar="KIND=FILE",
+        help="score a benchmark file instead of the world (repeatable): pope=, vqa=QUESTIONS[,ANSWERS], "
+        "captions=, mmbench= in their official formats (docs/evaluating.md)",
+    )
+    p.add_argument(
+        "--image-root", help="--benchmark: the folder image paths start from (default: the file's)"
+    )
+    p.add_argument("--limit", type=int, help="--benchmark: the first N records of each file")
+    p.add_argument(
+        "--strict", action="store_true", help="--benchmark: stop at a bad record, not skip and count it"
+    )
+    p.add_argument("--output", help="--benchmark: write metrics, n and skipped per file to this JSON file")
+    p.add_argument(
+        "--caption-prompt", help="--benchmark captions: the prompt (default: Describe the image briefly.)"
+    )
     p.set_defaults(func=_cmd_eval)
 
     filt = sub.add_parser("filter", help="Filter & Align: score a pool of image-text pairs, keep its best")
@@ -437,7 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a trained model in another library's format")
     p.add_argument("model", help="a stage folder (RUN/STAGE) or a model folder (RUN/STAGE/final)")
-    p.add_argument("--to", required=True, choices=["llava-hf"], help="llava-hf: transformers' LLaVA")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["llava-hf", "merged", "adapter"],
+        help="llava-hf: transformers' LLaVA; merged: the model, LoRA merged in; adapter: a LoRA stage's "
+        "adapters alone (peft)",
+    )
     p.add_argument("--out", required=True, help="the folder to write")
     p.set_defaults(func=_cmd_export)
 

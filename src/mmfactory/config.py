@@ -193,6 +193,10 @@ class ScheduleConfig:
 
 
 EXACTLY_ONE_LENGTH = "max_steps: set exactly one of train.max_steps and train.epochs"
+# Where a stage's metrics go (mmfactory.train.trackers): metrics.jsonl, or one of accelerate's trackers.
+ReportTo = Literal[
+    "tensorboard", "jsonl", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
 
 
 @dataclass
@@ -220,10 +224,14 @@ class TrainConfig:
     # An exponential moving average of the trainable weights (timm's ModelEma), updated after every step;
     # the stage then also reports its evaluation with the averaged weights as ema_* (null: none).
     ema_decay: float | None = None
+    report_to: list[ReportTo] = field(default_factory=lambda: ["tensorboard", "jsonl"])
 
     def validate(self) -> None:
         if self.max_steps is not None and self.epochs is not None:  # neither: tasks.validate_stage
             raise ConfigError(EXACTLY_ONE_LENGTH)
+        for name in self.report_to:
+            if self.report_to.count(name) > 1:
+                raise ConfigError(f"report_to: {name!r} is listed twice")
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_steps"):
             for_steps = getattr(self, name)
             if for_steps is not None and for_steps < 1:

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from mmfactory.config import StageConfig, to_dict
+from mmfactory.model_card import MODEL_CARD
 from mmfactory.train.checkpoint import file_sha256
 
 FILE_KEYS = ("path", "labels")  # source keys that name data files
 
 
 def dir_fingerprint(folder: Path) -> str:
-    """SHA-256 over the relative names and SHA-256 of every file under ``folder``."""
+    """SHA-256 over the relative names and SHA-256 of every file under ``folder`` but its model card
+    (documentation, not the model)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MODEL_CARD):
         digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 

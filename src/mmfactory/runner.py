@@ -12,13 +12,14 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mmfactory.atomic import write_atomic
@@ -27,11 +28,13 @@ from mmfactory.data.sources import check_source_paths, stage_sources
 from mmfactory.environment import environment
 from mmfactory.lineage import dir_fingerprint, stale_reason
 from mmfactory.lineage import lineage as stage_lineage
+from mmfactory.model_card import MODEL_CARD, model_card
 from mmfactory.models.hub import not_a_model_source, resolve_model_folder
 from mmfactory.tasks import build_task, validate_stage
 from mmfactory.tasks.base import StageContext
 from mmfactory.train import checkpoint as ckpt
 from mmfactory.train.loop import train_stage
+from mmfactory.train.trackers import check_installed
 
 
 class StageConfigChanged(ConfigError):
@@ -44,18 +47,21 @@ def _stage_yaml(stage: StageConfig) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
-def _saved_config_as_now(saved: str) -> str | None:
+def _saved_config_as_now(saved: str, now: str) -> str | None:
     """A saved ``config.yaml`` re-read and written as this version writes it: a field added since then
-    appears with its default, so it does not make finished work look stale. None if it no longer parses."""
+    appears with its default, so it does not make finished work look stale; ``train.report_to`` is taken
+    from the config ``now`` (where metrics go changes no result). None if it no longer parses."""
     try:
-        return _stage_yaml(from_dict(StageConfig, yaml.safe_load(saved), "config.yaml"))
+        stage = from_dict(StageConfig, yaml.safe_load(saved), "config.yaml")
     except (ConfigError, TypeError, ValueError, yaml.YAMLError):
         return None
+    stage.train.report_to = yaml.safe_load(now)["train"]["report_to"]
+    return _stage_yaml(stage)
 
 
 def _check_same_config(stage_dir: Path, text: str) -> None:
     path = stage_dir / "config.yaml"
-    if path.is_file() and path.read_text() != text and _saved_config_as_now(path.read_text()) != text:
+    if path.is_file() and path.read_text() != text and _saved_config_as_now(path.read_text(), text) != text:
         raise StageConfigChanged(
             f"{stage_dir} was produced by a different configuration of this stage (see {path}); "
             "use another --output, or delete that folder to start the stage again"
@@ -98,10 +104,18 @@ def _make_accelerator(stage: StageConfig) -> Accelerator:
 
 
 def run_stage(
-    stage: StageConfig, index: int, run_dir: Path, stage_outputs: dict[str, Path], lineage: dict
+    stage: StageConfig,
+    index: int,
+    run_dir: Path,
+    stage_outputs: dict[str, Path],
+    lineage: dict,
+    recipe_name: str = "",
+    trackers: Sequence[GeneralTracker] = (),
 ) -> dict:
     """Train one stage (resuming if it has checkpoints; a task that trains nothing runs instead), save
-    ``final/`` and write ``DONE`` with the stage's fingerprint and ``lineage`` (:mod:`mmfactory.lineage`)."""
+    ``final/`` with its model card and write ``DONE`` with the stage's fingerprint (of the model files,
+    not the card) and ``lineage`` (:mod:`mmfactory.lineage`). A stage that trains also reports its metrics
+    to the custom ``trackers``."""
     stage_dir = run_dir / stage.name
     accelerator = _make_accelerator(stage)
     text = _stage_yaml(stage)
@@ -114,7 +128,7 @@ def run_stage(
     ctx = StageContext(run_dir, stage_dir, dict(stage_outputs), accelerator.is_main_process)
     task = build_task(stage, index, ctx).to(accelerator.device)
     if task.trains:
-        summary = train_stage(task, stage, stage_dir, accelerator)
+        summary = train_stage(task, stage, stage_dir, accelerator, trackers)
     else:
         start = time.perf_counter()
         metrics = task.run(accelerator)
@@ -127,6 +141,7 @@ def run_stage(
         final = stage_dir / "final"
         tmp = ckpt.atomic_dir(final)
         task.save_pretrained(tmp)
+        (tmp / MODEL_CARD).write_text(model_card(recipe_name, stage, summary))
         ckpt.commit_dir(tmp, final)
         for _, path in ckpt.list_checkpoints(stage_dir):  # the stage is complete: final/ supersedes them
             shutil.rmtree(path)
@@ -137,18 +152,14 @@ def run_stage(
     return summary
 
 
-def run_recipe(
-    recipe: Recipe,
-    run_dir: Path,
-    rerun_stale: bool = True,
-    on_stage: Callable[[int, StageConfig], None] | None = None,
-) -> dict:
-    """Run every stage not yet done, or done from inputs that changed since (stale, :mod:`mmfactory.lineage`:
-    run again, or refused when ``rerun_stale`` is False); returns (and writes, on the main process) the
-    results dict. ``on_stage(index, stage)`` is called before each stage (for progress lines)."""
-    for i, stage in enumerate(recipe.stages):  # fail on any stage's config before training anything
+def preflight(recipe: Recipe) -> None:
+    """The checks :func:`run_recipe` makes before anything trains: every stage's task schemas, its data
+    sources' paths, its trackers, and that each reference (``init_from``, ``options.teacher``, a
+    ``keep_uids`` selection) names an earlier stage, a folder or a hub id. Raises :class:`ConfigError`."""
+    for i, stage in enumerate(recipe.stages):
         _, _, data_cfg, options = validate_stage(stage, i)
         check_source_paths(data_cfg, f"stages[{i}].data")
+        check_installed(stage.train.report_to, f"stages[{i}].train.report_to")
         earlier = [s.name for s in recipe.stages[:i]]
         references = {"init_from": stage.init_from, "options.teacher": getattr(options, "teacher", None)}
         for name, index, source in stage_sources(data_cfg):
@@ -168,6 +179,21 @@ def run_recipe(
                 resolve_model_folder(value, key)
             except FileNotFoundError:
                 raise ConfigError(f"stages[{i}].{key}: {value!r} is {not_a_model_source(known)}") from None
+
+
+def run_recipe(
+    recipe: Recipe,
+    run_dir: Path,
+    rerun_stale: bool = True,
+    on_stage: Callable[[int, StageConfig], None] | None = None,
+    trackers: Sequence[GeneralTracker] = (),
+) -> dict:
+    """Run every stage not yet done, or done from inputs that changed since (stale, :mod:`mmfactory.lineage`:
+    run again, or refused when ``rerun_stale`` is False); returns (and writes, on the main process) the
+    results dict. ``on_stage(index, stage)`` is called before each stage (for progress lines). Every stage
+    that trains also reports to the custom ``trackers`` (accelerate ``GeneralTracker`` instances, started
+    and finished once per stage), besides those its ``train.report_to`` names."""
+    preflight(recipe)
     run_dir = Path(run_dir)
     stage_outputs: dict[str, Path] = {}
     results: dict = {"recipe": recipe.name, "compare": recipe.compare, "stages": {}, "metrics": {}}
@@ -196,7 +222,7 @@ def run_recipe(
             if is_main:
                 print(f"[{stage.name}] already done: skipped ({stage_dir / 'DONE'})")
         else:
-            summary = run_stage(stage, i, run_dir, stage_outputs, current)
+            summary = run_stage(stage, i, run_dir, stage_outputs, current, recipe.name, trackers)
         fingerprints[stage.name] = summary.pop("fingerprint", None)
         summary.pop("lineage", None)
         stage_outputs[stage.name] = stage_dir / "final"

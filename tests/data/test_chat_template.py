@@ -1,6 +1,13 @@
 import pytest
 
-from mmfactory.data.chat import IGNORE_INDEX, TEMPLATES, collate_chats, generation_prompt, tokenize_chat
+from mmfactory.data.chat import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    chat_template_jinja,
+    collate_chats,
+    generation_prompt,
+    tokenize_chat,
+)
 from mmfactory.world.tokenizer import world_tokenizer
 
 
@@ -49,3 +56,17 @@ def test_truncation_and_padding(tokenizer):
     assert batch["attention_mask"][0].sum() == 10 and batch["attention_mask"][1].sum() == len(full.input_ids)
     assert (batch["labels"][0, 10:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, 10:] == tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_the_exported_jinja_template_renders_what_the_model_was_trained_on(tokenizer, name):
+    template = TEMPLATES[name]
+    hf = world_tokenizer()
+    hf.chat_template = chat_template_jinja(template)
+    rendered = hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert (
+        hf.encode(rendered, add_special_tokens=False)
+        == tokenize_chat(MESSAGES, tokenizer, template).input_ids
+    )
+    prompt = hf.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
+    assert hf.encode(prompt, add_special_tokens=False) == generation_prompt(MESSAGES[:2], tokenizer, template)

@@ -8,6 +8,7 @@ inference see identical prefixes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +38,32 @@ TEMPLATES: dict[str, ChatTemplate] = {
     ),
 }
 TemplateName = Literal["chatml", "llama3"]
+
+
+def chat_template_jinja(template: ChatTemplate, image_token: str | None = None) -> str:
+    """A Hugging Face chat template (Jinja) that renders conversations as :func:`tokenize_chat` does, so
+    ``tokenizer.apply_chat_template`` (transformers pipelines, vLLM) sees what the model was trained on.
+    With ``image_token``, list contents are read too: ``{"type": "image"}`` items become the token and a
+    newline, as the multimodal processor places them."""
+    head, tail = template.header.split("{role}")
+    text = json.dumps
+    content = "{{ message['content'] }}"
+    if image_token is not None:
+        content = (
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for item in message['content'] %}"
+            f"{{% if item['type'] == 'image' %}}{{{{ {text(image_token + chr(10))} }}}}"
+            "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}"
+        )
+    return (
+        "{% for message in messages %}"
+        f"{{{{ {text(head)} + message['role'] + {text(tail)} }}}}"
+        f"{content}"
+        f"{{{{ {text(template.end + template.separator)} }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ {text(head + 'assistant' + tail)} }}}}{{% endif %}}"
+    )
 
 
 @dataclass

@@ -33,6 +33,7 @@ from mmfactory.data.chat import (
     ChatTemplate,
     TemplateName,
     TokenizedChat,
+    chat_template_jinja,
     collate_chats,
     generation_prompt,
     tokenize_chat,
@@ -158,7 +159,9 @@ class MultimodalProcessor:
 
     # -- files -----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
-        """Tokenizer, ``preprocessor_config.json`` and the template/pad settings."""
+        """Tokenizer (with the trained chat template as its ``chat_template``), ``preprocessor_config.json``
+        and the template/pad settings."""
+        self.tokenizer.chat_template = chat_template_jinja(self.template, self.image_token)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
         meta = {
@@ -184,25 +187,6 @@ class MultimodalProcessor:
             meta["image_token"],
             meta["pad_square"],
         )
-
-
-def chat_template_jinja(template: ChatTemplate, image_token: str = IMAGE_TOKEN) -> str:
-    """A Hugging Face chat template (Jinja) that renders conversations as :class:`MultimodalProcessor`
-    does; in list contents, ``{"type": "image"}`` items become ``"<image>\\n"``. Used for export."""
-    head, tail = template.header.split("{role}")
-    text = json.dumps
-    return (
-        "{% for message in messages %}"
-        f"{{{{ {text(head)} + message['role'] + {text(tail)} }}}}"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for item in message['content'] %}"
-        f"{{% if item['type'] == 'image' %}}{{{{ {text(image_token + chr(10))} }}}}"
-        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-        f"{{{{ {text(template.end + template.separator)} }}}}"
-        "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ {text(head + 'assistant' + tail)} }}}}{{% endif %}}"
-    )
 
 
 # --------------------------------------------------------------------------------------------------

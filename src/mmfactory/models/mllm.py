@@ -42,7 +42,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmfactory.config import ConfigError, from_dict, to_dict
-from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor, chat_template_jinja
+from mmfactory.data.chat import chat_template_jinja
+from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor
 from mmfactory.models.components.hyper import VisualExpertProjector
 from mmfactory.models.components.moe import UPCYCLING_CONFIG_KEY, decoder_layers, moe_blocks, upcycle
 from mmfactory.models.components.projector import build_projector, projector_depth

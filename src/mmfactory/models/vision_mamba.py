@@ -31,25 +31,31 @@ fine-tuning at another resolution), the encoder with stochastic depth, a final L
 on the mean of the patch states (or the class token's). ``scans`` adds scan directions initialised from the
 unidirectional weights; see :class:`MambaMLPBlock` for how this relates to the official 4-scan ("v3") mixer.
 
-Checkpoints: ``save_pretrained`` writes ``config.json`` and ``model.safetensors``; fine-tuning transfers the
-``encoder.*`` weights of any of the three (:func:`load_encoder`).
+Checkpoints: the three models are Hugging Face ``PreTrainedModel`` s, each with its ``PreTrainedConfig``
+(:class:`ARMPretrainingConfig`, :class:`MaskedPretrainingConfig`, :class:`VisionMambaClassifierConfig`;
+``encoder`` / ``decoder`` hold the fields of a :class:`VisionMambaConfig` / :class:`PixelDecoderConfig`),
+registered with ``AutoConfig`` / ``AutoModel`` when this module is imported. ``save_pretrained`` writes
+``config.json`` and ``model.safetensors``; ``from_pretrained`` (or :func:`load_pretrained`, whichever of the
+three a folder holds) reads them back, folders written before the models were ``PreTrainedModel`` s
+included (same keys, same weights). Fine-tuning transfers the ``encoder.*`` weights of any of the three
+(:func:`load_encoder`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 
 from mmfactory.config import ConfigError, from_dict
 from mmfactory.models.components.ssm import MambaMixer
@@ -64,7 +70,6 @@ VISION_MAMBA_SIZES: dict[str, tuple[int, int]] = {
     "large": (1024, 24),
     "huge": (1536, 24),
 }
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 @dataclass
@@ -351,9 +356,8 @@ class VisionMamba(nn.Module):
         self.config, self.scans = config, tuple(scans)
         dim = config.hidden_size
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
-        self.register_buffer("pos_embed", sincos_2d_positions(dim, config.grid_size), persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
+        for name, value in self.fixed_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.blocks = nn.ModuleList(
             MambaMLPBlock(config, self.scans, rate) for rate in drop_path_rates(drop_path, config.num_layers)
         )
@@ -370,6 +374,16 @@ class VisionMamba(nn.Module):
                 nn.init.zeros_(linear.bias)
             block.mixer.out_proj.weight /= math.sqrt(len(self.blocks))  # GPT-2-style residual scaling
         self.copy_forward_scans()
+
+    def fixed_buffers(self) -> dict[str, Tensor]:
+        """The buffers computed from the config, not saved: sin-cos positions ``[L, D]``, pixel mean and std
+        ``[C, 1, 1]``, in the default float dtype (as a model built under another default casts them)."""
+        cfg, dtype = self.config, torch.get_default_dtype()
+        return {
+            "pos_embed": sincos_2d_positions(cfg.hidden_size, cfg.grid_size).to(dtype),
+            "pixel_mean": torch.tensor(cfg.pixel_mean, dtype=dtype).view(-1, 1, 1),
+            "pixel_std": torch.tensor(cfg.pixel_std, dtype=dtype).view(-1, 1, 1),
+        }
 
     @torch.no_grad()
     def copy_forward_scans(self, scans: Sequence[ScanOrder] | None = None) -> None:
@@ -474,7 +488,9 @@ class PixelDecoder(nn.Module):
         )
         self.enc_to_dec = nn.Linear(len(self.layers) * encoder.hidden_size, config.num_layers * dim)
         self.query_token = nn.Parameter(torch.zeros(dim))
-        self.register_buffer("pos_embed", sincos_2d_positions(dim, encoder.grid_size), persistent=False)
+        self.grid_size = encoder.grid_size
+        for name, value in self.fixed_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers)
         )
@@ -489,6 +505,11 @@ class PixelDecoder(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.zeros_(module.bias)
 
+    def fixed_buffers(self) -> dict[str, Tensor]:
+        """The query positions ``[L, d]`` (sin-cos, not saved), in the default float dtype."""
+        dim = self.query_token.shape[0]
+        return {"pos_embed": sincos_2d_positions(dim, self.grid_size).to(torch.get_default_dtype())}
+
     def forward(self, features: Sequence[Tensor], targets: Tensor, mask: Tensor | None = None) -> Tensor:
         """``features``: ``F`` tensors ``[B, N, D_enc]``; ``targets``: raster indices of the patches to
         predict, ``[M]`` or ``[B, M]``; ``mask`` ``[M, N]`` bool -> predictions ``[B, M, P * P * C]``."""
@@ -502,74 +523,168 @@ class PixelDecoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Models with a config, save_pretrained / from_pretrained
+# Hugging Face configs and models: save_pretrained / from_pretrained, AutoModel
 # --------------------------------------------------------------------------------------------------
 
 
-class _PretrainedModel(nn.Module):
-    """``save_pretrained`` / ``from_pretrained`` as ``config.json`` (``model_type`` + :meth:`config_dict`)
-    and ``model.safetensors``."""
-
-    model_type: ClassVar[str]
-    encoder: VisionMamba
-
-    def config_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        raise NotImplementedError
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / CONFIG_FILE).write_text(
-            json.dumps({"model_type": self.model_type, **self.config_dict()}, indent=1)
-        )
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / WEIGHTS_FILE)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> Self:
-        config, state = read_pretrained(path)
-        if config.get("model_type") != cls.model_type:
-            raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not {cls.model_type!r}")
-        model = cls.from_config_dict(config)
-        model.load_state_dict(state)
-        return model
+def _fields_of(cls: type, value: Any, where: str) -> dict[str, Any]:
+    """A ``cls`` dataclass, or its fields as a dict, as the validated dict of its fields."""
+    if isinstance(value, cls):
+        value = dataclasses.asdict(value)
+    return dataclasses.asdict(from_dict(cls, value, where))
 
 
-def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(config, state_dict)`` of a ``save_pretrained`` folder."""
-    path = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: no {name} (expected a vision-Mamba save_pretrained folder)")
-    return json.loads((path / CONFIG_FILE).read_text()), load_file(path / WEIGHTS_FILE)
+class _EncoderConfig(PreTrainedConfig):
+    """A config whose ``encoder`` holds the fields of a :class:`VisionMambaConfig` (given as one or as a dict;
+    stored as a validated dict, a ``size`` preset resolved)."""
+
+    encoder: dict | VisionMambaConfig | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.encoder is not None:
+            self.encoder = _fields_of(VisionMambaConfig, self.encoder, "encoder")
+        super().__post_init__(**kwargs)
+
+    @property
+    def encoder_config(self) -> VisionMambaConfig:
+        """A new :class:`VisionMambaConfig` of ``encoder``."""
+        return from_dict(VisionMambaConfig, self.encoder, "encoder")
 
 
-def encoder_config_from(config: dict[str, Any], where: str = "encoder") -> VisionMambaConfig:
-    return from_dict(VisionMambaConfig, config["encoder"], where)
+class _PretrainingConfig(_EncoderConfig):
+    """... and whose ``decoder`` holds those of a :class:`PixelDecoderConfig` (default: the paper's)."""
+
+    decoder: dict | PixelDecoderConfig | None = None
+
+    def __post_init__(self, **kwargs):
+        self.decoder = _fields_of(PixelDecoderConfig, self.decoder, "decoder")
+        super().__post_init__(**kwargs)
+
+    @property
+    def decoder_config(self) -> PixelDecoderConfig:
+        """A new :class:`PixelDecoderConfig` of ``decoder``."""
+        return from_dict(PixelDecoderConfig, self.decoder, "decoder")
 
 
-class ARMPretrainingModel(_PretrainedModel):
-    """Cluster-autoregressive pretraining (see the module docstring)."""
+class ARMPretrainingConfig(_PretrainingConfig):
+    """:class:`ARMPretrainingModel`'s: ``encoder``, ``decoder``, ``cluster_size`` patches per cluster side."""
 
     model_type = "mmfactory_arm_pretraining"
+    cluster_size: int = 4
 
-    def __init__(self, encoder: VisionMambaConfig, decoder: PixelDecoderConfig, cluster_size: int = 4):
-        super().__init__()
+
+class MaskedPretrainingConfig(_PretrainingConfig):
+    """:class:`MaskedPretrainingModel`'s: ``encoder``, ``decoder``, the ``mask_ratio`` of hidden patches."""
+
+    model_type = "mmfactory_vision_mamba_mae"
+    mask_ratio: float = 0.75
+
+
+class VisionMambaClassifierConfig(_EncoderConfig):
+    """:class:`VisionMambaClassifier`'s: ``encoder``, ``num_classes``, ``scans``, ``class_names`` (default
+    ``"0"``, ``"1"``, ...), ``pooling`` (``mean`` or ``cls``) and the ``drop_path`` rate."""
+
+    model_type = "mmfactory_vision_mamba_classifier"
+    num_classes: int | None = None
+    scans: list[str] = field(default_factory=lambda: ["forward"])
+    class_names: list[str] | None = None
+    pooling: str = "mean"
+    drop_path: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.class_names is None and self.num_classes is not None:
+            self.class_names = [str(i) for i in range(self.num_classes)]
+        super().__post_init__(**kwargs)
+
+
+def _saved_model_type(path: str | Path) -> str:
+    """The ``model_type`` of a ``save_pretrained`` folder's ``config.json``."""
+    model_type = PreTrainedConfig.get_config_dict(str(path))[0].get("model_type")
+    if model_type is None:
+        raise FileNotFoundError(f"{path}: no config.json with a model_type (not a save_pretrained folder)")
+    return model_type
+
+
+class VisionMambaPreTrainedModel(PreTrainedModel):
+    """What the three models share as Hugging Face models.
+
+    Parameters are initialised where the modules are built (the official init above; ``post_init`` leaves
+    them alone). ``from_pretrained`` builds on the meta device and swaps in the loaded tensors; what it cannot
+    load is put back: the buffers computed from the config (``_init_weights``) and the ``_no_weight_decay``
+    marks that ``build_optimizer`` reads. It is strict: a folder of another model type, or whose weights are
+    not exactly the model's, is refused (an absent weight would otherwise stay uninitialised).
+    """
+
+    main_input_name = "images"
+    _no_split_modules = ["MambaMLPBlock", "DecoderBlock"]
+
+    def post_init(self) -> None:
+        super().post_init()
+        marked = self.named_parameters()
+        self._no_weight_decay_names = [name for name, p in marked if getattr(p, "_no_weight_decay", False)]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, VisionMamba | PixelDecoder | ARMPretrainingModel):
+            for name, value in module.fixed_buffers().items():
+                init.copy_(getattr(module, name), value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> Self:
+        path, expected = pretrained_model_name_or_path, cls.config_class.model_type
+        if not isinstance(kwargs.get("config"), PreTrainedConfig):  # AutoModel passes the folder's config
+            saved = _saved_model_type(path)
+            if saved != expected:
+                raise ValueError(f"{path}: holds a {saved!r} model, not {expected!r}")
+        with_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{path}/config.json: {err}") from None
+        wrong = {
+            key: sorted(str(k) for k in info[key])
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info[key]
+        }
+        if wrong:
+            raise ValueError(f"{path}: its weights do not fit a {cls.__name__}: {wrong}")
+        for name in model._no_weight_decay_names:
+            model.get_parameter(name)._no_weight_decay = True
+        return (model, info) if with_info else model
+
+
+class ARMPretrainingModel(VisionMambaPreTrainedModel):
+    """Cluster-autoregressive pretraining (see the module docstring)."""
+
+    config_class = ARMPretrainingConfig
+
+    def __init__(
+        self,
+        config: ARMPretrainingConfig | VisionMambaConfig,
+        decoder: PixelDecoderConfig | None = None,
+        cluster_size: int = 4,
+    ):
+        """From ``config``, or from the encoder's config, the decoder's and ``cluster_size``."""
+        if isinstance(config, VisionMambaConfig):
+            config = ARMPretrainingConfig(encoder=config, decoder=decoder, cluster_size=cluster_size)
+        super().__init__(config)
+        encoder = config.encoder_config
         self.encoder = VisionMamba(encoder)
-        self.decoder = PixelDecoder(decoder, encoder)
-        self.decoder_config, self.cluster_size = decoder, cluster_size
-        order = cluster_order(encoder.grid_size, cluster_size)
-        self.cluster_len = cluster_size**2
-        self.num_clusters = len(order) // self.cluster_len
+        self.decoder = PixelDecoder(config.decoder_config, encoder)
+        self.cluster_len = config.cluster_size**2
+        self.num_clusters = len(cluster_order(encoder.grid_size, config.cluster_size)) // self.cluster_len
         if self.num_clusters < 2:
-            raise ConfigError(f"cluster_size: {cluster_size} leaves a single cluster; nothing to predict")
-        self.register_buffer("order", order, persistent=False)
-        self.register_buffer(
-            "mask", block_causal_mask(self.num_clusters - 1, self.cluster_len), persistent=False
-        )
+            raise ConfigError(
+                f"cluster_size: {config.cluster_size} leaves a single cluster; nothing to predict"
+            )
+        for name, value in self.fixed_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+        self.post_init()
+
+    def fixed_buffers(self) -> dict[str, Tensor]:
+        """The buffers computed from the config, not saved: the cluster order ``[L]`` (int64) and the
+        block-causal mask ``[(K - 1) S, (K - 1) S]`` (bool)."""
+        order = cluster_order(self.encoder.config.grid_size, self.config.cluster_size)
+        return {"order": order, "mask": block_causal_mask(self.num_clusters - 1, self.cluster_len)}
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 ``[B, H, W, C]`` -> ``(pred, target)``, both ``[B, (K - 1) * S, P * P * C]``: the patches
@@ -601,21 +716,6 @@ class ARMPretrainingModel(_PretrainedModel):
         x = x * self.encoder.pixel_std + self.encoder.pixel_mean
         return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "encoder": dataclasses.asdict(self.encoder.config),
-            "decoder": dataclasses.asdict(self.decoder_config),
-            "cluster_size": self.cluster_size,
-        }
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        return cls(
-            encoder_config_from(config),
-            from_dict(PixelDecoderConfig, config["decoder"], "decoder"),
-            config["cluster_size"],
-        )
-
 
 def random_split(
     batch: int,
@@ -631,19 +731,28 @@ def random_split(
     return shuffle[:, :num_visible].sort(dim=1).values, shuffle[:, num_visible:].sort(dim=1).values
 
 
-class MaskedPretrainingModel(_PretrainedModel):
+class MaskedPretrainingModel(VisionMambaPreTrainedModel):
     """MAE-style pretraining of the same encoder with the same decoder class (see the module docstring)."""
 
-    model_type = "mmfactory_vision_mamba_mae"
+    config_class = MaskedPretrainingConfig
 
-    def __init__(self, encoder: VisionMambaConfig, decoder: PixelDecoderConfig, mask_ratio: float = 0.75):
-        super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio: must be in (0, 1), got {mask_ratio}")
+    def __init__(
+        self,
+        config: MaskedPretrainingConfig | VisionMambaConfig,
+        decoder: PixelDecoderConfig | None = None,
+        mask_ratio: float = 0.75,
+    ):
+        """From ``config``, or from the encoder's config, the decoder's and ``mask_ratio``."""
+        if isinstance(config, VisionMambaConfig):
+            config = MaskedPretrainingConfig(encoder=config, decoder=decoder, mask_ratio=mask_ratio)
+        super().__init__(config)
+        if not 0.0 < config.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio: must be in (0, 1), got {config.mask_ratio}")
+        encoder = config.encoder_config
         self.encoder = VisionMamba(encoder)
-        self.decoder = PixelDecoder(decoder, encoder)
-        self.decoder_config, self.mask_ratio = decoder, mask_ratio
-        self.num_visible = max(1, round((1 - mask_ratio) * encoder.num_patches))
+        self.decoder = PixelDecoder(config.decoder_config, encoder)
+        self.num_visible = max(1, round((1 - config.mask_ratio) * encoder.num_patches))
+        self.post_init()
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """uint8 ``[B, H, W, C]`` -> ``(pred, target)`` ``[B, M, P * P * C]`` for the ``M`` masked patches."""
@@ -655,21 +764,6 @@ class MaskedPretrainingModel(_PretrainedModel):
         pred = self.decoder(features, masked)
         target = normalize_patches(patchify(pixels, self.encoder.config.patch_size))
         return pred, target.gather(1, masked[..., None].expand(-1, -1, target.shape[-1]))
-
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "encoder": dataclasses.asdict(self.encoder.config),
-            "decoder": dataclasses.asdict(self.decoder_config),
-            "mask_ratio": self.mask_ratio,
-        }
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        return cls(
-            encoder_config_from(config),
-            from_dict(PixelDecoderConfig, config["decoder"], "decoder"),
-            config["mask_ratio"],
-        )
 
 
 Pooling = Literal["cls", "mean"]
@@ -686,7 +780,7 @@ def interpolate_positions(table: Tensor, grid: int) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
 
 
-class VisionMambaClassifier(_PretrainedModel):
+class VisionMambaClassifier(VisionMambaPreTrainedModel):
     """The official fine-tuning model: a learned class token in the *middle* of the raster sequence
     (position ``N // 2`` of ``N`` patches), a learned position embedding ``[N + 1, D]``, the encoder (with
     stochastic depth ``drop_path``), a final LayerNorm and a linear head on the mean of the patch states
@@ -698,37 +792,57 @@ class VisionMambaClassifier(_PretrainedModel):
     when fine-tuning at another resolution (:func:`interpolate_positions`), with zeros at the class token.
     """
 
-    model_type = "mmfactory_vision_mamba_classifier"
+    config_class = VisionMambaClassifierConfig
 
     def __init__(
         self,
-        encoder: VisionMambaConfig,
-        num_classes: int,
+        config: VisionMambaClassifierConfig | VisionMambaConfig,
+        num_classes: int | None = None,
         scans: Sequence[ScanOrder] = ("forward",),
         class_names: Sequence[str] | None = None,
         pooling: Pooling = "mean",
         drop_path: float = 0.0,
     ):
-        super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling: must be 'cls' or 'mean', got {pooling!r}")
-        self.encoder = VisionMamba(encoder, scans, drop_path)
+        """From ``config``, or from the encoder's config and the other fields of one."""
+        if isinstance(config, VisionMambaConfig):
+            names = None if class_names is None else list(class_names)
+            config = VisionMambaClassifierConfig(
+                encoder=config,
+                num_classes=num_classes,
+                scans=list(scans),
+                class_names=names,
+                pooling=pooling,
+                drop_path=drop_path,
+            )
+        super().__init__(config)
+        if config.num_classes is None:
+            raise ConfigError("num_classes: required")
+        if config.pooling not in ("cls", "mean"):
+            raise ConfigError(f"pooling: must be 'cls' or 'mean', got {config.pooling!r}")
+        encoder = config.encoder_config
+        self.encoder = VisionMamba(encoder, config.scans, config.drop_path)
         dim, patches = encoder.hidden_size, encoder.num_patches
-        self.cls_position, self.pooling, self.drop_path = patches // 2, pooling, drop_path
+        self.cls_position = patches // 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(patches + 1, dim))
         for param in (self.cls_token, self.pos_embed):
             param._no_weight_decay = True  # the official no_weight_decay list
         self.norm = nn.LayerNorm(dim, eps=encoder.layer_norm_eps)
-        self.head = nn.Linear(dim, num_classes)
-        self.class_names = (
-            list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-        )
+        self.head = nn.Linear(dim, config.num_classes)
         with torch.no_grad():
             nn.init.trunc_normal_(self.cls_token, std=0.02)
             self.set_positions(sincos_2d_positions(dim, encoder.grid_size))
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        self.post_init()
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.config.pooling
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names
 
     @torch.no_grad()
     def set_positions(self, patch_table: Tensor) -> None:
@@ -764,26 +878,20 @@ class VisionMambaClassifier(_PretrainedModel):
             return 0
         return len(self.encoder.blocks) + 1
 
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "encoder": dataclasses.asdict(self.encoder.config),
-            "num_classes": self.head.out_features,
-            "scans": list(self.encoder.scans),
-            "class_names": self.class_names,
-            "pooling": self.pooling,
-            "drop_path": self.drop_path,
-        }
 
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> Self:
-        return cls(
-            encoder_config_from(config),
-            config["num_classes"],
-            config["scans"],
-            config["class_names"],
-            config.get("pooling", "mean"),
-            config.get("drop_path", 0.0),
-        )
+MODELS: dict[str, type[VisionMambaPreTrainedModel]] = {
+    model.config_class.model_type: model
+    for model in (ARMPretrainingModel, MaskedPretrainingModel, VisionMambaClassifier)
+}
+
+
+def load_pretrained(path: str | Path) -> VisionMambaPreTrainedModel:
+    """The model of a ``save_pretrained`` folder, whichever of :data:`MODELS` it holds (``AutoModel`` would
+    load any model type; this refuses the others)."""
+    model_type = _saved_model_type(path)
+    if model_type not in MODELS:
+        raise ValueError(f"{path}: holds a {model_type!r} model, not a vision Mamba ({', '.join(MODELS)})")
+    return MODELS[model_type].from_pretrained(path)
 
 
 def load_pretrained_encoder(
@@ -821,3 +929,11 @@ def load_encoder(encoder: VisionMamba, state: dict[str, Tensor]) -> None:
     if any(".extra_scans." not in key for key in missing):
         raise ValueError(f"checkpoint lacks encoder weights: {sorted(missing)[:5]}")
     encoder.copy_forward_scans(sorted(absent))
+
+
+AutoConfig.register(ARMPretrainingConfig.model_type, ARMPretrainingConfig, exist_ok=True)
+AutoModel.register(ARMPretrainingConfig, ARMPretrainingModel, exist_ok=True)
+AutoConfig.register(MaskedPretrainingConfig.model_type, MaskedPretrainingConfig, exist_ok=True)
+AutoModel.register(MaskedPretrainingConfig, MaskedPretrainingModel, exist_ok=True)
+AutoConfig.register(VisionMambaClassifierConfig.model_type, VisionMambaClassifierConfig, exist_ok=True)
+AutoModel.register(VisionMambaClassifierConfig, VisionMambaClassifier, exist_ok=True)

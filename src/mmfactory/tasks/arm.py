@@ -42,9 +42,8 @@ from mmfactory.models.vision_mamba import (
     ScanOrder,
     VisionMambaClassifier,
     VisionMambaConfig,
-    encoder_config_from,
+    load_pretrained,
     load_pretrained_encoder,
-    read_pretrained,
 )
 from mmfactory.tasks.base import TrainingTask
 
@@ -285,8 +284,8 @@ class ImageClassificationTask(_ImageTask):
         state = saved = None
         self.encoder_config = model_cfg.encoder
         if init_dir is not None:
-            config, state = read_pretrained(init_dir)
-            saved = encoder_config_from(config, f"{init_dir}/config.json: encoder")
+            source = load_pretrained(init_dir)
+            saved, state = source.encoder.config, source.state_dict()
             if model_cfg.encoder is None:
                 self.encoder_config = dataclasses.replace(saved)
             elif diff := _encoder_differences(model_cfg.encoder, saved):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
@@ -18,6 +19,7 @@ from mmfactory.data.chat import (
     TEMPLATES,
     TemplateName,
     TokenizedChat,
+    chat_template_jinja,
     collate_chats,
     tokenize_chat,
 )
@@ -26,9 +28,18 @@ from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.models.lora import LoraOptions, add_lora, save_and_merge
 from mmfactory.tasks.base import TrainingTask
 
 CHAT_META = "mmfactory_chat.json"  # written next to the model: which template it was trained with
+
+
+def save_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, template: TemplateName, out_dir: Path) -> None:
+    """The tokenizer with the trained template as its ``chat_template`` (what ``apply_chat_template`` and
+    serving engines render), and :data:`CHAT_META` naming the template."""
+    tokenizer.chat_template = chat_template_jinja(TEMPLATES[template])
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / CHAT_META).write_text(json.dumps({"template": template}))
 
 
 @dataclass
@@ -55,6 +66,7 @@ class ChatDataConfig:
 class SFTOptions:
     eval_generate: int = 64  # eval conversations whose last reply is generated greedily (exact match)
     max_new_tokens: int = 48
+    lora: LoraOptions | None = None  # adapters only train; final/ holds them merged, and alone in adapter/
 
 
 class CausalLMSFTTask(TrainingTask):
@@ -67,6 +79,8 @@ class CausalLMSFTTask(TrainingTask):
     def __init__(self, stage, ctx, model_cfg: CausalLMConfig, data_cfg: ChatDataConfig, options: SFTOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
+        if options.lora is not None:
+            self.model = add_lora(self.model, options.lora)
         self.template = TEMPLATES[data_cfg.template]
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, list[TokenizedChat]] = {}
@@ -155,6 +169,7 @@ class CausalLMSFTTask(TrainingTask):
         return {"eval_exact_match": hits / len(convs)}
 
     def save_pretrained(self, out_dir: Path) -> None:
+        if self.options.lora is not None:
+            self.model = save_and_merge(self.model, out_dir)
         self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        (out_dir / CHAT_META).write_text(json.dumps({"template": self.data_cfg.template}))
+        save_chat_tokenizer(self.tokenizer, self.data_cfg.template, out_dir)

@@ -44,6 +44,7 @@ from mmfactory.losses.lm import sample_mean_loss
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.hyperllava import prompt_mask
 from mmfactory.models.lm import DTYPES
+from mmfactory.models.lora import LoraOptions, add_lora, save_and_merge
 from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec, add_hyper_experts, build_multimodal_lm
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import StageContext, TrainingTask
@@ -86,18 +87,6 @@ class WorldBenchmarkConfig:
     def validate(self) -> None:
         if not self.caption_details:
             raise ConfigError("world_benchmarks.caption_details: name brief, detailed or both")
-
-
-@dataclass
-class LoraOptions:
-    """LoRA on the language model (peft); merged into the weights before ``final/`` is written."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
 
 
 @dataclass
@@ -175,18 +164,7 @@ class MultimodalSFTTask(TrainingTask):
             data_cfg.pad_square,
         )
         if options.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = options.lora
-            self.model.language_model = get_peft_model(
-                self.model.language_model,
-                LoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                ),
-            )
+            self.model.language_model = add_lora(self.model.language_model, options.lora)
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, MultimodalChatDataset | None] = {}
 
@@ -339,8 +317,9 @@ class MultimodalSFTTask(TrainingTask):
         return metrics
 
     def save_pretrained(self, out_dir: Path) -> None:
-        """A plain MultimodalLM (LoRA merged in; the stage is over) and its processor files."""
+        """A plain MultimodalLM (LoRA merged in, the LM's adapters alone in ``adapter/``; the stage is over)
+        and its processor files."""
         if self.options.lora is not None:
-            self.model.language_model = self.model.language_model.merge_and_unload()
+            self.model.language_model = save_and_merge(self.model.language_model, out_dir)
         self.model.save_pretrained(out_dir)
         self.processor.save_pretrained(out_dir)

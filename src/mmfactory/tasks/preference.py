@@ -13,13 +13,13 @@ stage's chat template; sequence log-probs sum over the assistant tokens only.
 from __future__ import annotations
 
 import copy
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,8 +35,9 @@ from mmfactory.data.preference import preference_pairs
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.models.lora import LoraOptions, add_lora, save_and_merge
 from mmfactory.tasks.base import StageContext, TrainingTask
-from mmfactory.tasks.causal_lm import CHAT_META
+from mmfactory.tasks.causal_lm import save_chat_tokenizer
 
 
 @dataclass
@@ -92,6 +93,9 @@ class DPOOptions:
     # kto_pair only: no gradient through the reference points (the KTO paper and TRL; LLaVA-MoD's
     # scripts use TRL's kto_pair, which does not detach them: false)
     detach_reference_point: bool = True
+    # LoRA on the policy (causal-LM DPO): only adapters train; without model.reference the reference is the
+    # policy with its adapters off (no second copy, as TRL does); final/ holds them merged, and in adapter/
+    lora: LoraOptions | None = None
 
     def validate(self) -> None:
         if self.loss != "sigmoid" and self.label_smoothing:
@@ -173,13 +177,18 @@ class CausalLMDPOTask(TrainingTask):
     def __init__(self, stage, ctx, model_cfg: DPOModelConfig, data_cfg, options: DPOOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
+        if options.lora is not None:
+            self.model = add_lora(self.model, options.lora)
         self.reference = self.build_reference()
         self.template = TEMPLATES[data_cfg.template]
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, list[TokenizedPair]] = {}
 
-    def build_reference(self) -> nn.Module:
-        """The frozen reference: a copy of the starting policy, or ``model.reference``."""
+    def build_reference(self) -> nn.Module | None:
+        """The frozen reference: a copy of the starting policy, ``model.reference``, or None for a LoRA
+        policy (its adapters switched off give the starting policy)."""
+        if self.model_cfg.reference is None and isinstance(self.model, PeftModel):
+            return None
         if self.model_cfg.reference is None:
             reference = copy.deepcopy(self.model)
             reference.requires_grad_(False)
@@ -194,7 +203,8 @@ class CausalLMDPOTask(TrainingTask):
 
     def train(self, mode: bool = True) -> CausalLMDPOTask:
         super().train(mode)
-        self.reference.eval()  # frozen: no dropout, whatever the loop asks of the policy
+        if self.reference is not None:
+            self.reference.eval()  # frozen: no dropout, whatever the loop asks of the policy
         return self
 
     # -- data ----------------------------------------------------------------------------------------
@@ -243,7 +253,15 @@ class CausalLMDPOTask(TrainingTask):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[2B]`` sequence log-probs under the frozen reference."""
-        return sequence_logps(self.reference, batch)[0]
+        if self.reference is not None:
+            return sequence_logps(self.reference, batch)[0]
+        training = self.model.training
+        self.model.eval()  # the reference runs without dropout, as a separate frozen copy would
+        try:
+            with self.model.disable_adapter():
+                return sequence_logps(self.model, batch)[0]
+        finally:
+            self.model.train(training)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_logps, num_tokens = sequence_logps(self.model, batch)
@@ -254,6 +272,7 @@ class CausalLMDPOTask(TrainingTask):
 
     # -- output --------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: Path) -> None:
+        if self.options.lora is not None:
+            self.model = save_and_merge(self.model, out_dir)
         self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        (out_dir / CHAT_META).write_text(json.dumps({"template": self.data_cfg.template}))
+        save_chat_tokenizer(self.tokenizer, self.data_cfg.template, out_dir)

@@ -3,25 +3,25 @@
 It never names a method. A :class:`~mmfactory.tasks.base.TrainingTask` supplies data, the loss and its
 evaluation; the loop does sampling, gradient accumulation (weighted so 1x8 == 8x1), clipping, schedules,
 mixed precision, NaN/inf guarding, periodic evaluation, atomic checkpoints with exact resume, metrics
-(JSONL + tensorboard) and a progress bar. DDP / FSDP / DeepSpeed come from accelerate's own launch
-configuration, never from task code.
+(``metrics.jsonl``, tensorboard and whatever else ``train.report_to`` names: :mod:`mmfactory.train.trackers`)
+and a progress bar. DDP / FSDP / DeepSpeed come from accelerate's own launch configuration, never from task
+code.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,6 +32,7 @@ from mmfactory.train import checkpoint as ckpt
 from mmfactory.train.ema import WeightEMA
 from mmfactory.train.optim import build_optimizer, build_scheduler, select_trainable
 from mmfactory.train.sampler import StepSampler
+from mmfactory.train.trackers import MetricsLog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,47 +56,6 @@ def _check_finite(parameters: list[torch.Tensor], stage: str, step: int) -> None
             f"[{stage}] {bad} trainable tensors hold inf or NaN after step {step}; nothing was saved "
             "(lower the learning rate, or clip gradients with train.max_grad_norm)"
         )
-
-
-@dataclass
-class MetricsLog:
-    """Main-process metrics: ``metrics.jsonl`` (one record per log step) and tensorboard."""
-
-    stage_dir: Path
-    enabled: bool
-    writer: Any = field(default=None, init=False)
-
-    def open(self, resume_step: int) -> None:
-        if not self.enabled:
-            return
-        path = self.stage_dir / "metrics.jsonl"
-        if path.exists():  # drop records a resumed run is about to redo, and a line torn by a crash
-            kept = []
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    print(f"warning: {path}: dropped a torn line ({line[:40]!r})", file=sys.stderr)
-                    continue
-                if record.get("step", 0) <= resume_step:
-                    kept.append(line)
-            path.write_text("".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.stage_dir / "tensorboard"))
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{k: float(v) for k, v in values.items()}}
-        with open(self.stage_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -145,11 +105,18 @@ def evaluate_loss(task: TrainingTask, accelerator: Accelerator, batch_size: int)
     return {f"eval_{k}": (accelerator.reduce(v, "sum") / total).item() for k, v in sorted(sums.items())}
 
 
-def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, accelerator: Accelerator) -> dict:
+def train_stage(
+    task: TrainingTask,
+    stage: StageConfig,
+    stage_dir: Path,
+    accelerator: Accelerator,
+    trackers: Sequence[GeneralTracker] = (),
+) -> dict:
     """Train ``task`` as ``stage`` says, writing checkpoints and metrics into ``stage_dir``.
 
-    Resumes from the newest complete ``step-N/`` checkpoint in ``stage_dir`` if there is one. Returns
-    the stage summary ``{"steps", "time_s", "metrics"}``.
+    Resumes from the newest complete ``step-N/`` checkpoint in ``stage_dir`` if there is one. Metrics go
+    where ``train.report_to`` says and to the custom ``trackers``. Returns the stage summary
+    ``{"steps", "time_s", "metrics"}``.
     """
     cfg = stage.train
     is_main = accelerator.is_main_process
@@ -200,7 +167,7 @@ def train_stage(task: TrainingTask, stage: StageConfig, stage_dir: Path, acceler
         accelerator.print(f"[{stage.name}] resumed from {path} (step {step}/{total_steps})")
         break
 
-    log = MetricsLog(stage_dir, enabled=is_main)
+    log = MetricsLog(stage, stage_dir, enabled=is_main, extra=trackers)
     log.open(start_step)
     if sampler is None:
         stream = dataset.batches(cfg.batch_size, cfg.grad_accum, rank, world, start_step)
