@@ -37,3 +37,19 @@ def test_final_has_a_model_card_and_generates_through_transformers_with_its_chat
     assert list(ids) == generation_prompt(messages, tokenizer, TEMPLATES["chatml"])
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_template_auto_trains_with_the_tokenizers_own_template_and_names_its_throughput(tmp_path, capsys):
+    recipe = tiny_sft_recipe(max_steps=2)
+    recipe["stages"][0]["data"]["template"] = "auto"  # the world tokenizer's own ChatML template
+    assert (
+        main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(tmp_path / "run")]) == 0
+    )
+    final = tmp_path / "run" / "sft" / "final"
+    assert json.loads((final / "mmfactory_chat.json").read_text()) == {"template": "auto"}
+    records = [json.loads(line) for line in (tmp_path / "run/sft/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss_tokens_per_s"] > 0  # labelled tokens: what the loss averages over
+    assert records[0]["input_tokens_per_s"] > records[0]["loss_tokens_per_s"]  # prompts count as inputs
+    capsys.readouterr()
+    assert main(["generate", "--model", str(final), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert ">>> Hi" in capsys.readouterr().out

@@ -71,14 +71,14 @@ def test_arm_recipe_learns_and_respects_frozen(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ft/eval_accuracy" in printed and "ar/train_images_per_s" in printed
+    assert "ft/eval_accuracy" in printed and "ar/train_loss_images_per_s" in printed
 
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     for stage in ("ar", "ft"):
         losses = _losses(out / stage)
         assert all(torch.isfinite(torch.tensor(losses)))
         assert metrics[f"{stage}/train_loss"] < 0.9 * metrics[f"{stage}/train_first_loss"], stage
-    assert 0.0 <= metrics["ft/eval_accuracy"] <= 1.0 and metrics["ar/train_images_per_s"] > 0
+    assert 0.0 <= metrics["ft/eval_accuracy"] <= 1.0 and metrics["ar/train_loss_images_per_s"] > 0
 
     ar_initial = _initial_state(recipe["stages"][0], recipe, tmp_path)
     ar_final = load_file(out / "ar/final/model.safetensors")

@@ -127,7 +127,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmfactory.data.chat import TEMPLATES
+    from mmfactory.data.chat import resolve_template
     from mmfactory.models.generation import GenerationConfig, generate_replies
     from mmfactory.tasks.causal_lm import CHAT_META
 
@@ -145,7 +145,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
     for prompt, reply in zip(
-        args.prompt, generate_replies(model, tokenizer, TEMPLATES[template], conversations, cfg), strict=True
+        args.prompt,
+        generate_replies(model, tokenizer, resolve_template(template, tokenizer), conversations, cfg),
+        strict=True,
     ):
         print(f">>> {prompt}\n{reply}\n")
     return 0

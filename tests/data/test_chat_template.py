@@ -1,11 +1,14 @@
 import pytest
 
+from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
     IGNORE_INDEX,
     TEMPLATES,
     chat_template_jinja,
     collate_chats,
     generation_prompt,
+    resolve_template,
+    template_from_tokenizer,
     tokenize_chat,
 )
 from mmfactory.world.tokenizer import world_tokenizer
@@ -70,3 +73,62 @@ def test_the_exported_jinja_template_renders_what_the_model_was_trained_on(token
     )
     prompt = hf.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
     assert hf.encode(prompt, add_special_tokens=False) == generation_prompt(MESSAGES[:2], tokenizer, template)
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM"
+    ", trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_template_auto_on_a_chatml_tokenizer_is_the_chatml_renderer(tokenizer):
+    assert template_from_tokenizer(tokenizer) == TEMPLATES["chatml"]  # the world tokenizer's own template
+    auto = tokenize_chat(MESSAGES, tokenizer, resolve_template("auto", tokenizer))
+    chatml = tokenize_chat(MESSAGES, tokenizer, TEMPLATES["chatml"])
+    assert (auto.input_ids, auto.labels) == (chatml.input_ids, chatml.labels)
+
+
+def test_template_auto_keeps_a_default_system_turn_and_learns_only_the_replies():
+    hf = world_tokenizer()
+    hf.chat_template = SMOLLM2_TEMPLATE
+    template = template_from_tokenizer(hf)
+    assert template.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    conversation = MESSAGES[1:]  # no system turn: the template's own is added
+    chat = tokenize_chat(conversation, hf, template)
+    assert hf.decode(chat.input_ids) == hf.apply_chat_template(conversation, tokenize=False)
+    learned = [t for t, label in zip(chat.input_ids, chat.labels, strict=True) if label != IGNORE_INDEX]
+    assert hf.decode(learned) == "red<|im_end|>blue<|im_end|>"
+    prompt = generation_prompt(conversation[:1], hf, template)
+    assert hf.decode(prompt) == hf.apply_chat_template(
+        conversation[:1], tokenize=False, add_generation_prompt=True
+    )
+    saved = world_tokenizer()  # what final/ holds: our Jinja of the derived template renders the same
+    saved.chat_template = chat_template_jinja(template)
+    assert saved.apply_chat_template(conversation, tokenize=False) == hf.apply_chat_template(
+        conversation, tokenize=False
+    )
+    assert template_from_tokenizer(saved) == template
+
+
+@pytest.mark.parametrize(
+    "jinja",
+    [
+        # the last turn is rendered unlike the others
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% if not loop.last %}</s>{% endif %}{% endfor %}",
+        # no role in the header
+        "{% for m in messages %}>> {{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}>> {% endif %}",
+    ],
+)
+def test_template_auto_refuses_a_template_that_is_not_turn_by_turn(jinja):
+    hf = world_tokenizer()
+    hf.chat_template = jinja
+    with pytest.raises(ConfigError, match="template: auto: .* name one of chatml, llama3"):
+        template_from_tokenizer(hf)
+    hf.chat_template = None
+    with pytest.raises(ConfigError, match="has no chat_template"):
+        template_from_tokenizer(hf)

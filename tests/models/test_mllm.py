@@ -301,6 +301,10 @@ def test_llava_export_has_equal_logits_and_an_equivalent_processor(tmp_path):
     torch.testing.assert_close(encoded["pixel_values"], processor.pixel_values([image]))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    # generation (and lmms-eval, which stops at the tokenizer's EOS) ends at the trained end of turn
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert hf.tokenizer.eos_token == "<|im_end|>" and llava.generation_config.eos_token_id == end_id
+    assert processor.tokenizer.eos_token != "<|im_end|>"  # the caller's processor is left as it was
 
 
 def test_export_refuses_a_projector_llava_cannot_hold(tmp_path):

@@ -15,19 +15,40 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mmfactory.config import ConfigError
+
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A turn is ``header(role) + content + end``; only ``content + end`` of assistant turns is learned."""
+    """A turn is ``header(role) + content + end``; only ``content + end`` of assistant turns is learned.
+
+    ``prefix`` opens every conversation (e.g. a BOS written by the template); ``default_system`` is the
+    system turn a template adds when a conversation has none (SmolLM2's, Qwen2.5's). Neither is learned.
+    """
 
     header: str
     end: str
     separator: str  # after `end`, not learned
+    prefix: str = ""
+    default_system: str | None = None
 
     def turn_header(self, role: str) -> str:
         return self.header.format(role=role)
+
+    def with_default_system(self, messages: list[dict]) -> list[dict]:
+        if self.default_system is None or (messages and messages[0]["role"] == "system"):
+            return messages
+        return [{"role": "system", "content": self.default_system}, *messages]
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, as :func:`tokenize_chat` lays it out."""
+        turns = "".join(
+            self.turn_header(m["role"]) + m["content"] + self.end + self.separator
+            for m in self.with_default_system(messages)
+        )
+        return self.prefix + turns + (self.turn_header("assistant") if add_generation_prompt else "")
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -37,7 +58,69 @@ TEMPLATES: dict[str, ChatTemplate] = {
         header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>", separator=""
     ),
 }
-TemplateName = Literal["chatml", "llama3"]
+TemplateName = Literal["chatml", "llama3", "auto"]  # auto: the tokenizer's own chat_template
+
+# Probe contents for reading a tokenizer's template: text no template writes by itself.
+_PROBE = {
+    "system": "\u2063sys-probe\u2063",
+    "user": "\u2063user-probe-{}\u2063",
+    "assistant": "\u2063bot-probe-{}\u2063",
+}
+
+
+def template_from_tokenizer(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
+    """The tokenizer's own ``chat_template`` read as a :class:`ChatTemplate` (header with the role, end,
+    separator, a leading prefix and a default system turn), checked to render probe conversations exactly as
+    ``apply_chat_template`` does. A template of another form is refused: turn-by-turn rendering is what
+    makes the learned span of each reply exact."""
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"template: auto: {name} has no chat_template; name one of chatml, llama3")
+
+    def render(messages: list[dict], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    user, reply = _PROBE["user"].format(1), _PROBE["assistant"].format(1)
+    one = render([{"role": "user", "content": user}])
+    open_turn = render([{"role": "user", "content": user}], gen=True)
+    full = render([{"role": "user", "content": user}, {"role": "assistant", "content": reply}])
+    try:
+        assistant_header = open_turn[len(one) :] if open_turn.startswith(one) else None
+        after = full[len(open_turn) + len(reply) :] if full.startswith(open_turn + reply) else None
+        end = after.rstrip()
+        header = assistant_header.replace("assistant", "{role}", 1)
+        before_user = one[: one.index(user)]
+        start = before_user[: -len(header.format(role="user"))]
+        assert before_user.endswith(header.format(role="user")) and "{role}" in header and end
+        template = ChatTemplate(header, end, after[len(end) :], prefix=start)
+        system = header.format(role="system")
+        if start.endswith(after) and system in start:  # the template's own system turn when none is given
+            head, _, rest = start.rpartition(system)
+            template = ChatTemplate(header, end, template.separator, head, rest[: -len(after)])
+    except (AssertionError, AttributeError, ValueError, TypeError):
+        template = None
+    probes = [
+        [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+        [
+            {"role": "system", "content": _PROBE["system"]},
+            *({"role": r, "content": _PROBE[r].format(i)} for i in (1, 2) for r in ("user", "assistant")),
+        ],
+    ]
+    if template is None or any(
+        template.render(p) != render(p) or template.render(p[:-1], True) != render(p[:-1], True)
+        for p in probes
+    ):
+        raise ConfigError(
+            f"template: auto: {name}'s chat_template is not of the form header(role) + content + end per "
+            "turn (or changes earlier turns as the conversation grows), so the learned span of each reply "
+            "could not be exact; name one of chatml, llama3"
+        )
+    return template
+
+
+def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
+    """A named template, or (``auto``) the tokenizer's own."""
+    return template_from_tokenizer(tokenizer) if name == "auto" else TEMPLATES[name]
 
 
 def chat_template_jinja(template: ChatTemplate, image_token: str | None = None) -> str:
@@ -47,6 +130,12 @@ def chat_template_jinja(template: ChatTemplate, image_token: str | None = None) 
     newline, as the multimodal processor places them."""
     head, tail = template.header.split("{role}")
     text = json.dumps
+    opening = f"{{{{ {text(template.prefix)} }}}}" if template.prefix else ""
+    if template.default_system is not None:
+        system = template.turn_header("system") + template.default_system + template.end + template.separator
+        opening += (
+            f"{{% if not messages or messages[0]['role'] != 'system' %}}{{{{ {text(system)} }}}}{{% endif %}}"
+        )
     content = "{{ message['content'] }}"
     if image_token is not None:
         content = (
@@ -57,7 +146,7 @@ def chat_template_jinja(template: ChatTemplate, image_token: str | None = None) 
             "{% endfor %}{% endif %}"
         )
     return (
-        "{% for message in messages %}"
+        f"{opening}{{% for message in messages %}}"
         f"{{{{ {text(head)} + message['role'] + {text(tail)} }}}}"
         f"{content}"
         f"{{{{ {text(template.end + template.separator)} }}}}"
@@ -89,9 +178,9 @@ def tokenize_chat(
     max_length: int | None = None,
 ) -> TokenizedChat:
     """Token ids and labels of a conversation (``[{"role", "content"}, ...]``), right-truncated."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for message in messages:
+    ids: list[int] = _encode(tokenizer, template.prefix)
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for message in template.with_default_system(messages):
         head = _encode(tokenizer, template.turn_header(message["role"]))
         body = _encode(tokenizer, message["content"] + template.end)
         tail = _encode(tokenizer, template.separator)

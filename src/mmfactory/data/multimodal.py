@@ -29,13 +29,13 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from mmfactory.data.chat import (
     IGNORE_INDEX,
-    TEMPLATES,
     ChatTemplate,
     TemplateName,
     TokenizedChat,
     chat_template_jinja,
     collate_chats,
     generation_prompt,
+    resolve_template,
     tokenize_chat,
 )
 from mmfactory.data.readers.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
@@ -100,7 +100,7 @@ class MultimodalProcessor:
     pad_square: bool = True
 
     def __post_init__(self) -> None:
-        self.template: ChatTemplate = TEMPLATES[self.template_name]
+        self.template: ChatTemplate = resolve_template(self.template_name, self.tokenizer)
         ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(

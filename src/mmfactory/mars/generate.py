@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mmfactory.data.chat import TEMPLATES
+from mmfactory.data.chat import resolve_template
 from mmfactory.mars.evaluate import generate_images, generate_joint
 from mmfactory.mars.sampling import SamplingConfig
 from mmfactory.mars.sequences import Instructions, SequenceBuilder
@@ -41,7 +41,7 @@ def load_t2i_folder(folder: Path) -> T2IFolder:
         tokenizer.pad_token = tokenizer.eos_token
     vq = VQImageTokenizer.from_pretrained(folder / "vq").eval()
     instructions = Instructions(**meta["instructions"])
-    template = TEMPLATES[meta["template"]]
+    template = resolve_template(meta["template"], tokenizer)
     builder = SequenceBuilder(tokenizer, template, model.boi, model.eoi, meta["n_codes"], instructions)
     return T2IFolder(model, tokenizer, vq, builder)
 

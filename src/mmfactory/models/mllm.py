@@ -15,6 +15,7 @@ over placeholder tokens, so audio or video encoders plug in the same way. A dens
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -465,10 +466,17 @@ def export_llava(
     )
     llava = LlavaForConditionalGeneration(llava_config).to(model.dtype)
     llava.load_state_dict(llava_state_dict(model), strict=True)
+    # Replies were trained to end with the template's end-of-turn token: make it the EOS that generate()
+    # and evaluation harnesses (lmms-eval stops at the tokenizer's EOS) stop at.
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    end_ids = tokenizer.encode(processor.template.end, add_special_tokens=False)
+    if len(end_ids) == 1:
+        tokenizer.eos_token = processor.template.end
+        llava.generation_config.eos_token_id = end_ids[0]
     llava.save_pretrained(out_dir)
     LlavaProcessor(
         image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
+        tokenizer=tokenizer,
         patch_size=cfg.vision_config.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=int(has_cls_token(cfg.vision_config)),

@@ -16,11 +16,11 @@ from transformers import PreTrainedTokenizerBase
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
     IGNORE_INDEX,
-    TEMPLATES,
     TemplateName,
     TokenizedChat,
     chat_template_jinja,
     collate_chats,
+    resolve_template,
     tokenize_chat,
 )
 from mmfactory.data.sources import SourceConfig, check_fraction
@@ -37,7 +37,7 @@ CHAT_META = "mmfactory_chat.json"  # written next to the model: which template i
 def save_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, template: TemplateName, out_dir: Path) -> None:
     """The tokenizer with the trained template as its ``chat_template`` (what ``apply_chat_template`` and
     serving engines render), and :data:`CHAT_META` naming the template."""
-    tokenizer.chat_template = chat_template_jinja(TEMPLATES[template])
+    tokenizer.chat_template = chat_template_jinja(resolve_template(template, tokenizer))
     tokenizer.save_pretrained(out_dir)
     (out_dir / CHAT_META).write_text(json.dumps({"template": template}))
 
@@ -81,7 +81,7 @@ class CausalLMSFTTask(TrainingTask):
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
         if options.lora is not None:
             self.model = add_lora(self.model, options.lora)
-        self.template = TEMPLATES[data_cfg.template]
+        self.template = resolve_template(data_cfg.template, self.tokenizer)
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, list[TokenizedChat]] = {}
         self._conversations: dict[str, list[list[dict[str, str]]]] = {}

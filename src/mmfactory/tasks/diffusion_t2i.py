@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmfactory.config import ConfigError
-from mmfactory.data.chat import TEMPLATES, TemplateName
+from mmfactory.data.chat import TemplateName, resolve_template
 from mmfactory.mars.evaluate import GenerationEval, evaluate_generator
 from mmfactory.mars.judge import SceneJudge
 from mmfactory.models.components.vq import pixels_from_uint8, uint8_from_pixels
@@ -112,7 +112,7 @@ class DiffusionT2ITask(ImageSourcesTask):
         }
         self.noise_schedule = DDPMScheduler(**schedule)
         self.sampler = DDIMScheduler(**schedule)
-        self.template = TEMPLATES[data_cfg.template]
+        self.template = resolve_template(data_cfg.template, self.tokenizer)
 
     def _prompt_ids(self, captions: list[str]) -> dict[str, Tensor]:
         """The user turn of each caption (MARS's prompt up to its assistant turn), right-padded."""

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
-from mmfactory.data.chat import TEMPLATES, TemplateName, collate_chats, tokenize_chat
+from mmfactory.data.chat import TemplateName, collate_chats, resolve_template, tokenize_chat
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.sources import SourceConfig
 from mmfactory.data.world_source import world_scene_layout
@@ -205,7 +205,7 @@ class T2ITask(ImageSourcesTask):
         downsample = self.vq.config.downsample
         check_sizes([data_cfg.image_size], downsample, "data.image_size")
         self.n_codes = (data_cfg.image_size // downsample) ** 2
-        self.template = TEMPLATES[data_cfg.template]
+        self.template = resolve_template(data_cfg.template, self.tokenizer)
         self.builder = SequenceBuilder(
             self.tokenizer, self.template, self.model.boi, self.model.eoi, self.n_codes, options.instructions
         )

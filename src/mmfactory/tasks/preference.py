@@ -25,10 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import (
-    TEMPLATES,
     TemplateName,
     TokenizedChat,
     collate_chats,
+    resolve_template,
     tokenize_chat,
 )
 from mmfactory.data.preference import preference_pairs
@@ -180,7 +180,7 @@ class CausalLMDPOTask(TrainingTask):
         if options.lora is not None:
             self.model = add_lora(self.model, options.lora)
         self.reference = self.build_reference()
-        self.template = TEMPLATES[data_cfg.template]
+        self.template = resolve_template(data_cfg.template, self.tokenizer)
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, list[TokenizedPair]] = {}
 

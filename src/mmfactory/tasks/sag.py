@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from mmfactory.config import ConfigError, to_dict
-from mmfactory.data.chat import TEMPLATES, TemplateName
+from mmfactory.data.chat import TemplateName, resolve_template
 from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
 from mmfactory.examples import Example, write_examples
 from mmfactory.models.generation import GenerationConfig
@@ -185,7 +185,7 @@ def load_drafter(cfg: DrafterConfig, ctx: StageContext) -> ChatLM:
     """The frozen drafter, ready for batched generation."""
     cfg, _ = resolve_drafter(cfg, ctx)
     model, tokenizer = load_frozen_lm(cfg, ctx)
-    return ChatLM(model, tokenizer, TEMPLATES[cfg.template], cfg.system)
+    return ChatLM(model, tokenizer, resolve_template(cfg.template, tokenizer), cfg.system)
 
 
 class SAGStage:
@@ -601,7 +601,7 @@ def notebench_file(
         model.to(device)
         meta = Path(stylist_dir) / CHAT_META
         template = json.loads(meta.read_text())["template"] if meta.is_file() else "chatml"
-        stylist = ChatLM(model, tokenizer, TEMPLATES[template])
+        stylist = ChatLM(model, tokenizer, resolve_template(template, tokenizer))
     elif any(system != "llm_alone" for system in systems):
         raise ValueError(f"systems {systems} need a stylist: pass stylist_dir")
     return sag.benchmark(stylist)

@@ -49,6 +49,16 @@ class _StepBatches:
         return self.sampler.micro_batches(self.start_step)
 
 
+def _input_tokens(batch: Any) -> int:
+    """Non-padding input tokens of a token batch (``attention_mask`` or ``input_ids``), else 0."""
+    if isinstance(batch, dict):
+        if isinstance(batch.get("attention_mask"), torch.Tensor):
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch.get("input_ids"), torch.Tensor):
+            return batch["input_ids"].numel()
+    return 0
+
+
 def _check_finite(parameters: list[torch.Tensor], stage: str, step: int) -> None:
     bad = sum(int(not torch.isfinite(p).all()) for p in parameters)
     if bad:
@@ -191,12 +201,13 @@ def train_stage(
     )
     unit = task.loss_unit
     model.train()
-    window_items, window_start = 0.0, time.perf_counter()
+    window_items, window_inputs, window_start = 0.0, 0, time.perf_counter()
     stage_start = time.perf_counter()
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         weights = [float(task.loss_weight(b)) for b in micro]
+        window_inputs += sum(_input_tokens(b) for b in micro)
         total_weight = accelerator.reduce(torch.tensor(sum(weights), device=accelerator.device), "sum").item()
         if total_weight <= 0:
             raise NonFiniteLossError(f"[{stage.name}] step {step + 1}: the global batch has no loss items")
@@ -235,7 +246,12 @@ def train_stage(
             last = {k: (accelerator.reduce(v, "sum") / total_weight).item() for k, v in sums.items()}
             elapsed = time.perf_counter() - window_start
             last["lr"] = scheduler.get_last_lr()[0]
-            last[f"{unit}_per_s"] = window_items / max(elapsed, 1e-9)
+            # throughput named by what it counts: the loss's items (labelled tokens, samples, pairs) and,
+            # for token batches, every non-padding input token
+            last[f"loss_{unit}_per_s"] = window_items / max(elapsed, 1e-9)
+            inputs = accelerator.reduce(torch.tensor(window_inputs, device=accelerator.device), "sum").item()
+            if inputs:
+                last["input_tokens_per_s"] = inputs / max(elapsed, 1e-9)
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             log.log(done, last)
@@ -244,9 +260,9 @@ def train_stage(
             bar.set_postfix(
                 loss=f"{last['loss']:.4f}",
                 lr=f"{last['lr']:.2e}",
-                **{f"{unit}/s": f"{last[f'{unit}_per_s']:.0f}"},
+                **{f"{unit}/s": f"{last[f'loss_{unit}_per_s']:.0f}"},
             )
-            window_items, window_start = 0.0, time.perf_counter()
+            window_items, window_inputs, window_start = 0.0, 0, time.perf_counter()
         bar.update(1)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
             log.log(done, evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
