@@ -129,16 +129,18 @@ def test_the_shipped_recipe_validates_and_its_teacher_is_llava_tiny():
     for i, stage in enumerate(recipe.stages):
         validate_stage(stage, i)
     stages = {s.name: s for s in recipe.stages}
-    kinds = {
-        name: {d["kind"] for d in stages[name].data["train"]}
-        for name in ("mimic_dense", "mimic_moe", "student_sft")
-    }
-    # The two mimic phases read different data (general captions and chats, then VQA-style tasks); the
-    # SFT-only baseline reads both.
+    kinds = {name: {d["kind"] for d in stage.data["train"]} for name, stage in stages.items()}
+    # The two mimic phases read different data (general captions and chats, then VQA-style tasks), with the
+    # teacher's grounding phase distilled between them; the SFT-only baseline walks the same phases on the
+    # same data and steps with labels instead of the teacher.
     vqa_style = {"vqa", "existence_pairs", "yesno_pairs", "pope"}
     assert kinds["mimic_dense"] == {"captions", "llava"} and vqa_style <= kinds["mimic_moe"]
     assert not vqa_style & kinds["mimic_dense"] and "captions" not in kinds["mimic_moe"]
-    assert kinds["student_sft"] == kinds["mimic_dense"] | kinds["mimic_moe"]
+    assert kinds["mimic_ground"] == kinds["ground"] == {"existence_pairs", "pope"}
+    phases = {"student_sft": "mimic_dense", "student_ground": "mimic_ground", "student_instruct": "mimic_moe"}
+    for sft, mimic in phases.items():
+        assert stages[sft].data["train"] == stages[mimic].data["train"]
+        assert stages[sft].train.max_steps == stages[mimic].train.max_steps
     assert (
         stages["mimic_moe"].trainable
         == stages["preference"].trainable
