@@ -2,8 +2,9 @@
 
 import pytest
 
+from mmfactory.data.benchmarks import AVBenchmark
 from mmfactory.data.world_source import world_av_benchmarks
-from mmfactory.eval.av import AVBenchmark, _mentions, ask
+from mmfactory.eval.av import _mentions, ask
 
 
 def test_partial_answers_count_the_parts_they_name():

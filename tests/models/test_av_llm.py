@@ -17,9 +17,10 @@ from mmfactory.data.av import (
     check_av_media,
     modality,
 )
+from mmfactory.data.media import log_mel
 from mmfactory.data.multimodal import MultimodalProcessor
 from mmfactory.data.policy import BadReason, BadSampleError
-from mmfactory.models.audio import AudioTowerConfig, log_mel
+from mmfactory.models.audio import AudioTowerConfig
 from mmfactory.models.av_llm import AudioVisualLM, AudioVisualLMSpec, build_audio_visual_lm
 from mmfactory.models.lm import CausalLMConfig
 from mmfactory.models.vision import VisionTowerConfig

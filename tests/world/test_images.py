@@ -3,7 +3,7 @@ import re
 import numpy as np
 import pytest
 
-from mmfactory.eval.mllm import CHOICE_LETTERS, format_choice
+from mmfactory.data.benchmarks import CHOICE_LETTERS, format_choice
 from mmfactory.world import World
 from mmfactory.world.captions import at_position, caption
 from mmfactory.world.rng import item_rng

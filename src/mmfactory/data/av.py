@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from transformers import WhisperFeatureExtractor
 
 from mmfactory.data.chat import IGNORE_INDEX, TokenizedChat, collate_chats, generation_prompt, tokenize_chat
-from mmfactory.data.media import frame_indices
+from mmfactory.data.media import frame_indices, log_mel
 from mmfactory.data.multimodal import MultimodalProcessor, counted_fit, expand_placeholders
 from mmfactory.data.policy import BadReason, BadSampleError
 from mmfactory.data.samples import Samples
@@ -175,8 +175,6 @@ class AVProcessor:
 
     def audio_features(self, clips: list[np.ndarray], sample_rates: list[int]) -> torch.Tensor:
         """Waveforms (any rate, mono or channels-last stereo) -> log-mel ``[A, M, L]``."""
-        from mmfactory.models.audio import log_mel
-
         return log_mel(self.feature_extractor, clips, sample_rates)
 
     def media_inputs(self, media: list[dict]) -> dict[str, torch.Tensor]:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import av
 import numpy as np
 import soundfile
+import torch
 from PIL import Image
 
 from mmfactory.data.policy import BadReason, BadSampleError
+
+if TYPE_CHECKING:
+    from transformers import WhisperFeatureExtractor
 
 FrameSampling = Literal["uniform", "random"]
 
@@ -197,3 +201,17 @@ def load_video(
         if audio_sample_rate is not None:
             audio, sample_rate = resample_audio(audio, sample_rate, audio_sample_rate), audio_sample_rate
     return VideoClip(frames, audio, sample_rate, max(0, num_frames - len(decoded)))
+
+
+def log_mel(
+    extractor: WhisperFeatureExtractor, clips: list[np.ndarray], sample_rates: list[int]
+) -> torch.Tensor:
+    """Waveforms (mono ``[S]`` or ``[S, C]`` channels-last, any rate) -> ``input_features [A, M, L]``."""
+    if not clips:
+        return torch.zeros((0, extractor.feature_size, extractor.nb_max_frames))
+    mono = []
+    for audio, rate in zip(clips, sample_rates, strict=True):
+        audio = np.asarray(audio, dtype=np.float32)
+        audio = audio.mean(axis=1) if audio.ndim == 2 else audio
+        mono.append(resample_audio(audio, rate, extractor.sampling_rate))
+    return extractor(mono, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features

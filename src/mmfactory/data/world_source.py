@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfactory.config import ConfigError
+from mmfactory.data.benchmarks import AVBenchmark, Benchmarks, ZeroShotBenchmark, format_choice
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
@@ -96,7 +97,6 @@ def world_conversations(
         items = world.yes_no_pairs(split, n)
         turns = [(item["question"], item["answer"]) for item in items]
     elif kind == "choice":
-        from mmfactory.eval.mllm import format_choice
         from mmfactory.world.rng import item_rng
 
         items = world.choices(split, n)
@@ -419,7 +419,7 @@ def world_benchmarks(
     images with their captions of each of ``caption_details`` as references and the objects of the first,
     asked as training asks for brief captions and scored for object hallucination with the world's object
     vocabulary; ``mme`` MME-style yes/no questions (in pairs) and ``mmbench`` four-option questions."""
-    from mmfactory.eval.mllm import Benchmarks
+
     from mmfactory.world import World
     from mmfactory.world.vqa import DESCRIBE, POPE_KINDS
 
@@ -499,7 +499,7 @@ def zero_shot_prompts(attribute: str, lang: str) -> dict[str, list[str]]:
 def world_zero_shot(size: int, seed: int, image_size: int, languages: Sequence[str]) -> list:
     """Zero-shot shape and colour classification (:class:`~mmfactory.eval.zero_shot.ZeroShotBenchmark`,
     named ``zeroshot_{lang}_{shape|color}``) of ``size`` single-object scenes of the world's test split."""
-    from mmfactory.eval.zero_shot import ZeroShotBenchmark
+
     from mmfactory.world.scenes import render_scene, scene_at
 
     scenes = [scene_at(seed, "test", i, max_objects=1) for i in range(size)]
@@ -563,7 +563,7 @@ def world_av_benchmarks(
     that needs none of them is left out. With ``single_stream_probes`` and a model that knows both streams,
     ``av_qa`` and ``av_which`` are also asked with each stream alone (``av_qa_video_alone``,
     ``av_qa_audio_alone``, ...): how much the answers need both."""
-    from mmfactory.eval.av import AVBenchmark
+
     from mmfactory.world import World
     from mmfactory.world.video import DESCRIBE_SOUND, DESCRIBE_VIDEO
 

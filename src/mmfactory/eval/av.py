@@ -11,13 +11,13 @@ greedily.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmfactory.data.av import AUDIO_TOKEN, VIDEO_TOKEN, AVProcessor
+from mmfactory.data.benchmarks import AVBenchmark
 from mmfactory.data.media import frame_indices
 from mmfactory.eval.metrics import cider_d, corpus_bleu, normalize_answer, vqa_accuracy
 from mmfactory.eval.mllm import (
@@ -42,17 +42,6 @@ def load_av(folder: str | Path, dtype: torch.dtype = torch.float32):
     model = AudioVisualLM.from_pretrained(folder, dtype=dtype)
     processor = AVProcessor.from_pretrained(folder, model.config)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor
-
-
-@dataclass
-class AVBenchmark:
-    """``name``: the metric prefix; ``streams``: the streams each item is asked with (a subset of
-    ``video``, ``audio``); ``prompt``: set for captioning (items hold ``references``)."""
-
-    name: str
-    items: list[dict]
-    streams: tuple[str, ...]
-    prompt: str | None = None
 
 
 def ask(question: str, streams: tuple[str, ...]) -> list[dict[str, str]]:

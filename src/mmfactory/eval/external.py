@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mmfactory.data.benchmarks import CHOICE_LETTERS, format_choice
 from mmfactory.data.multimodal import MultimodalProcessor
 from mmfactory.data.policy import (
     BadReason,
@@ -54,7 +55,7 @@ from mmfactory.data.readers.records import (
 from mmfactory.data.readers.vqa import POPE_LABELS
 from mmfactory.eval.metrics import cider_d, circular_accuracy, corpus_bleu, vqa_accuracy, yes_no_metrics
 from mmfactory.eval.metrics.official import mmbench_choice, pope_reading, vqa_v2_accuracy
-from mmfactory.eval.mllm import CHOICE_LETTERS, caption_tokens, format_choice, generate_replies
+from mmfactory.eval.mllm import caption_tokens, generate_replies
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmfactory.data.benchmarks import CHOICE_LETTERS, Benchmarks, format_choice
 from mmfactory.data.multimodal import IMAGE_TOKEN, MultimodalProcessor
 from mmfactory.eval.metrics import (
     cider_d,
@@ -191,23 +192,6 @@ def evaluate_mme(
     return {f"mme_{key}": value for key, value in scores.items()}
 
 
-CHOICE_LETTERS = "ABCD"
-CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench
-
-
-def format_choice(item: dict, shift: int = 0) -> tuple[str, str]:
-    """``(prompt, right letter)`` for a multiple-choice ``{"question", "options", "answer"}`` (``answer``:
-    the right option's index) with the options rotated by ``shift`` (MMBench's CircularEval asks every
-    rotation and counts a question right only if every one is answered right)."""
-    n = len(item["options"])
-    if not 2 <= n <= len(CHOICE_LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2 to {len(CHOICE_LETTERS)} options, got {n}")
-    options = [item["options"][(k + shift) % n] for k in range(n)]
-    lines = [f"{CHOICE_LETTERS[k]}. {option}" for k, option in enumerate(options)]
-    prompt = "\n".join([item["question"], *lines, CHOICE_PROMPT])
-    return prompt, CHOICE_LETTERS[(item["answer"] - shift) % n]
-
-
 def evaluate_mmbench(
     model: MultimodalLM,
     processor: MultimodalProcessor,
@@ -278,20 +262,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-@dataclass
-class Benchmarks:
-    """VQA samples, POPE probes per split, caption samples with the prompt that asks for a caption and
-    the object vocabulary (``mentions``) that scores object hallucination (None: not scored)."""
-
-    vqa: list[dict] = field(default_factory=list)
-    pope: dict[str, list[dict]] = field(default_factory=dict)
-    captions: list[dict] = field(default_factory=list)
-    mme: list[dict] = field(default_factory=list)  # MME-style yes/no pairs
-    mmbench: list[dict] = field(default_factory=list)  # MMBench-style multiple choice
-    caption_prompt: str = "Describe the image briefly."
-    mentions: Callable[[str], list[str]] | None = None
 
 
 def evaluate_mllm(

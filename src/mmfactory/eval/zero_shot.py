@@ -4,24 +4,13 @@ text embeddings (CLIP's prompt ensembling); an image takes the class of highest 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass
-class ZeroShotBenchmark:
-    """``images`` (uint8 ``[H, W, 3]``) with ``labels`` (indices into ``classes``) and the prompts of every
-    class (``prompts[c]``: the texts whose mean embedding is class ``c``). ``name`` keys the metrics."""
-
-    name: str
-    images: list[np.ndarray]
-    labels: list[int]
-    classes: list[str]
-    prompts: list[list[str]]
+from mmfactory.data.benchmarks import ZeroShotBenchmark
 
 
 def zero_shot_accuracy(

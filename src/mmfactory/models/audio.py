@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -33,7 +32,6 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfactory.config import ConfigError
-from mmfactory.data.media import resample_audio
 from mmfactory.models.hub import resolve_model_folder
 
 HOP_SECONDS = 0.01  # Whisper's mel hop: 160 samples at 16 kHz
@@ -99,17 +97,3 @@ def log_mel_extractor(config: PreTrainedConfig) -> WhisperFeatureExtractor:
             "WhisperFeatureExtractor needs whole seconds (use a multiple of 50)"
         )
     return WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=int(seconds))
-
-
-def log_mel(
-    extractor: WhisperFeatureExtractor, clips: list[np.ndarray], sample_rates: list[int]
-) -> torch.Tensor:
-    """Waveforms (mono ``[S]`` or ``[S, C]`` channels-last, any rate) -> ``input_features [A, M, L]``."""
-    if not clips:
-        return torch.zeros((0, extractor.feature_size, extractor.nb_max_frames))
-    mono = []
-    for audio, rate in zip(clips, sample_rates, strict=True):
-        audio = np.asarray(audio, dtype=np.float32)
-        audio = audio.mean(axis=1) if audio.ndim == 2 else audio
-        mono.append(resample_audio(audio, rate, extractor.sampling_rate))
-    return extractor(mono, sampling_rate=extractor.sampling_rate, return_tensors="pt").input_features

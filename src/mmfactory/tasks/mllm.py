@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from mmfactory.config import ConfigError, StageConfig
+from mmfactory.data.benchmarks import Benchmarks
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName
 from mmfactory.data.multimodal import (
     MultimodalChatDataset,
@@ -38,7 +39,7 @@ from mmfactory.data.multimodal import (
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
-from mmfactory.eval.mllm import Benchmarks, evaluate_mllm
+from mmfactory.eval.mllm import evaluate_mllm
 from mmfactory.examples import Example, write_examples
 from mmfactory.losses.lm import sample_mean_loss
 from mmfactory.models.generation import GenerationConfig
