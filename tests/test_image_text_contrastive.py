@@ -15,10 +15,10 @@ from transformers import AutoTokenizer
 from mmfactory.cli import main
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.data.world_source import shape_twin, world_captions, zero_shot_prompts
+from mmfactory.models.clip import tokenize_for_clip
 from mmfactory.models.vision import VisionTowerConfig, load_image_processor, load_vision_tower
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.image_text import tokenize_for_clip
 from mmfactory.world.scenes import COLORS, HELD_OUT, SHAPES, render_scene, scene_at
 from tests.helpers import world_data, write_recipe
 

@@ -4,6 +4,9 @@
 ``format: world`` (``kind: scenes``), ``pairs`` (JSONL ``{"id", "image", "text"}``) and ``webdataset`` (tar
 shards of ``{key}.png`` + ``{key}.txt``; ``path`` may be a glob). File records that share an image file
 are one image with several captions; images are decoded when a sample is drawn.
+
+:class:`ImageCaptionDataset` serves an :class:`ImageCaptions` one image and caption per item (training
+draws the caption, evaluation takes the first); :func:`_stream_item` does the same for a streamed sample.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
@@ -55,6 +59,34 @@ class ImageCaptions:
     @classmethod
     def empty(cls) -> ImageCaptions:
         return cls([], partial(operator.getitem, []))
+
+
+class ImageCaptionDataset(Dataset):
+    """Item ``i``: ``{"image": uint8 [H, W, 3], "caption": str}`` of image ``indices[i]``. Training draws
+    the caption from torch's RNG (so resumed runs replay it); evaluation takes the first. Training items of
+    a world source also carry ``scene`` and ``caption_index`` (which of ``world_captions`` the caption is)."""
+
+    def __init__(self, source: ImageCaptions, train: bool, indices: Sequence[int] | None = None):
+        self.source, self.train = source, train
+        self.indices = range(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.indices[index]
+        captions = self.source.captions[image]
+        chosen = int(torch.randint(len(captions), ())) if self.train else 0
+        item = {"image": self.source.image(image), "caption": captions[chosen]}
+        if self.train and self.source.scenes is not None:
+            item.update(scene=self.source.scenes[image], caption_index=chosen)
+        return item
+
+
+def _stream_item(sample: dict, rng: np.random.Generator) -> dict:
+    """A training item of a streamed sample: its image and one of its captions drawn with ``rng``."""
+    captions = sample["captions"]
+    return {"image": sample["image"], "caption": captions[int(rng.integers(len(captions)))]}
 
 
 def _record_image(dataset: Dataset, record_of_image: list[int], index: int) -> np.ndarray:

@@ -73,8 +73,8 @@ class PairScorer:
     embeddings (``scorer="cosine"``, CLIP-score filtering)."""
 
     def __init__(self, folder: str | Path, scorer: str = "reward", device: str | None = None):
+        from mmfactory.models.clip import CLIPSpec, load_clip
         from mmfactory.models.image_text_scorer import HEAD_CONFIG, ImageTextScorer, load_scorer
-        from mmfactory.tasks.image_text import CLIPSpec, load_clip
 
         folder = Path(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -256,3 +256,56 @@ def evaluate_generator(
         generated = draw(prompts, cfg.default_scale, cfg.seed + 1)
         metrics.update(fid_like(judge, generated, second, first))
     return metrics
+
+
+def evaluate_joint(
+    model: TextToImageLM,
+    vq: VQImageTokenizer,
+    builder: SequenceBuilder,
+    source: ImageCaptions,
+    judge: SceneJudge | None,
+    stop_ids: set[int],
+    sampling: SamplingConfig,
+    seed: int,
+    n: int,
+    out: Path,
+) -> dict[str, float]:
+    """Joint "draw and describe" replies to the prompts of the first ``n`` eval images per language
+    (:func:`eval_prompts`): each drawn image in ``out/joint_{k}.png``, prompts and texts in ``out/joint.md``;
+    ``joint_drew_image`` (percent of replies holding an image) and, with a judge and world scenes, the drawn
+    images' consistency (``joint_{metric}``). ``n = 0``: nothing."""
+    if not n:
+        return {}
+    picks = [
+        (i, c)
+        for lang, (idx, prompts) in sorted(eval_prompts(source, n).items())
+        for i, c in zip(idx, prompts, strict=True)
+    ]
+    replies = generate_joint(
+        model,
+        vq,
+        builder,
+        [c for _, c in picks],
+        stop_ids,
+        sampling,
+        seed,
+        max_new_tokens=builder.n_codes + 2 + 96,  # <img>, the codes, </img> and the text
+    )
+    lines = ["# Joint replies: prompt, drawn image, written text\n"]
+    drawn = []
+    for k, ((i, caption), (image, text)) in enumerate(zip(picks, replies, strict=True)):
+        name = f"joint_{k}.png"
+        if image is not None:
+            save_grid(image[None], out / name, columns=1, scale=4)
+            drawn.append((i, image))
+        lines.append(
+            f"## {k}\nprompt: {caption}\n\nimage: {name if image is not None else '(none)'}\n\ntext: {text}\n"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "joint.md").write_text("\n".join(lines), encoding="utf-8")
+    metrics = {"joint_drew_image": 100.0 * len(drawn) / len(picks)}
+    if judge is not None and source.scenes is not None and drawn:
+        cells = world_scene_layout([source.scenes[i] for i, _ in drawn])[0]
+        judged = judge_images(judge, np.stack([img for _, img in drawn]))
+        metrics.update(consistency_metrics(judged, cells, "joint"))
+    return metrics

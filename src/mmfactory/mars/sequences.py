@@ -9,6 +9,8 @@ Three directions share one layout (``C`` = the caption, ``[img]`` = ``<img>`` + 
 Classifier-free guidance drops the caption of a ``t2i`` sequence (an empty user turn); sampling uses the
 same empty turn as its unconditional prompt. Code positions hold :data:`CODE_SLOT` until the image's codes
 are filled in (:func:`fill_codes`), so sequences can be built before the image is tokenised.
+
+:class:`T2IDataset` draws each training item's caption, direction and guidance drop.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from mmfactory.data.chat import ChatTemplate
+from mmfactory.data.image_text import ImageCaptions
 from mmfactory.losses.lm import IGNORE_INDEX
 
 CODE_SLOT = -1  # an image-code position waiting for its code
@@ -141,3 +145,37 @@ def pad_sequences(sequences: list[Sequence], pad_id: int) -> dict[str, Tensor]:
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
         mask[i, : len(s.ids)] = 1
     return {"ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class T2IDataset(Dataset):
+    """Item ``i``: image ``i`` with a caption and a direction drawn from torch's RNG (and, for ``t2i``,
+    whether the caption is dropped for guidance). Evaluation items take the first caption, direction t2i."""
+
+    def __init__(self, source: ImageCaptions, train: bool, directions: dict[str, float], cfg_dropout: float):
+        self.source, self.train, self.cfg_dropout = source, train, cfg_dropout
+        self.names = [d for d in DIRECTIONS if directions.get(d, 0) > 0]
+        self.weights = torch.tensor([float(directions[d]) for d in self.names])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        captions = self.source.captions[index]
+        if not self.train:
+            return {
+                "index": index,
+                "image": self.source.image(index),
+                "caption": captions[0],
+                "direction": "t2i",
+                "drop": False,
+            }
+        caption = captions[int(torch.randint(len(captions), ()))]
+        direction = self.names[int(torch.multinomial(self.weights, 1))]
+        drop = direction == "t2i" and bool(torch.rand(()) < self.cfg_dropout)
+        return {
+            "index": index,
+            "image": self.source.image(index),
+            "caption": caption,
+            "direction": direction,
+            "drop": drop,
+        }

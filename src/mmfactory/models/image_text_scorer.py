@@ -257,7 +257,7 @@ def load_text_side(folder: Path, pooling: str) -> SentenceEncoder:
 def load_scorer(folder: str | Path):
     """``(model, tokenizer, image_processor)`` of a saved scorer (an ``image_text_reward`` or
     ``image_text_matching`` stage's ``final/``)."""
-    from mmfactory.tasks.image_text import CLIPSpec, load_clip
+    from mmfactory.models.clip import CLIPSpec, load_clip
 
     folder = Path(folder)
     if not (folder / HEAD_CONFIG).is_file():

@@ -20,18 +20,14 @@ from mmfactory.config import ConfigError
 from mmfactory.data.chat import TemplateName, collate_chats, resolve_template, tokenize_chat
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.sources import SourceConfig
-from mmfactory.data.world_source import world_scene_layout
 from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.evaluate import (
     GenerationEval,
-    consistency_metrics,
     eval_prompts,
     evaluate_generator,
+    evaluate_joint,
     generate_captions,
     generate_images,
-    generate_joint,
-    judge_images,
-    save_grid,
     text_nll,
 )
 from mmfactory.mars.generate import GENERATION_META
@@ -41,6 +37,7 @@ from mmfactory.mars.sequences import (
     DIRECTIONS,
     Instructions,
     SequenceBuilder,
+    T2IDataset,
     fill_codes,
     pad_sequences,
 )
@@ -127,40 +124,6 @@ class T2IOptions:
     def generation_eval(self) -> GenerationEval:
         scale = self.sampling.cfg_scale
         return GenerationEval(self.cfg_scales, scale, self.eval_prompts, self.fd_samples, self.seed)
-
-
-class T2IDataset(Dataset):
-    """Item ``i``: image ``i`` with a caption and a direction drawn from torch's RNG (and, for ``t2i``,
-    whether the caption is dropped for guidance). Evaluation items take the first caption, direction t2i."""
-
-    def __init__(self, source: ImageCaptions, train: bool, directions: dict[str, float], cfg_dropout: float):
-        self.source, self.train, self.cfg_dropout = source, train, cfg_dropout
-        self.names = [d for d in DIRECTIONS if directions.get(d, 0) > 0]
-        self.weights = torch.tensor([float(directions[d]) for d in self.names])
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict:
-        captions = self.source.captions[index]
-        if not self.train:
-            return {
-                "index": index,
-                "image": self.source.image(index),
-                "caption": captions[0],
-                "direction": "t2i",
-                "drop": False,
-            }
-        caption = captions[int(torch.randint(len(captions), ()))]
-        direction = self.names[int(torch.multinomial(self.weights, 1))]
-        drop = direction == "t2i" and bool(torch.rand(()) < self.cfg_dropout)
-        return {
-            "index": index,
-            "image": self.source.image(index),
-            "caption": caption,
-            "direction": direction,
-            "drop": drop,
-        }
 
 
 class T2ITask(ImageSourcesTask):
@@ -307,42 +270,18 @@ class T2ITask(ImageSourcesTask):
 
     def _joint(self, source: ImageCaptions, judge: SceneJudge | None, out: Path) -> dict[str, float]:
         o = self.options
-        if not o.joint_samples:
-            return {}
-        picks = [
-            (i, c)
-            for lang, (idx, prompts) in sorted(eval_prompts(source, o.joint_samples).items())
-            for i, c in zip(idx, prompts, strict=True)
-        ]
-        replies = generate_joint(
+        return evaluate_joint(
             self.model,
             self.vq,
             self.builder,
-            [c for _, c in picks],
+            source,
+            judge,
             self._stop_ids(),
             o.sampling,
             o.seed,
-            max_new_tokens=self.n_codes + 2 + 96,
+            o.joint_samples,
+            out,
         )
-        lines = ["# Joint replies: prompt, drawn image, written text\n"]
-        drawn = []
-        for k, ((i, caption), (image, text)) in enumerate(zip(picks, replies, strict=True)):
-            name = f"joint_{k}.png"
-            if image is not None:
-                save_grid(image[None], out / name, columns=1, scale=4)
-                drawn.append((i, image))
-            lines.append(
-                f"## {k}\nprompt: {caption}\n\nimage: {name if image is not None else '(none)'}\n\n"
-                f"text: {text}\n"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "joint.md").write_text("\n".join(lines), encoding="utf-8")
-        metrics = {"joint_drew_image": 100.0 * len(drawn) / len(picks)}
-        if judge is not None and source.scenes is not None and drawn:
-            cells = world_scene_layout([source.scenes[i] for i, _ in drawn])[0]
-            judged = judge_images(judge, np.stack([img for _, img in drawn]))
-            metrics.update(consistency_metrics(judged, cells, "joint"))
-        return metrics
 
     def _stop_ids(self) -> set[int]:
         end = self.tokenizer.encode(self.template.end, add_special_tokens=False)

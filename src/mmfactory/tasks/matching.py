@@ -25,14 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfactory.data.image_text import ImageCaptions
+from mmfactory.data.image_text import ImageCaptionDataset, ImageCaptions
+from mmfactory.models.clip import clip_pixel_values
 from mmfactory.models.image_text_scorer import Encoded
 from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_text import (
-    ImageCaptionDataset,
-    ImageTextDataConfig,
-    clip_pixel_values,
-)
+from mmfactory.tasks.image_text import ImageTextDataConfig
 from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder, tokenize_texts
 
 

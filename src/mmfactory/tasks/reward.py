@@ -36,6 +36,7 @@ from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
+from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
 from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.image_text_scorer import (
     HEAD_CONFIG,
@@ -46,12 +47,11 @@ from mmfactory.models.image_text_scorer import (
     load_text_side,
 )
 from mmfactory.tasks.base import TrainingTask
-from mmfactory.tasks.image_text import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
 
 
 @dataclass
 class RewardModelSpec(CLIPSpec):
-    """The CLIP towers (:class:`~mmfactory.tasks.image_text.CLIPSpec`, or the stage's ``init_from``) and
+    """The CLIP towers (:class:`~mmfactory.models.clip.CLIPSpec`, or the stage's ``init_from``) and
     the fusion head."""
 
     fusion: Literal["mlp", "cross"] = "mlp"  # mmfactory.models.image_text_scorer
@@ -121,7 +121,7 @@ def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
 
 def tokenize_texts(model: ImageTextScorer, tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
     """``input_ids`` and ``attention_mask [B, L]`` for the scorer's text side: CLIP's tower (``tokenizer``
-    is CLIP's) pools at an EOS (:func:`~mmfactory.tasks.image_text.tokenize_for_clip`); a separate encoder
+    is CLIP's) pools at an EOS (:func:`~mmfactory.models.clip.tokenize_for_clip`); a separate encoder
     tokenizes with its own tokenizer."""
     if model.text_side is None:
         return tokenize_for_clip(tokenizer, texts, max_length)
