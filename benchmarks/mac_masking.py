@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from mmfactory.config import StageConfig, TrainConfig
+from mmfactory.eval.flops import count_flops
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.contrastive import count_flops
 
 MASKED = {
     "video_mask_ratio": 0.75,

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from mmfactory.losses.lm import IGNORE_INDEX, causal_lm_loss, sample_mean_loss
+from mmfactory.data.chat import IGNORE_INDEX
+from mmfactory.losses.lm import causal_lm_loss, sample_mean_loss
 
 
 def _naive(logits, labels):

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from mmfactory.data.chat import TEMPLATES
+from mmfactory.data.chat import IGNORE_INDEX, TEMPLATES
 from mmfactory.data.world_source import world_tokenizer
-from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.sequences import CODE_SLOT, SequenceBuilder, fill_codes, language_of
 
 N = 4

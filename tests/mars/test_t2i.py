@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mmfactory.losses.lm import IGNORE_INDEX
+from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.models.t2i import TextToImageLM
 from tests.mars.conftest import CODES, VOCAB, tiny_lm, tiny_t2i
 

@@ -6,8 +6,8 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from mmfactory.config import ConfigError
+from mmfactory.eval.flops import count_flops
 from mmfactory.models.components.vit import SpaceTimeViT, SpaceTimeViTConfig, num_visible, sample_patch_mask
-from mmfactory.tasks.contrastive import count_flops
 
 TINY = SpaceTimeViTConfig(
     image_size=16, patch_size=4, num_frames=3, hidden_size=32, num_layers=2, num_heads=4

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.eval.flops import count_flops
 from mmfactory.losses.contrastive import clip_loss
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.contrastive import count_flops, fit_frames
+from mmfactory.tasks.contrastive import fit_frames
 from tests.helpers import world_data
 
 TINY_MODEL = {

@@ -17,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfactory.data.chat import IGNORE_INDEX
 
-def shift_for_next_token(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+
+def shift_for_next_token(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
     """Align causal-LM logits with the tokens they predict.
 
     Logits at position ``t`` predict the label at ``t + 1``, so the last position and the first label are

@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfactory.data.chat import IGNORE_INDEX
 
-def sequence_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+
+def sequence_logprobs(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
     """Sum of next-token log-probs over response tokens.
 
     Logits at position ``t`` score the label at ``t + 1`` (the shift happens here). Computed in float32

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.images import fit_image
 from mmfactory.data.world_source import world_scene_layout
 from mmfactory.eval.metrics import frechet_distance
 from mmfactory.examples import Example, write_examples
-from mmfactory.losses.lm import IGNORE_INDEX
 from mmfactory.mars.judge import SceneJudge, consistency
 from mmfactory.mars.sampling import SamplingConfig, generate_mixed, sample_images
 from mmfactory.mars.sequences import SequenceBuilder, fill_codes, language_of

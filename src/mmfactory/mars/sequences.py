@@ -23,9 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from mmfactory.data.chat import ChatTemplate
+from mmfactory.data.chat import IGNORE_INDEX, ChatTemplate
 from mmfactory.data.image_text import ImageCaptions
-from mmfactory.losses.lm import IGNORE_INDEX
 
 CODE_SLOT = -1  # an image-code position waiting for its code
 Direction = Literal["t2i", "caption", "joint"]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfactory.config import ConfigError
+from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.models.components.hyper import HyperAdapter, HyperAdapterConfig, VisualExpertPlace
 
 
@@ -139,7 +140,7 @@ class LanguageExperts(nn.Module):
             self._x_attn.clear()
 
 
-def prompt_mask(labels: Tensor, attention_mask: Tensor | None, ignore_index: int = -100) -> Tensor:
+def prompt_mask(labels: Tensor, attention_mask: Tensor | None, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``[B, T]``: the tokens before each sample's first labelled one (all valid tokens if it has none)."""
     labelled = labels != ignore_index
     first = torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), labels.shape[1])

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from mmfactory.losses.lm import IGNORE_INDEX
+from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.models.components.experts import (
     EXPERT_MODULES,
     add_visual_experts,

@@ -19,10 +19,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,13 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from mmfactory.config import ConfigError
 from mmfactory.data.media import FrameSampling
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.data.video_text import video_clip
+from mmfactory.eval.flops import count_flops
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.examples import retrieval_examples, write_examples
 from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
@@ -86,30 +85,6 @@ class ContrastiveOptions:
         for name in ("video_mask_ratio", "text_mask_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_backward_flops(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-):
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# torch's FLOP table covers the CUDA attention kernels but not the CPU one that SDPA runs here.
-_CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
-}
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of the matmuls, convolutions and attention that ``fn()`` runs (elementwise ops not counted)."""
-    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def fit_frames(frames: Tensor, size: int) -> Tensor:

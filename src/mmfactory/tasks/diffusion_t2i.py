@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TemplateName, resolve_template
+from mmfactory.eval.flops import stage_training_tflops
 from mmfactory.mars.evaluate import GenerationEval, evaluate_generator
 from mmfactory.mars.judge import SceneJudge
 from mmfactory.models.components.vq import pixels_from_uint8, uint8_from_pixels
 from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, fitted_uint8
-from mmfactory.train.flops import stage_training_tflops
 
 TEXT_META = "text_encoder.json"  # which LM folder and template condition a saved UNet
 

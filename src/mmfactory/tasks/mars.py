@@ -17,10 +17,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
-from mmfactory.data.chat import TemplateName, collate_chats, resolve_template, tokenize_chat
+from mmfactory.data.chat import IGNORE_INDEX, TemplateName, collate_chats, resolve_template, tokenize_chat
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.sources import SourceConfig
-from mmfactory.losses.lm import IGNORE_INDEX
+from mmfactory.eval.flops import stage_training_tflops
 from mmfactory.mars.evaluate import (
     GenerationEval,
     eval_prompts,
@@ -49,7 +49,6 @@ from mmfactory.models.components.vq import (
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm, load_tokenizer
 from mmfactory.models.t2i import T2ILayout, TextToImageLM, is_t2i_folder
 from mmfactory.tasks.image_tokenizer import ImageSourcesData, ImageSourcesTask, check_sizes, fitted_uint8
-from mmfactory.train.flops import stage_training_tflops
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mmfactory.train.flops import training_step_flops
+from mmfactory.eval.flops import training_step_flops
 
 
 class _Linear(nn.Module):
