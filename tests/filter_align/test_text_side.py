@@ -15,8 +15,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from mmfactory.cli import main
 from mmfactory.data.world_source import world_web_pool
 from mmfactory.models.hub import resolve_model_folder
-from mmfactory.models.image_text_scorer import SentenceEncoder, load_scorer, sentence_pooling
-from mmfactory.tasks.reward import tokenize_texts
+from mmfactory.models.image_text_scorer import SentenceEncoder, load_scorer, sentence_pooling, tokenize_texts
 from tests.helpers import world_data, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP, clip_stage
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mmfactory.atomic import write_atomic
 from mmfactory.filter_align.pool import Shard, decode_item, pool_shards, shard_items
-from mmfactory.tasks.reward import tokenize_texts
+from mmfactory.models.image_text_scorer import tokenize_texts
 
 SCHEMA = pa.schema([("uid", pa.string()), ("score", pa.float64()), ("status", pa.string())])
 

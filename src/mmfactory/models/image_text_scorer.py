@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmfactory.models.clip import CLIPSpec, load_clip, tokenize_for_clip
+
 HEAD_CONFIG, HEAD_WEIGHTS = "reward_head.json", "reward_head.safetensors"
 TEXT_ENCODER = "text_encoder"
 FUSIONS = ("mlp", "cross")
@@ -257,7 +259,6 @@ def load_text_side(folder: Path, pooling: str) -> SentenceEncoder:
 def load_scorer(folder: str | Path):
     """``(model, tokenizer, image_processor)`` of a saved scorer (an ``image_text_reward`` or
     ``image_text_matching`` stage's ``final/``)."""
-    from mmfactory.models.clip import CLIPSpec, load_clip
 
     folder = Path(folder)
     if not (folder / HEAD_CONFIG).is_file():
@@ -275,3 +276,12 @@ def load_scorer(folder: str | Path):
     head = ScorerHead(HeadConfig(**config), 0.0)
     head.load_state_dict(weights)
     return ImageTextScorer(clip, head, text_side).eval(), tokenizer, image_processor
+
+
+def tokenize_texts(model: ImageTextScorer, tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask [B, L]`` for the scorer's text side: CLIP's tower (``tokenizer``
+    is CLIP's) pools at an EOS (:func:`~mmfactory.models.clip.tokenize_for_clip`); a separate encoder
+    tokenizes with its own tokenizer."""
+    if model.text_side is None:
+        return tokenize_for_clip(tokenizer, texts, max_length)
+    return model.text_side.tokenize(texts, max_length)

@@ -27,10 +27,10 @@ from torch import Tensor
 
 from mmfactory.data.image_text import ImageCaptionDataset, ImageCaptions
 from mmfactory.models.clip import clip_pixel_values
-from mmfactory.models.image_text_scorer import Encoded
+from mmfactory.models.image_text_scorer import Encoded, tokenize_texts
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.tasks.image_text import ImageTextDataConfig
-from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder, tokenize_texts
+from mmfactory.tasks.reward import RewardModelSpec, build_scorer, save_scorer_folder
 
 
 @dataclass

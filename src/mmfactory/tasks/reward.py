@@ -36,7 +36,7 @@ from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
 from mmfactory.data.sources import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
-from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
+from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip
 from mmfactory.models.hub import resolve_model_folder
 from mmfactory.models.image_text_scorer import (
     HEAD_CONFIG,
@@ -45,6 +45,7 @@ from mmfactory.models.image_text_scorer import (
     head_config_for,
     load_scorer,
     load_text_side,
+    tokenize_texts,
 )
 from mmfactory.tasks.base import TrainingTask
 
@@ -117,15 +118,6 @@ def build_scorer(model_cfg: RewardModelSpec, init_dir: Path | None):
         text_side = load_text_side(folder, m.text_pooling)
     config = head_config_for(clip, m.fusion, m.head_hidden, m.head_layers, m.head_heads, text_side)
     return ImageTextScorer(clip, ScorerHead(config, m.cosine_scale), text_side), tokenizer, image_processor
-
-
-def tokenize_texts(model: ImageTextScorer, tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
-    """``input_ids`` and ``attention_mask [B, L]`` for the scorer's text side: CLIP's tower (``tokenizer``
-    is CLIP's) pools at an EOS (:func:`~mmfactory.models.clip.tokenize_for_clip`); a separate encoder
-    tokenizes with its own tokenizer."""
-    if model.text_side is None:
-        return tokenize_for_clip(tokenizer, texts, max_length)
-    return model.text_side.tokenize(texts, max_length)
 
 
 def save_scorer_folder(task: TrainingTask, out_dir: Path) -> None:
