@@ -15,9 +15,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from mmfactory.atomic import file_sha256
 from mmfactory.config import StageConfig, to_dict
 from mmfactory.model_card import MODEL_CARD
-from mmfactory.train.checkpoint import file_sha256
 
 FILE_KEYS = ("path", "labels")  # source keys that name data files
 

@@ -16,9 +16,7 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -29,38 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmfactory.atomic import atomic_dir, commit_dir, file_sha256
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(f for f in path.rglob("*") if f.is_file()):
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary sibling of ``final``; pass it to :func:`commit_dir` when complete."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Flush ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
-    _fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 PARTIAL = re.compile(r"(step-\d+|final)\.(tmp|old)-\d+")
@@ -182,14 +155,6 @@ def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, buffer in sub.named_buffers(recurse=False)
         if buffer is not None and name not in sub._non_persistent_buffers_set
     }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def damage(path: Path) -> str | None:
