@@ -22,6 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+from mmfactory.artifacts import recorded_fingerprint
 from mmfactory.atomic import write_atomic
 from mmfactory.config import ConfigError, Recipe, StageConfig, from_dict, to_dict
 from mmfactory.data.sources import check_source_paths, stage_sources
@@ -69,12 +70,16 @@ def _check_same_config(stage_dir: Path, text: str) -> None:
 
 
 def _clear_stage(stage_dir: Path) -> None:
-    """Remove what the runner wrote for a finished stage (``DONE``, ``final/``, checkpoints, logs), so a
-    stale stage trains again from the start; ``config.yaml`` stays (it matches)."""
+    """Remove what the runner wrote for a finished stage (``DONE``, ``final/``, checkpoints, logs, prepared
+    artifacts), so a stale stage prepares and trains again from the start; ``config.yaml`` stays (it
+    matches)."""
     (stage_dir / "DONE").unlink()
     for name in ("final", "tensorboard"):
         if (stage_dir / name).is_dir():
             shutil.rmtree(stage_dir / name)
+    for path in stage_dir.iterdir():  # prepared artifacts (mmfactory.artifacts): made from the old inputs
+        if path.is_dir() and recorded_fingerprint(path) is not None:
+            shutil.rmtree(path)
     for _, path in ckpt.list_checkpoints(stage_dir):
         shutil.rmtree(path)
     (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -112,10 +117,10 @@ def run_stage(
     recipe_name: str = "",
     trackers: Sequence[GeneralTracker] = (),
 ) -> dict:
-    """Train one stage (resuming if it has checkpoints; a task that trains nothing runs instead), save
-    ``final/`` with its model card and write ``DONE`` with the stage's fingerprint (of the model files,
-    not the card) and ``lineage`` (:mod:`mmfactory.lineage`). A stage that trains also reports its metrics
-    to the custom ``trackers``."""
+    """Prepare the stage's model-made data (``task.prepare``), train one stage (resuming if it has
+    checkpoints; a task that trains nothing runs instead), save ``final/`` with its model card and write
+    ``DONE`` with the stage's fingerprint (of the model files, not the card) and ``lineage``
+    (:mod:`mmfactory.lineage`). A stage that trains also reports its metrics to the custom ``trackers``."""
     stage_dir = run_dir / stage.name
     accelerator = _make_accelerator(stage)
     text = _stage_yaml(stage)
@@ -125,8 +130,10 @@ def run_stage(
         (stage_dir / "config.yaml").write_text(text)
     accelerator.wait_for_everyone()
     set_seed(stage.train.seed)  # model init depends only on the seed: frozen parts rebuild identically
-    ctx = StageContext(run_dir, stage_dir, dict(stage_outputs), accelerator.is_main_process)
+    upstream = {name: f for name, f in lineage.get("upstream", {}).items() if f is not None}
+    ctx = StageContext(run_dir, stage_dir, dict(stage_outputs), accelerator.is_main_process, upstream)
     task = build_task(stage, index, ctx).to(accelerator.device)
+    task.prepare(accelerator)  # model-made data (teacher top-k, sampled pairs...): the main process writes
     if task.trains:
         summary = train_stage(task, stage, stage_dir, accelerator, trackers)
     else:

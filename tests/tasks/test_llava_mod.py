@@ -4,29 +4,33 @@ distillation with the teacher as the reference (DPO / KTO-pair against separate 
 and rejected)."""
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tokenizers import AddedToken
 
+from mmfactory.artifacts import ArtifactMismatch
 from mmfactory.config import ConfigError, StageConfig, from_dict
 from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.data.world_source import world_object_mentions
+from mmfactory.llava_mod import on_policy as on_policy_module
+from mmfactory.llava_mod.on_policy import judge_reply
 from mmfactory.losses.distill import forward_kl, generalized_jsd, reverse_kl, shift_for_next_token
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.losses.moe_aux import moe_aux_losses
 from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
 from mmfactory.models.components.moe import moe_blocks, moe_param_counts
 from mmfactory.models.mllm import MultimodalLM
-from mmfactory.tasks import build_task, llava_mod
+from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.llava_mod import judge_reply
 from mmfactory.world import World
 from tests.helpers import TINY_LM, world_data
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
 DATA = world_data(["vqa", "captions"], 6, 2, image_size=16)
 EVAL = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0}
+ONE_PROCESS = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # for task.prepare
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +182,8 @@ def test_distilling_from_the_stored_full_top_k_matches_the_online_teacher(tmp_pa
     vocab = MultimodalLM.from_pretrained(teacher_dir).language_model.config.vocab_size
     online = mimic(tmp_path, teacher_dir, mode="kd_only")
     stored = mimic(tmp_path / "b", teacher_dir, mode="kd_only", teacher_topk=vocab, teacher_topk_batch_size=4)
-    dataset = stored.train_dataset()  # computes the cache
+    stored.prepare(ONE_PROCESS)  # computes the cache
+    dataset = stored.train_dataset()
     assert stored.teacher is None and stored.eval_dataset() is None  # never held in memory while training
     cache = tmp_path / "b" / "distill" / "teacher_topk"
     assert (cache / "index.json").is_file() and len(list(cache.glob("*.safetensors"))) == 1
@@ -192,11 +197,12 @@ def test_distilling_from_the_stored_full_top_k_matches_the_online_teacher(tmp_pa
 
     stamp = (cache / "index.json").stat().st_mtime_ns
     again = mimic(tmp_path / "b", teacher_dir, mode="kd_only", teacher_topk=vocab)
+    again.prepare(ONE_PROCESS)
     again.train_dataset()
     assert (cache / "index.json").stat().st_mtime_ns == stamp  # reused, not recomputed
     other = mimic(tmp_path / "b", teacher_dir, mode="kd_only", teacher_topk=8)
-    with pytest.raises(ValueError, match="computed for another teacher, k or data"):
-        other.train_dataset()
+    with pytest.raises(ArtifactMismatch, match="prepared from another k"):
+        other.prepare(ONE_PROCESS)
 
 
 def test_a_stored_top_k_supports_only_forward_kl(tmp_path, teacher_dir):
@@ -298,7 +304,8 @@ def test_sampled_pairs_reject_the_worst_sample_and_prefer_the_truth_over_imperfe
         replies.setdefault("rounds", []).append(out)
         return out
 
-    monkeypatch.setattr(llava_mod, "generate_replies", fake_generate)
+    monkeypatch.setattr(on_policy_module, "generate_replies", fake_generate)
+    task.prepare(ONE_PROCESS)  # samples and judges the pairs
     pairs = task.pairs("train")
     assert len(replies["rounds"]) == 3
     world = World(seed=0, image_size=16)

@@ -61,6 +61,22 @@ def write_teacher_topk(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    write_teacher_topk_files(tmp, batches, topk_of_batch, k, fingerprint_hex, samples_per_shard)
+    tmp.rename(out_dir)
+
+
+def write_teacher_topk_files(
+    folder: Path,
+    batches: Iterable[list[int]],
+    topk_of_batch: Callable[[list[int]], tuple[Tensor, Tensor, list[int]]],
+    k: int,
+    fingerprint_hex: str,
+    samples_per_shard: int = 4096,
+) -> None:
+    """The files of a cache written into the existing folder ``folder`` (no renaming: for a caller that
+    commits the folder itself, like :func:`mmfactory.artifacts.prepare_artifact`); arguments as
+    :func:`write_teacher_topk`."""
+    folder = Path(folder)
     shards: list[dict] = []
     logprobs: list[Tensor] = []
     indices: list[Tensor] = []
@@ -76,7 +92,7 @@ def write_teacher_topk(
                 "indices": torch.cat(indices).to(torch.int32),
                 "offsets": offsets,
             },
-            tmp / name,
+            folder / name,
         )
         shards.append({"file": name, "first_sample": next_sample - len(counts), "num_samples": len(counts)})
         logprobs.clear(), indices.clear(), counts.clear()
@@ -101,8 +117,7 @@ def write_teacher_topk(
     if counts or not shards:
         flush()
     index = {"k": k, "num_samples": next_sample, "fingerprint": fingerprint_hex, "shards": shards}
-    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    tmp.rename(out_dir)
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=1))
 
 
 class TeacherTopK:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mmfactory.artifacts import folder_stamp, recorded_fingerprint
 from mmfactory.config import StageConfig
 from mmfactory.models.hub import not_a_model_source, resolve_model_folder
 
@@ -30,6 +31,8 @@ class StageContext:
     stage_dir: Path
     stage_outputs: dict[str, Path] = field(default_factory=dict)  # earlier stage name -> its final/ dir
     is_main_process: bool = True
+    # earlier stage name -> the fingerprint its DONE records (of its final/ files; mmfactory.lineage)
+    stage_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def resolve_init(self, init_from: str | None, what: str = "init_from") -> Path | None:
         """``init_from`` as a folder: an earlier stage's ``final/``, a local path or a hub id; ``what`` names
@@ -52,6 +55,28 @@ class StageContext:
             return None
         return self.stage_outputs[stage] / rest if rest else self.stage_outputs[stage]
 
+    def fingerprint(self, reference: str, what: str = "init_from") -> str:
+        """What ``reference`` (an earlier stage, a folder or a hub id, as for :meth:`resolve_init`) holds, as
+        a string that changes when it does: an earlier stage's recorded fingerprint, else the
+        :func:`~mmfactory.artifacts.folder_stamp` of its folder. For the fingerprints of artifacts."""
+        if self.stage_fingerprints.get(reference):
+            return f"stage:{self.stage_fingerprints[reference]}"
+        return f"files:{folder_stamp(self.resolve_init(reference, what))}"
+
+    def artifact(self, name: str, stage: str | None = None) -> Path:
+        """The folder of artifact ``name`` (:mod:`mmfactory.artifacts`: data a ``prepare`` step made, such
+        as ``teacher_topk``) of this stage, or of the earlier stage ``stage``. Another stage's artifact must
+        be complete (a stage reads it; only its own stage writes it)."""
+        if stage is None:
+            return self.stage_dir / name
+        if stage not in self.stage_outputs:
+            known = ", ".join(self.stage_outputs) or "none"
+            raise FileNotFoundError(f"artifact {name!r}: {stage!r} is no earlier stage (known: {known})")
+        folder = self.stage_outputs[stage].parent / name  # the stage's folder holds final/ and its artifacts
+        if recorded_fingerprint(folder) is None:
+            raise FileNotFoundError(f"artifact {name!r}: stage {stage!r} prepared none ({folder})")
+        return folder
+
 
 class TrainingTask(nn.Module):
     """Base class of every task. Subclasses declare their config schemas and implement the hooks.
@@ -61,7 +86,8 @@ class TrainingTask(nn.Module):
     A task with ``trains = False`` (scoring or selecting data, say) implements :meth:`run` instead of the
     training hooks. ``sample_kind`` is the kind of sample the task reads from its ``data.train`` /
     ``data.eval`` sources (:mod:`mmfactory.data.sources`), ``extra_sources`` the kinds of its other source
-    lists (data field -> kind); both are checked when the recipe is validated.
+    lists (data field -> kind); both are checked when the recipe is validated. Data made by a model (a
+    teacher, a drafter, the policy itself) is made in :meth:`prepare`, never inside the data hooks.
     """
 
     model_config: ClassVar[type]
@@ -79,6 +105,15 @@ class TrainingTask(nn.Module):
         self.model_cfg = model_cfg
         self.data_cfg = data_cfg
         self.options = options
+
+    # -- preparation ------------------------------------------------------------------------------
+    def prepare(self, accelerator) -> None:
+        """Make the model-made data the stage reads (a teacher's top-k log-probs, a frozen LLM's drafts,
+        sampled pairs), before any data hook. The runner calls it on every process, after building the task
+        and before training (or :meth:`run`). Write each through
+        :func:`mmfactory.artifacts.prepare_artifact`: the main process builds it with a progress bar while
+        the others wait, then all read it; it is fingerprinted, written atomically, reused when valid and
+        refused when not. Other stages find it by name (:meth:`StageContext.artifact`). Nothing by default."""
 
     # -- data -------------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:
