@@ -157,7 +157,7 @@ def _generate_about_image(args: argparse.Namespace) -> int:
     import torch
 
     from mmfactory.data.media import load_image
-    from mmfactory.eval.mllm import generate_replies, load_mllm
+    from mmfactory.eval.mllm import generate_multimodal_replies, load_mllm
     from mmfactory.models.generation import GenerationConfig
 
     model, processor = load_mllm(args.model)
@@ -167,7 +167,7 @@ def _generate_about_image(args: argparse.Namespace) -> int:
     sampling = {"do_sample": temperature > 0, "temperature": temperature or 1.0}
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
     conversations = [[{"role": "user", "content": f"{processor.image_token}\n{p}"}] for p in args.prompt]
-    replies = generate_replies(model, processor, conversations, [[image]] * len(args.prompt), cfg)
+    replies = generate_multimodal_replies(model, processor, conversations, [[image]] * len(args.prompt), cfg)
     for prompt, reply in zip(args.prompt, replies, strict=True):
         print(f">>> {prompt}\n{reply}\n")
     return 0
@@ -179,7 +179,7 @@ def _generate_about_media(args: argparse.Namespace) -> int:
     from mmfactory.data.media import load_audio, load_video
     from mmfactory.data.readers.av_formats import VIDEO_FRAMES
     from mmfactory.eval.av import ask, load_av
-    from mmfactory.eval.mllm import generate_replies
+    from mmfactory.eval.mllm import generate_multimodal_replies
     from mmfactory.models.generation import GenerationConfig
 
     model, processor = load_av(args.model)
@@ -201,7 +201,7 @@ def _generate_about_media(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling)
     media = {"video": video, "audio": audio, "sample_rate": rate}
     conversations = [ask(p, streams) for p in args.prompt]
-    replies = generate_replies(model, processor, conversations, [media] * len(args.prompt), cfg)
+    replies = generate_multimodal_replies(model, processor, conversations, [media] * len(args.prompt), cfg)
     for prompt, reply in zip(args.prompt, replies, strict=True):
         print(f">>> {prompt}\n{reply}\n")
     return 0

@@ -19,7 +19,7 @@ from mmfactory.data.policy import BadSampleError
 from mmfactory.eval.external import BenchmarkFile, EvalFileOptions, evaluate_files, parse_benchmark
 from mmfactory.eval.metrics import cider_d, corpus_bleu, normalize_answer
 from mmfactory.eval.metrics.official import mmbench_choice, pope_reading, vqa_v2_accuracy
-from mmfactory.eval.mllm import caption_tokens, generate_replies, load_mllm
+from mmfactory.eval.mllm import caption_tokens, generate_multimodal_replies, load_mllm
 from mmfactory.models.generation import GenerationConfig
 from tests.models.test_mllm import tiny_mllm
 
@@ -374,7 +374,9 @@ def test_eval_command_scores_a_pope_file_and_counts_the_skipped_record(tmp_path,
     model, processor = load_mllm(folder)
     conversations = [[{"role": "user", "content": f"<image>\n{row['text']}"}] for row in rows[:2]]
     images = [[np.array(Image.open(tmp_path / row["image"]).convert("RGB"))] for row in rows[:2]]
-    replies = generate_replies(model, processor, conversations, images, GenerationConfig(max_new_tokens=3))
+    replies = generate_multimodal_replies(
+        model, processor, conversations, images, GenerationConfig(max_new_tokens=3)
+    )
     said_no = [
         any(w in ("No", "no", "not") for w in r.split(".")[0].replace(",", "").split(" ")) for r in replies
     ]

@@ -260,7 +260,7 @@ def test_on_policy_pairs_are_sampled_once_by_the_main_process_and_reused(tmp_pat
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled again")
 
-    monkeypatch.setattr(on_policy, "generate_replies", no_sampling)
+    monkeypatch.setattr(on_policy, "generate_multimodal_replies", no_sampling)
     before = files(tmp_path)
     second = preference(tmp_path, teacher_dir)
     second.prepare(Accelerator(main=False))

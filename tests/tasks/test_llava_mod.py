@@ -304,7 +304,7 @@ def test_sampled_pairs_reject_the_worst_sample_and_prefer_the_truth_over_imperfe
         replies.setdefault("rounds", []).append(out)
         return out
 
-    monkeypatch.setattr(on_policy_module, "generate_replies", fake_generate)
+    monkeypatch.setattr(on_policy_module, "generate_multimodal_replies", fake_generate)
     task.prepare(ONE_PROCESS)  # samples and judges the pairs
     pairs = task.pairs("train")
     assert len(replies["rounds"]) == 3

@@ -327,7 +327,7 @@ def test_benchmarks_score_perfect_answers_perfectly(monkeypatch):
             )
         return replies
 
-    monkeypatch.setattr(eval_mllm, "generate_replies", oracle)
+    monkeypatch.setattr(eval_mllm, "generate_multimodal_replies", oracle)
     model, _, _ = tiny_mllm()
     metrics = evaluate_mllm(model, None, bench, GenerationConfig())
     assert metrics["vqa_accuracy"] == 100.0

@@ -25,7 +25,7 @@ from mmfactory.eval.mllm import (
     EXAMPLES_SHOWN,
     GenerationMeter,
     caption_tokens,
-    generate_replies,
+    generate_multimodal_replies,
     peak_memory_mb,
 )
 from mmfactory.examples import Example, right_and_wrong
@@ -113,7 +113,7 @@ def evaluate_av_benchmark(
     question = bench.prompt
     conversations = [ask(question or item["question"], bench.streams) for item in bench.items]
     media = [_media(item, bench.streams) for item in bench.items]
-    replies = generate_replies(model, processor, conversations, media, cfg, meter)
+    replies = generate_multimodal_replies(model, processor, conversations, media, cfg, meter)
     if examples is not None:
         examples[bench.name] = _examples(bench, replies, processor.video_frames)
     if bench.prompt is None:

@@ -55,7 +55,7 @@ from mmfactory.data.readers.records import (
 from mmfactory.data.readers.vqa import POPE_LABELS
 from mmfactory.eval.metrics import cider_d, circular_accuracy, corpus_bleu, vqa_accuracy, yes_no_metrics
 from mmfactory.eval.metrics.official import mmbench_choice, pope_reading, vqa_v2_accuracy
-from mmfactory.eval.mllm import caption_tokens, generate_replies
+from mmfactory.eval.mllm import caption_tokens, generate_multimodal_replies
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 
@@ -161,7 +161,9 @@ def model_answerer(model: MultimodalLM, processor: MultimodalProcessor, cfg: Gen
     def answer(questions: list[str], images: list[np.ndarray], max_new_tokens: int) -> list[str]:
         conversations = [[{"role": "user", "content": f"{processor.image_token}\n{q}"}] for q in questions]
         generation = replace(cfg, max_new_tokens=max_new_tokens)
-        return generate_replies(model, processor, conversations, [[image] for image in images], generation)
+        return generate_multimodal_replies(
+            model, processor, conversations, [[image] for image in images], generation
+        )
 
     return answer
 

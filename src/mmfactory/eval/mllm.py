@@ -64,7 +64,7 @@ class GenerationMeter:
 
 
 @torch.no_grad()
-def generate_replies(
+def generate_multimodal_replies(
     model: MultimodalLM,
     processor: MultimodalProcessor,
     conversations: list[list[dict[str, str]]],
@@ -131,7 +131,7 @@ def evaluate_vqa(
 ) -> dict[str, float]:
     """``vqa_accuracy`` and ``vqa_accuracy_<type>`` (percent, exact match after VQA normalisation); with
     ``examples``, ``examples["VQA answers"]``: some right and some wrong answers beside their images."""
-    replies = generate_replies(
+    replies = generate_multimodal_replies(
         model, processor, [_ask(s["question"]) for s in samples], [[s["image"]] for s in samples], cfg, meter
     )
     types = [s["type"] for s in samples] if all("type" in s for s in samples) else None
@@ -161,7 +161,7 @@ def evaluate_pope(
     """``pope_<split>_{accuracy, precision, recall, f1, yes_ratio}`` (percent) for each POPE split."""
     metrics: dict[str, float] = {}
     for split, probes in splits.items():
-        replies = generate_replies(
+        replies = generate_multimodal_replies(
             model,
             processor,
             [_ask(p["question"]) for p in probes],
@@ -184,7 +184,7 @@ def evaluate_mme(
 ) -> dict[str, float]:
     """MME-style yes/no pairs ``{"image", "question", "answer", "type", "pair"}``: ``mme_acc``,
     ``mme_acc_plus`` and both per category (percent; :func:`~mmfactory.eval.metrics.mme_scores`)."""
-    replies = generate_replies(
+    replies = generate_multimodal_replies(
         model, processor, [_ask(p["question"]) for p in pairs], [[p["image"]] for p in pairs], cfg, meter
     )
     correct = [parse_yes_no(r) == p["answer"] for r, p in zip(replies, pairs, strict=True)]
@@ -204,7 +204,7 @@ def evaluate_mmbench(
     asked = [
         (i, format_choice(q, shift)) for i, q in enumerate(questions) for shift in range(len(q["options"]))
     ]
-    replies = generate_replies(
+    replies = generate_multimodal_replies(
         model,
         processor,
         [_ask(prompt) for _, (prompt, _) in asked],
@@ -238,7 +238,7 @@ def evaluate_captions(
     replies to ``prompt``; with ``mentions`` and samples that list their ``objects``, ``caption_chair_i`` /
     ``caption_chair_s`` / ``caption_object_recall`` (:func:`~mmfactory.eval.metrics.object_hallucination`
     of the objects ``mentions`` finds in each reply); with ``examples``, ``examples["Captions"]``."""
-    replies = generate_replies(
+    replies = generate_multimodal_replies(
         model, processor, [_ask(prompt) for _ in samples], [[s["image"]] for s in samples], cfg, meter
     )
     references = [s["references"] for s in samples]

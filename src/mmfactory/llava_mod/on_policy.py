@@ -25,7 +25,7 @@ from mmfactory.config import ConfigError
 from mmfactory.data.multimodal import MultimodalProcessor
 from mmfactory.data.teacher_logits import fingerprint
 from mmfactory.eval.metrics import normalize_answer
-from mmfactory.eval.mllm import generate_replies
+from mmfactory.eval.mllm import generate_multimodal_replies
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.mllm import MultimodalLM
 
@@ -137,7 +137,7 @@ def sample_pairs(
     was_training = model.training
     replies = []
     for _ in range(sampling.samples_per_prompt):
-        replies.append(generate_replies(model, processor, conversations, images, gen))
+        replies.append(generate_multimodal_replies(model, processor, conversations, images, gen))
         if bar is not None:
             bar.update(len(conversations))
     model.train(was_training)
