@@ -102,3 +102,14 @@ def test_no_two_modules_import_each_other_at_module_level():
 
     cycles = {tuple(sorted(c)) for name in modules if (c := cycle_from(name))}
     assert cycles == set()
+
+
+def test_tasks_leave_processes_to_the_loop_and_the_losses_that_gather():
+    """Tasks never talk to the process group: the loop and accelerate do, and a loss that gathers owns its
+    collective (``losses/contrastive.py``)."""
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted((PACKAGE / "tasks").glob("*.py"))
+        if "torch.distributed" in path.read_text()
+    ]
+    assert offenders == []

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def gather_world_size() -> int:
+    """How many processes :func:`gather_with_grad` gathers from (1 without a process group): a task sizes
+    its evaluation batches by it, since every rank must pass the same ``B``."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate every rank's ``[B, ...]`` tensor in rank order -> ``[world_size * B, ...]``.
 
@@ -24,7 +30,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     loss sends to it. All ranks must pass the same ``B`` (use ``drop_last``). Identity when no process
     group is initialised or the world has one process.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if gather_world_size() == 1:
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
 

@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -38,7 +37,7 @@ from mmfactory.data.video_text import video_clip
 from mmfactory.eval.flops import count_flops
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.examples import retrieval_examples, write_examples
-from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
+from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss, gather_world_size
 from mmfactory.models.components.vit import MaskKind
 from mmfactory.models.dual_encoder import DualEncoderSpec, TextMaskMode, load_dual_encoder, tokenize_captions
 from mmfactory.tasks.base import TrainingTask
@@ -173,7 +172,7 @@ class VideoTextContrastiveTask(TrainingTask):
         """The eval videos with their first captions, cut to a multiple of the process count: the loss
         gathers equal-sized batches from every process, so every shard must batch alike."""
         videos = self.videos("eval")
-        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        processes = gather_world_size()
         usable = len(videos) // processes * processes
         if not usable:
             return None
@@ -219,7 +218,7 @@ class VideoTextContrastiveTask(TrainingTask):
     def evaluate(self) -> dict[str, float]:
         metrics = self.retrieval()
         # The loss gathers features across processes, and evaluate runs on the main process alone.
-        single_process = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        single_process = gather_world_size() == 1
         if self.options.profile_steps > 0 and single_process:
             metrics.update(self.profile_training_step())
         return metrics

@@ -62,7 +62,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -75,7 +74,7 @@ from mmfactory.data.world_source import world_scene_layout, world_scene_vocabula
 from mmfactory.eval.metrics import text_video_retrieval
 from mmfactory.eval.zero_shot import zero_shot_accuracy
 from mmfactory.examples import retrieval_examples, write_examples
-from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss
+from mmfactory.losses.contrastive import clamp_logit_scale, clip_loss, gather_world_size
 from mmfactory.losses.dense import cell_attribute_loss, pool_patches_to_cells
 from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip, tokenize_for_clip
 from mmfactory.tasks.base import TrainingTask
@@ -230,7 +229,7 @@ class ImageTextContrastiveTask(TrainingTask):
         """The eval images with their first captions, cut to a multiple of the process count: the loss
         gathers equal-sized batches from every process, so every shard must batch alike."""
         source = self.image_captions("eval")
-        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        processes = gather_world_size()
         usable = len(source) // processes * processes
         return ImageCaptionDataset(source, train=False, indices=range(usable)) if usable else None
 
