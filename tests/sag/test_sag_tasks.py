@@ -1,29 +1,34 @@
 """SAG stage tasks in process: the frozen drafter stays bit-identical while the stylist trains, the LLM's
-drafts are written once per run and reused, a missing GGUF drafter is a clear error, and NoteBench runs
-on an article JSONL file."""
+drafts are prepared once per run (a later stage copies them) and refused when the drafter changed, a
+missing GGUF drafter is a clear error, and NoteBench runs on an article JSONL file."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import set_seed
 
+from mmfactory.artifacts import ArtifactMismatch, recorded_fingerprint
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.data.world_source import world_articles
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.runner import _make_accelerator
-from mmfactory.sag import pipeline
+from mmfactory.sag import stage as sag_stage
+from mmfactory.sag.config import DrafterConfig
+from mmfactory.sag.stage import load_drafter
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
-from mmfactory.tasks.sag import DrafterConfig, load_drafter, notebench_file
+from mmfactory.tasks.sag import notebench_file
 from mmfactory.train.loop import train_stage
 from tests.helpers import TINY_LM, sag_world
 
 SAG_DATA = sag_world(12, 2, 2, style_scorer_texts=24, style_scorer={"max_features": 128}, max_length=96)
 SHORT = {"draft_max_new_tokens": 12, "article_max_new_tokens": 12}
+ONE_PROCESS = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
 
 
-def _sft_stage(tmp_path, name="s_sft", **data) -> tuple[StageConfig, StageContext]:
+def _sft_stage(tmp_path, name="s_sft", earlier=(), **data) -> tuple[StageConfig, StageContext]:
     stage = StageConfig(
         name=name,
         task="sag_stylist_sft",
@@ -33,14 +38,20 @@ def _sft_stage(tmp_path, name="s_sft", **data) -> tuple[StageConfig, StageContex
         train=TrainConfig(max_steps=4, batch_size=4, log_every=1),
     )
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    return stage, StageContext(tmp_path, tmp_path / name)
+    return stage, StageContext(tmp_path, tmp_path / name, {e: tmp_path / e / "final" for e in earlier})
+
+
+def _prepared(stage, ctx):
+    task = build_task(stage, 0, ctx)
+    task.prepare(ONE_PROCESS)
+    return task
 
 
 def test_drafter_stays_frozen_while_the_stylist_trains(tmp_path):
     set_seed(0)
     stage, ctx = _sft_stage(tmp_path)
     accelerator = _make_accelerator(stage)
-    task = build_task(stage, 0, ctx)
+    task = _prepared(stage, ctx)
     drafter = task.sag.drafter().model
     drafter_before = {k: v.clone() for k, v in drafter.state_dict().items()}
     stylist_before = {k: v.clone() for k, v in task.model.state_dict().items()}
@@ -63,22 +74,37 @@ def test_drafter_stays_frozen_while_the_stylist_trains(tmp_path):
     assert (ctx.stage_dir / "notebench" / "llm+stylist.jsonl").is_file()
 
 
-def test_llm_drafts_are_written_once_per_run(tmp_path, monkeypatch):
+def test_llm_drafts_are_prepared_once_per_run_and_refused_when_the_drafter_changed(tmp_path, monkeypatch):
     set_seed(0)
     stage, ctx = _sft_stage(tmp_path)
-    first = build_task(stage, 0, ctx).conversations("train")
-    drafts_files = sorted((tmp_path / "drafts").glob("train-facts-*.jsonl"))
-    assert (
-        len(drafts_files) == 1 and len(drafts_files[0].read_text().splitlines()) == 24
-    )  # 12 facts x 2 langs
+    task = _prepared(stage, ctx)
+    folder = ctx.stage_dir / "drafts-train"
+    assert len((folder / "drafts.jsonl").read_text().splitlines()) == 24  # 12 facts x 2 langs
+    key = recorded_fingerprint(folder)
+    assert key["artifact"] == "drafts" and key["weights"] is None and len(key["ids"]) == 24
+    first = task.conversations("train")
+    assert [c[0]["content"] for c in first] == task.sag.stylist_prompts("train", "draft")
 
     def no_generation(*args, **kwargs):
-        raise AssertionError("the drafts should have been read back")
+        raise AssertionError("the drafts should have been copied from the earlier stage")
 
-    monkeypatch.setattr(pipeline, "write_drafts", no_generation)
-    monkeypatch.setattr("mmfactory.tasks.sag.write_drafts", no_generation)
-    later, later_ctx = _sft_stage(tmp_path, name="later")
-    assert build_task(later, 0, later_ctx).conversations("train") == first
+    monkeypatch.setattr(sag_stage, "write_drafts", no_generation)
+    (tmp_path / "s_sft" / "final").mkdir()
+    later, later_ctx = _sft_stage(tmp_path, name="later", earlier=["s_sft"])
+    later_task = _prepared(later, later_ctx)
+    assert later_task.sag._drafter is None  # never loaded
+    copied = later_ctx.stage_dir / "drafts-train" / "drafts.jsonl"
+    assert copied.read_bytes() == (folder / "drafts.jsonl").read_bytes()
+    assert later_task.conversations("train") == first
+
+    changed, changed_ctx = _sft_stage(tmp_path)
+    changed.model["drafter"]["tiny"]["hidden_size"] = 64
+    with pytest.raises(ArtifactMismatch, match="drafter"):
+        _prepared(changed, changed_ctx)
+    unprepared_stage, unprepared_ctx = _sft_stage(tmp_path, name="unprepared")
+    unprepared = build_task(unprepared_stage, 0, unprepared_ctx)
+    with pytest.raises(RuntimeError, match="prepare step"):
+        unprepared.conversations("train")
 
 
 def test_missing_drafter_is_a_clear_error(tmp_path):
@@ -130,14 +156,46 @@ def test_style_data_from_styled_articles_alone(tmp_path):
     articles = [{"format": "articles", "path": str(path)}]
     stage, ctx = _sft_stage(tmp_path, train=articles, eval=[], benchmark=[], draft_source="article")
     stage.options["systems"] = []
-    task = build_task(stage, 0, ctx)
+    task = _prepared(stage, ctx)
     conversations = task.conversations("train")
     drafts = [
         json.loads(line)
-        for line in next((tmp_path / "drafts").glob("train-article-*")).read_text().splitlines()
+        for line in (ctx.stage_dir / "drafts-train" / "drafts.jsonl").read_text().splitlines()
     ]
     assert [d["id"] for d in drafts] == ["n0", "n1", "n2"]
     for conversation, row, draft in zip(conversations, rows, drafts, strict=True):
         assert conversation[0]["content"] == f"Rewrite in note style:\n{draft['draft']}"
         assert conversation[1]["content"] == row["reference"]
     assert task.evaluate() == {}  # no benchmark sources: nothing to score
+
+
+def test_self_improvement_samples_are_prepared_once_and_read_by_later_rounds(tmp_path, monkeypatch):
+    set_seed(0)
+    stage, ctx = _sft_stage(tmp_path, name="round")
+    stage.task = "sag_self_improve"
+    stage.data = {**stage.data, **sag_world(12, 2, 2, 2, style_scorer_texts=24, max_length=96)}
+    stage.options = {
+        **stage.options,
+        "candidates": 2,
+        "filter": {"min_style_score": 0.0, "min_fact_recall": 0.0},
+    }
+    task = _prepared(stage, ctx)
+    folder = ctx.stage_dir / "self_improve"
+    key = recorded_fingerprint(folder)
+    assert key["artifact"] == "self_improve" and key["candidates"] == 2 and key["seed"] == 0
+    kept = [json.loads(line) for line in (folder / "kept.jsonl").read_text().splitlines()]
+    assert task.round_stats["kept"] == len(kept) and task.round_stats["candidates"] == 2 * 2 * 2
+    assert len(task.conversations("train")) == 24 + len(kept)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the round's samples should have been reused")
+
+    monkeypatch.setattr("mmfactory.tasks.sag.sample_round", no_sampling)
+    assert _prepared(stage, ctx).round_stats == task.round_stats  # reused as it is
+    (tmp_path / "round" / "final").mkdir()
+    later, later_ctx = _sft_stage(tmp_path, name="later", earlier=["round"])
+    later.task, later.data = "sag_self_improve", stage.data
+    later.options = {**stage.options, "candidates": 3, "previous_rounds": ["round"]}
+    monkeypatch.undo()
+    later_task = _prepared(later, later_ctx)
+    assert len(later_task.conversations("train")) == 24 + later_task.round_stats["kept"] + len(kept)

@@ -6,12 +6,28 @@ facts, it makes no contradicted and no unsupported claim (counted as NoteBench's
 count them) and states at least ``min_fact_recall`` of the facts. Of the distinct candidates passing
 both, the ``keep_per_input`` with the highest style score are kept and join the S-SFT data of the next
 round.
+
+A round is prepared once per stage (:func:`sample_round`) into the artifact ``self_improve/``
+(:mod:`mmfactory.artifacts`): ``kept.jsonl`` (one ``{"id", "lang", "prompt", "article", "style_score"}``
+per kept sample) and ``stats.json`` (the filter's counts and mean scores); later rounds read its kept
+samples (:func:`read_kept`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmfactory.models.generation import GenerationConfig
+
+if TYPE_CHECKING:
+    from mmfactory.sag.pipeline import ChatLM
+    from mmfactory.sag.style import StyleScorer
 
 ClaimsFn = Callable[[str, str], dict[str, str]]  # (text, lang) -> {attribute: value}
 
@@ -110,3 +126,59 @@ def filter_candidates(
         "mean_kept_style_score": kept_score_sum / max(len(kept), 1),
     }
     return FilterResult(kept, stats)
+
+
+ROUND_ARTIFACT = "self_improve"
+KEPT_FILE, STATS_FILE = "kept.jsonl", "stats.json"
+
+
+def sample_round(
+    stylist: ChatLM,
+    prompts: list[str],
+    inputs: list[dict[str, Any]],
+    candidates: int,
+    sampling: GenerationConfig,
+    seed: int,
+    scorer: StyleScorer,
+    cfg: FilterConfig,
+    claims_fn: ClaimsFn,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """``candidates`` samples of ``stylist`` for each of ``prompts`` (the stylist's turns for ``inputs``),
+    drawn after ``torch.manual_seed(seed)``, and those the filter keeps: ``(kept records, stats)``."""
+    torch.manual_seed(seed)
+    samples = stylist.reply([p for p in prompts for _ in range(candidates)], sampling)
+    scores = scorer.score(samples).tolist()
+    n = candidates
+    result = filter_candidates(
+        [samples[i * n : (i + 1) * n] for i in range(len(inputs))],
+        [scores[i * n : (i + 1) * n] for i in range(len(inputs))],
+        inputs,
+        cfg,
+        claims_fn,
+    )
+    kept = [
+        {
+            "id": inputs[i]["id"],
+            "lang": inputs[i]["lang"],
+            "prompt": prompts[i],
+            "article": text,
+            "style_score": s,
+        }
+        for i, text, s in result.kept
+    ]
+    return kept, result.stats
+
+
+def write_round(folder: Path, kept: list[dict[str, Any]], stats: dict[str, float]) -> None:
+    """The files of a round's artifact, written into ``folder``."""
+    (folder / KEPT_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    (folder / STATS_FILE).write_text(json.dumps(stats, indent=1))
+
+
+def read_kept(folder: Path) -> list[dict[str, Any]]:
+    """The kept samples of the round artifact ``folder``."""
+    return [json.loads(line) for line in (folder / KEPT_FILE).read_text().splitlines()]
+
+
+def read_stats(folder: Path) -> dict[str, float]:
+    return json.loads((folder / STATS_FILE).read_text())
