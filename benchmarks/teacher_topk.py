@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from mmfactory.config import StageConfig, TrainConfig
 from mmfactory.models.lm import CausalLMConfig
@@ -68,9 +69,11 @@ def build(args: argparse.Namespace, teacher: Path, run_dir: Path, topk: int | No
         task="mllm_mimic_distill",
         model={"vision": {"tiny": TOWER}, "lm": {"tiny": lm(args.student_hidden, args.student_layers)}},
         data={
-            "world_tasks": ["llava", "vqa", "captions"],
-            "world_train_size": args.samples,
-            "world_eval_size": 0,
+            "train": [
+                {"format": "world", "kind": kind, "size": args.samples}
+                for kind in ("llava", "vqa", "captions")
+            ],
+            "eval": [],
         },
         options={
             "teacher": str(teacher),
@@ -82,7 +85,7 @@ def build(args: argparse.Namespace, teacher: Path, run_dir: Path, topk: int | No
             "eval_captions": 0,
         },
         trainable=["model.projector.*", "model.language_model.*"],
-        train=TrainConfig(batch_size=args.batch_size),
+        train=TrainConfig(batch_size=args.batch_size, max_steps=args.repeats + 1),
     )
     torch.manual_seed(0)
     return build_task(stage, 0, StageContext(run_dir, run_dir / "mimic"))
@@ -111,7 +114,8 @@ def main() -> None:
         online = build(args, tmp / "teacher", tmp / "online", None)
         stored = build(args, tmp / "teacher", tmp / "stored", args.k)
         start = time.perf_counter()
-        stored_data = stored.train_dataset()  # writes the cache
+        stored.prepare(Accelerator(cpu=True))  # writes the cache (the stage's prepare step)
+        stored_data = stored.train_dataset()
         cache_s = time.perf_counter() - start
         cache_bytes = sum(f.stat().st_size for f in (tmp / "stored/mimic/teacher_topk").iterdir())
         online_data = online.train_dataset()
