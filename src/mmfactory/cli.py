@@ -117,7 +117,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_folder(args: argparse.Namespace) -> None:
+    """``--model`` as a local folder: a hub id is resolved (from the cache under ``HF_HUB_OFFLINE``)."""
+    from mmfactory.models.hub import resolve_model_folder
+
+    try:
+        args.model = str(resolve_model_folder(args.model, "--model"))
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    _model_folder(args)
     if (Path(args.model) / "t2i.json").is_file():
         return _draw(args)
     if args.image:
@@ -231,6 +242,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mmfactory.models.generation import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    _model_folder(args)
     config = json.loads((Path(args.model) / "config.json").read_text())
     if args.benchmark:
         return _evaluate_benchmark_files(args, cfg, config.get("model_type"))
@@ -437,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("generate", help="generate replies with a trained chat model folder")
-    p.add_argument("--model", required=True, help="a model folder, e.g. runs/lm-tiny/sft/final")
+    p.add_argument("--model", required=True, help="a model folder (e.g. runs/lm-tiny/sft/final) or hub id")
     p.add_argument("--prompt", required=True, action="append", help="a user message (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="0 = greedy (default for text; 1 for images)")
@@ -459,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="score a multimodal model on the world's held-out VQA, POPE, captions")
-    p.add_argument("--model", required=True, help="a model folder, e.g. runs/llava-tiny/instruct/final")
+    p.add_argument("--model", required=True, help="a model folder (runs/llava-tiny/instruct/final) or hub id")
     p.add_argument("--vqa", type=int, default=500, help="questions (0 = skip)")
     p.add_argument("--pope", type=int, default=200, help="probes per POPE split (0 = skip)")
     p.add_argument("--captions", type=int, default=100, help="images to caption (0 = skip)")
