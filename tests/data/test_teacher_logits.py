@@ -56,12 +56,12 @@ def test_a_cache_is_reused_only_for_the_same_fingerprint_and_k(tmp_path):
         open_teacher_topk(tmp_path / "cache", 4, "abc")
 
 
-def test_batches_out_of_order_or_with_bad_shapes_are_refused_and_leave_no_cache(tmp_path):
+def test_batches_out_of_order_or_with_bad_shapes_are_refused_and_leave_no_index(tmp_path):
     with pytest.raises(ValueError, match="consecutive samples from 0"):
         write_teacher_topk(tmp_path / "c", [[0, 1], [3]], fake_topk, K, "x")
     with pytest.raises(ValueError, match="shapes"):
         write_teacher_topk(tmp_path / "c", [[0, 1]], lambda b: (*fake_topk(b)[:2], [2, 1]), K, "x")
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c" / "index.json").exists()  # nothing would open it as a cache
 
 
 def test_fingerprints_see_order_and_boundaries():

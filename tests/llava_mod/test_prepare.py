@@ -187,14 +187,14 @@ def test_a_process_other_than_the_main_one_reads_the_stored_top_k_and_never_writ
 
     main, other = mimic(tmp_path, teacher_dir), mimic(tmp_path, teacher_dir)
     with monkeypatch.context() as patch:
-        patch.setattr(teacher, "write_teacher_topk_files", no_writing)
+        patch.setattr(teacher, "write_teacher_topk", no_writing)
         with pytest.raises(FileNotFoundError, match="the main process prepared no artifact"):
             other.prepare(Accelerator(main=False))  # the main process did not write it
     assert not (tmp_path / "distill").exists()
 
     main.prepare(Accelerator())
     before = files(tmp_path)
-    monkeypatch.setattr(teacher, "write_teacher_topk_files", no_writing)
+    monkeypatch.setattr(teacher, "write_teacher_topk", no_writing)
     reader = Accelerator(main=False)
     other.prepare(reader)
     assert reader.waits == 1 and files(tmp_path) == before

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -39,17 +38,18 @@ def fingerprint(parts: Iterable[str | list[int]]) -> str:
 
 
 def write_teacher_topk(
-    out_dir: str | Path,
+    folder: str | Path,
     batches: Iterable[list[int]],
     topk_of_batch: Callable[[list[int]], tuple[Tensor, Tensor, list[int]]],
     k: int,
     fingerprint_hex: str,
     samples_per_shard: int = 4096,
 ) -> None:
-    """Compute and write the cache.
+    """Compute and write the cache's files into ``folder`` (created if missing), ``index.json`` last.
+    Committing the folder atomically is the caller's job (:func:`mmfactory.artifacts.prepare_artifact`).
 
     Args:
-        out_dir: the cache folder (must not exist).
+        folder: the cache folder.
         batches: lists of consecutive sample indices ``0, 1, 2, ...``.
         topk_of_batch: sample indices -> ``(logprobs [N, k], indices [N, k], rows per sample)`` with the
             ``N`` rows of the batch's samples concatenated in order.
@@ -57,26 +57,8 @@ def write_teacher_topk(
         fingerprint_hex: see :func:`fingerprint`.
         samples_per_shard: samples per safetensors file.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_teacher_topk_files(tmp, batches, topk_of_batch, k, fingerprint_hex, samples_per_shard)
-    tmp.rename(out_dir)
-
-
-def write_teacher_topk_files(
-    folder: Path,
-    batches: Iterable[list[int]],
-    topk_of_batch: Callable[[list[int]], tuple[Tensor, Tensor, list[int]]],
-    k: int,
-    fingerprint_hex: str,
-    samples_per_shard: int = 4096,
-) -> None:
-    """The files of a cache written into the existing folder ``folder`` (no renaming: for a caller that
-    commits the folder itself, like :func:`mmfactory.artifacts.prepare_artifact`); arguments as
-    :func:`write_teacher_topk`."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
     logprobs: list[Tensor] = []
     indices: list[Tensor] = []

@@ -27,7 +27,7 @@ from mmfactory.config import ConfigError
 from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.data.multimodal import MultimodalProcessor, MultimodalSample
 from mmfactory.data.streaming import TrainStream
-from mmfactory.data.teacher_logits import TeacherTopK, fingerprint, write_teacher_topk_files
+from mmfactory.data.teacher_logits import TeacherTopK, fingerprint, write_teacher_topk
 from mmfactory.losses.distill import forward_kl, forward_kl_topk, generalized_jsd, reverse_kl, teacher_topk
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.models.vision import load_image_processor
@@ -226,7 +226,7 @@ class StoredTopK:
 
         size = build.batch_size
         batches = (list(range(lo, min(lo + size, len(dataset)))) for lo in range(0, len(dataset), size))
-        write_teacher_topk_files(tmp, batches, topk_of_batch, k, digest)
+        write_teacher_topk(tmp, batches, topk_of_batch, k, digest)
 
     def train_dataset(self, dataset: Dataset) -> Dataset:
         if self.cache is None:
