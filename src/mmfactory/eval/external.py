@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -49,6 +48,7 @@ from mmfactory.data.readers.records import (
     decode_image,
     iter_jsonl,
     media_file,
+    read_json_file,
     require,
     require_text,
 )
@@ -245,12 +245,7 @@ def read_vqa_answers(
     if path.suffix == ".jsonl":
         items: Iterable[tuple[str, Any]] = iter_jsonl(path, on_bad_sample, counter)
     else:
-        try:
-            data = json.loads(path.read_bytes())
-        except ValueError as error:
-            raise BadSampleError(
-                f"malformed JSON: {error}", reason=BadReason.MALFORMED_JSON, file=path
-            ) from error
+        data = read_json_file(path)
         annotations = data.get("annotations") if isinstance(data, dict) else data
         if not isinstance(annotations, list):
             problem = "expected VQAv2's {'annotations': [...]} or a JSON list of answer records"

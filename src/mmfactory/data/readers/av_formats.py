@@ -29,7 +29,6 @@ none repeated); the task samples its own ``video_frames`` from those.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -51,6 +50,7 @@ from mmfactory.data.readers.records import (
     collect_records,
     iter_csv_rows,
     read_annotation_file,
+    read_json_file,
     require,
     require_text,
 )
@@ -255,12 +255,7 @@ def read_audiocaps(
 def iter_dialogs(path: Path) -> Iterator[tuple[str, Any]]:
     """``("dialog i (id 'x')", dialog)`` for each entry of the file's ``dialogs`` list. A file that does
     not parse, or holds no ``dialogs`` list, has no records to skip: it raises under either policy."""
-    try:
-        content = json.loads(path.read_bytes())
-    except ValueError as error:
-        raise BadSampleError(
-            f"malformed JSON: {error}", reason=BadReason.MALFORMED_JSON, file=path
-        ) from error
+    content = read_json_file(path)
     dialogs = content.get("dialogs") if isinstance(content, dict) else None
     if not isinstance(dialogs, list):
         problem = 'expected a JSON object with a "dialogs" list (AVSD)'

@@ -150,17 +150,20 @@ def iter_jsonl(
             yield f"line {number}", raw
 
 
-def iter_json_list(file: Path) -> Iterator[tuple[str, Any]]:
-    """``("index i", item)`` for each item of a file holding one JSON list.
-
-    A file that does not parse has no records to skip: it raises under either policy.
-    """
+def read_json_file(file: Path) -> Any:
+    """The JSON value a whole file holds. A file that does not parse has no records to skip: it raises
+    :class:`BadSampleError` (``malformed_json``, naming the file) under either policy."""
     try:
-        items = json.loads(Path(file).read_bytes())
+        return json.loads(Path(file).read_bytes())
     except ValueError as error:
         raise BadSampleError(
             f"malformed JSON: {error}", reason=BadReason.MALFORMED_JSON, file=file
         ) from error
+
+
+def iter_json_list(file: Path) -> Iterator[tuple[str, Any]]:
+    """``("index i", item)`` for each item of a file holding one JSON list (:func:`read_json_file`)."""
+    items = read_json_file(file)
     if not isinstance(items, list):
         raise BadSampleError("expected a JSON list of records", reason=BadReason.INVALID_RECORD, file=file)
     for index, item in enumerate(items):
