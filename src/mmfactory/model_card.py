@@ -3,6 +3,7 @@ task, start, data, what trained and how) and what it measured, in the Hugging Fa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mmfactory.config import StageConfig
@@ -32,8 +33,9 @@ def model_card(recipe: str, stage: StageConfig, summary: dict[str, Any]) -> str:
     """Markdown with YAML front matter; ``summary`` is the stage's ``{"steps", "metrics", ...}``."""
     start = stage.init_from or stage.model.get("path") or "initialised from its config"
     front = ["---", "library_name: transformers", f"tags: [mmfactory, {stage.task}]"]
-    if stage.init_from and "/" in stage.init_from and not stage.init_from.startswith((".", "/", "~")):
-        front.append(f"base_model: {stage.init_from}")
+    start_id = stage.init_from or ""
+    if start_id.count("/") == 1 and not Path(start_id).expanduser().exists():  # a hub id (org/name)
+        front.append(f"base_model: {start_id}")
     t, o = stage.train, stage.optimizer
     lines = [
         *front,

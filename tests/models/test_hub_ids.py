@@ -103,6 +103,7 @@ def test_init_from_a_hub_id_trains_through_the_cli_and_a_missing_one_is_one_line
     second = write_recipe(recipe, tmp_path / "second.yaml")
     assert main(["run", str(second), "--output", str(tmp_path / "second")]) == 0
     assert (tmp_path / "second" / "sft" / "DONE").exists()
+    assert "base_model: org/sft-lm\n" in (tmp_path / "second" / "sft" / "final" / "README.md").read_text()
     capsys.readouterr()
     assert main(["generate", "--model", "org/sft-lm", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     assert ">>> Hi" in capsys.readouterr().out
