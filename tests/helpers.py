@@ -19,14 +19,16 @@ TINY_LM = {
 
 
 # End-of-stage MLLM benchmarks small enough for CLI tests (world images of 16 pixels).
-TINY_EVAL = {
-    "eval_vqa": 4,
-    "eval_pope": 2,
-    "eval_captions": 2,
+TINY_BENCHMARKS = {
+    "vqa": 4,
+    "pope": 2,
+    "captions": 2,
     "max_new_tokens": 4,
     "caption_max_new_tokens": 6,
-    "world_benchmarks": {"image_size": 16},
+    "world": {"image_size": 16},
 }
+TINY_EVAL = {"eval": TINY_BENCHMARKS}  # as a stage's options
+NO_BENCHMARKS = {"eval": {"vqa": 0, "pope": 0, "captions": 0}}
 
 
 def world_data(
@@ -89,7 +91,7 @@ def tiny_sft_recipe(**train) -> dict:
                 "task": "causal_lm_sft",
                 "model": {"tiny": dict(TINY_LM)},
                 "data": world_data(["chat"], 96, 8, max_length=64),
-                "options": {"eval_generate": 2, "max_new_tokens": 4},
+                "options": {"eval": {"generate": 2, "max_new_tokens": 4}},
             }
         ],
     }

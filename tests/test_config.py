@@ -127,3 +127,30 @@ def test_compare_lists_metric_names():
     assert recipe_from_dict(tiny_sft_recipe()).compare == []
     with pytest.raises(ConfigError, match=r"compare\[0\]: expected a string"):
         recipe_from_dict({**tiny_sft_recipe(), "compare": [{"eval_loss": 1}]})
+
+
+def test_option_groups_are_strict_validated_and_name_a_moved_flat_key():
+    """A stage's options hold nested groups (``causal_lm_sft``: ``eval``, ``lora``): a misspelt key inside
+    one names its dotted path, each group's own checks run with its path, and a flat key that moved into a
+    group is refused with the group's key as the suggestion."""
+    raw = tiny_sft_recipe()
+    options = validate_stage(recipe_from_dict(raw, ["options.eval.generate=5"]).stages[0], 0)[3]
+    assert (options.eval.generate, options.eval.max_new_tokens, options.lora) == (5, 4, None)
+    defaults = validate_stage(recipe_from_dict(raw, ["options={}"]).stages[0], 0)[3]
+    assert (defaults.eval.generate, defaults.eval.max_new_tokens) == (64, 48)  # the group's default_factory
+    assert _error(raw, ["options.eval.generat=5"]) == (
+        "stages[0].options.eval.generat: unknown key (did you mean 'generate'?)"
+    )
+    assert _error(raw, ["options.eval.generate=-1"]) == (
+        "stages[0].options.eval.generate: must be >= 0 (0: no generation), got -1"
+    )
+    assert _error(raw, ["options.lora.r=0"]) == "stages[0].options.lora.r: must be >= 1, got 0"
+    assert _error(raw, ["options={eval_generate: 8}"]) == (
+        "stages[0].options.eval_generate: unknown key (did you mean 'eval.generate'?)"
+    )
+    assert _error(raw, ["options={max_new_tokens: 8}"]) == (
+        "stages[0].options.max_new_tokens: unknown key (did you mean 'eval.max_new_tokens'?)"
+    )
+    assert _error(raw, ["options={nothing_like_it: 8}"]) == (
+        "stages[0].options.nothing_like_it: unknown key (known keys: eval, lora)"
+    )

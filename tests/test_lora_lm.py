@@ -32,7 +32,7 @@ def test_lora_sft_and_dpo_train_adapters_only_and_export(tmp_path, capsys):
         "task": "causal_lm_dpo",
         "init_from": "lora_sft",
         "data": world_data(["article_preference"], 24, 4, languages=["en"], max_length=96),
-        "options": {"beta": 0.5, "lora": LORA},
+        "options": {"dpo": {"beta": 0.5}, "lora": LORA},
         "optimizer": {"lr": 1e-2},
     }
     recipe["stages"] = [base, lora_sft, dpo]

@@ -29,12 +29,8 @@ BENCHMARKS = {
     "audio_captions": 2,
     "video_captions": 2,
 }
-OPTIONS = {
-    "benchmarks": BENCHMARKS,
-    "max_new_tokens": 4,
-    "caption_max_new_tokens": 6,
-    "benchmark_frame_size": 16,
-}
+EVAL = {"benchmarks": BENCHMARKS, "max_new_tokens": 4, "caption_max_new_tokens": 6, "frame_size": 16}
+OPTIONS = {"eval": EVAL}
 
 
 def sources(kinds: list[str], size: int, split: str = "train") -> list[dict]:
@@ -64,7 +60,7 @@ def tiny_av_recipe(modality_tokens: bool = True) -> dict:
                 "trainable": ["model.projector.*", "model.audio_*", "model.language_model.*"],
                 "optimizer": {"lr": 3.0e-3},
                 "train": {"max_steps": 40},
-                "options": {**OPTIONS, "benchmarks": {"audio_captions": 2}},
+                "options": {"eval": {**EVAL, "benchmarks": {"audio_captions": 2}}},
             },
             {
                 "name": "instruct",
@@ -146,9 +142,9 @@ def test_the_shipped_recipe_validates():
 @pytest.mark.parametrize(
     ("where", "value", "message"),
     [
-        ("options", {"benchmarks": {"avqa": 4}}, "unknown"),
+        ("options", {"eval": {"benchmarks": {"avqa": 4}}}, "unknown"),
         ("options", {"streams": []}, "streams"),
-        ("options", {"benchmarks": {"av_qa": -1}}, "sizes"),
+        ("options", {"eval": {"benchmarks": {"av_qa": -1}}}, "sizes"),
         ("model", {"audio_tokens": 0}, "audio_tokens"),
     ],
 )

@@ -12,7 +12,7 @@ from mmfactory.cli import main
 from mmfactory.config import ConfigError, load_recipe
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
-from tests.helpers import TINY_EVAL, world_data, write_recipe
+from tests.helpers import TINY_BENCHMARKS, world_data, write_recipe
 from tests.test_recipe_llava import tiny_llava_recipe
 
 EXPERT = {"embed_dim": 8, "hidden_dim": 4, "rank": 4}
@@ -25,7 +25,7 @@ def tiny_hyperllava_recipe() -> dict:
     # With the LM frozen, and only 12 steps old, the experts' effect is within the batch-to-batch noise of
     # the loss: they train on one batch of 8, seen 40 times, and must fit it.
     one_batch = world_data(["vqa"], 8, 8, image_size=16, max_length=160)
-    options = {**TINY_EVAL, "eval_mme": 4, "eval_mmbench": 2}
+    options = {"eval": {**TINY_BENCHMARKS, "mme": 4, "mmbench": 2}}
     for name, trainable, data in (
         ("both", ["model.projector.*", "model.language_model.*", "model.language_expert.*"], mixed),
         ("experts", ["model.projector.*", "model.language_expert.*"], one_batch),
@@ -78,8 +78,8 @@ def test_experts_learn_and_frozen_parts_stay_bit_identical_through_the_cli(tmp_p
 
 
 def test_an_odd_mme_count_is_refused():
-    stage = load_recipe(resolve_recipe("hyperllava/tiny"), ["stages.static.options.eval_mme=5"]).stages[4]
-    with pytest.raises(ConfigError, match="eval_mme: MME asks two questions per image"):
+    stage = load_recipe(resolve_recipe("hyperllava/tiny"), ["stages.static.options.eval.mme=5"]).stages[4]
+    with pytest.raises(ConfigError, match="eval.mme: MME asks two questions per image"):
         validate_stage(stage, 4)
 
 

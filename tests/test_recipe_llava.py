@@ -179,7 +179,7 @@ def test_a_llava_file_laid_out_as_llava_expects_trains_through_the_cli(tmp_path,
                 "task": "mllm_sft",
                 "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
                 "data": {"train": [{**llava, "image_root": str(tmp_path / "images")}], "eval": []},
-                "options": {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0, "world_benchmarks": None},
+                "options": {"eval": {"vqa": 0, "pope": 0, "captions": 0, "world": None}},
             }
         ],
     }

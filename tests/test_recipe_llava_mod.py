@@ -13,7 +13,7 @@ from mmfactory.models.components.moe import moe_blocks
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.recipes import resolve_recipe
 from mmfactory.tasks import validate_stage
-from tests.helpers import TINY_EVAL, TINY_LM, world_data, write_recipe
+from tests.helpers import NO_BENCHMARKS, TINY_EVAL, TINY_LM, world_data, write_recipe
 from tests.models.test_mllm import TINY_VISION
 
 DATA = world_data(["vqa", "captions"], 48, 8, image_size=16, max_length=128)
@@ -40,7 +40,7 @@ def tiny_llava_mod_recipe() -> dict:
                 **MLLM_STAGE,
                 "trainable": ["*"],
                 "train": {"max_steps": 40},
-                "options": {**EVAL, "eval_vqa": 0, "eval_pope": 0, "eval_captions": 0},
+                "options": NO_BENCHMARKS,
             },
             {
                 "name": "mimic_dense",
@@ -71,7 +71,7 @@ def tiny_llava_mod_recipe() -> dict:
                 "trainable": MOE_TRAINABLE,
                 "data": world_data(["preference"], 24, 4, image_size=16),
                 "train": {"batch_size": 4, "max_steps": 6},
-                "options": {**EVAL, "teacher": "teacher", "loss": "kto_pair"},
+                "options": {**EVAL, "teacher": "teacher", "dpo": {"loss": "kto_pair"}},
             },
         ],
     }

@@ -27,9 +27,9 @@ SHORT = [
     "stages.vision.train.max_steps=20",
     "stages.align.train.max_steps=3",
     "stages.instruct.train.max_steps=3",
-    "stages.instruct.options.eval_vqa=4",
-    "stages.instruct.options.eval_pope=2",
-    "stages.instruct.options.eval_captions=2",
+    "stages.instruct.options.eval.vqa=4",
+    "stages.instruct.options.eval.pope=2",
+    "stages.instruct.options.eval.captions=2",
     "stages.align.data.eval=[]",
     "stages.instruct.data.eval=[]",
 ]

@@ -50,10 +50,11 @@ def tinier_sag_recipe() -> dict:
                 source["size"] = 64 if source["kind"] == "chat" else 16
             for source in stage["data"]["eval"]:
                 source["size"] = 4
-            stage["options"] = {"eval_generate": 2, "max_new_tokens": 8}
+            stage["options"] = {"eval": {"generate": 2, "max_new_tokens": 8}}
         else:
             stage["data"].update(SAG_DATA)
-            stage["options"].update(draft_max_new_tokens=24, article_max_new_tokens=24)
+            short = {"draft_max_new_tokens": 24, "article_max_new_tokens": 24}
+            stage["options"] = {**stage["options"], "generation": {**stage["options"]["generation"], **short}}
     raw["stages"][4]["optimizer"] = {"lr": 2.0e-3}  # C-DPO: a visible step in 8 updates
     return raw
 

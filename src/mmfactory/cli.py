@@ -308,7 +308,7 @@ def _evaluate_av_folder(args: argparse.Namespace, cfg) -> dict[str, float]:
     QA kind, ``--captions`` clips of each captioning kind), asked with ``--streams``."""
     from mmfactory.data.world_source import world_av_benchmarks
     from mmfactory.eval.av import evaluate_av, load_av
-    from mmfactory.tasks.av_llm import AVOptions
+    from mmfactory.tasks.av_llm import AVEvalOptions
 
     streams = [s for s in args.streams.split(",") if s]
     if not streams or set(streams) - {"video", "audio"}:
@@ -322,7 +322,7 @@ def _evaluate_av_folder(args: argparse.Namespace, cfg) -> dict[str, float]:
     }
     model, processor = load_av(args.model)
     benchmarks = world_av_benchmarks(sizes, streams, args.seed, args.split, args.frame_size)
-    return evaluate_av(model, processor, benchmarks, cfg, AVOptions().caption_max_new_tokens)
+    return evaluate_av(model, processor, benchmarks, cfg, AVEvalOptions().caption_max_new_tokens)
 
 
 def _cmd_filter_score(args: argparse.Namespace) -> int:

@@ -105,8 +105,38 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} at {path}")
 
 
+def _group_type(tp: Any) -> type | None:
+    """The dataclass of a nested option group typed ``X`` or ``X | None``, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        choices = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        tp = choices[0] if len(choices) == 1 else None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _unknown_key_hint(key: str, fields: list[str], hints: dict[str, Any]) -> str:
+    """Did-you-mean for an unknown key: the closest key of this level or of a nested group, so that a flat
+    key that moved into a group names it (``beta``: ``dpo.beta``; ``eval_generate``: ``eval.generate``)."""
+
+    def ratio(a: str, b: str) -> float:
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
+    scores = {name: ratio(key, name) for name in fields}
+    for name in fields:
+        group = _group_type(hints[name])
+        for sub in dataclasses.fields(group) if group is not None else ():
+            scores[f"{name}.{sub.name}"] = max(ratio(key, sub.name), ratio(key, f"{name}_{sub.name}"))
+    best = max(scores, key=scores.__getitem__, default=None)  # on a tie, this level's key
+    if best is not None and scores[best] >= 0.6:  # difflib.get_close_matches' cutoff
+        return f" (did you mean {best!r}?)"
+    return f" (known keys: {', '.join(fields)})"
+
+
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, refusing unknown keys, wrong types and missing fields."""
+    """Build dataclass ``cls`` from plain data, refusing unknown keys, wrong types and missing fields.
+
+    A field typed as another dataclass (or ``X | None``) is a nested group, built the same way at
+    ``path.field``; every group's ``validate()`` runs as it is built, its errors prefixed with its path.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -117,8 +147,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
+            hint = _unknown_key_hint(str(key), list(fields), hints)
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
         kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
     for name, f in fields.items():

@@ -209,7 +209,7 @@ def test_a_chat_stage_trains_from_a_streamed_parquet_source_through_the_cli(tmp_
         "eval": [],
         "max_length": 32,
     }
-    recipe["stages"][0]["options"] = {"eval_generate": 0}
+    recipe["stages"][0]["options"] = {"eval": {"generate": 0}}
     out = tmp_path / "run"
     assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 0
     done = json.loads((out / "sft" / "DONE").read_text())

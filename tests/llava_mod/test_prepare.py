@@ -22,11 +22,12 @@ from mmfactory.losses.distill import teacher_topk
 from mmfactory.models.mllm import MultimodalLM
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
+from mmfactory.tasks.mllm import response_logits
 from tests.helpers import TINY_LM, world_data
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
 DATA = world_data(["vqa", "captions"], 5, 0, image_size=16)
-EVAL = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0}
+EVAL = {"eval": {"vqa": 0, "pope": 0, "captions": 0}}
 K = 8
 
 
@@ -102,7 +103,7 @@ def test_the_stored_top_k_is_byte_identical_to_the_top_k_written_straight_from_t
     @torch.no_grad()
     def topk_of_batch(indices):
         batch = task.processor.collate([dataset[i] for i in indices])
-        logprobs, ids = teacher_topk(task.response_logits(model, batch), K)
+        logprobs, ids = teacher_topk(response_logits(model, batch), K)
         return logprobs, ids, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
 
     batches = [[i, i + 1] for i in range(0, len(dataset), 2)]  # the same batches of two

@@ -14,7 +14,7 @@ from mmfactory.cli import main
 from tests.helpers import TINY_LM, world_data, write_recipe
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
-EVAL = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0, "world_benchmarks": None}
+EVAL = {"eval": {"vqa": 0, "pope": 0, "captions": 0, "world": None}}
 
 
 def recipe(batch_size: int, teacher, student) -> dict:

@@ -24,7 +24,7 @@ from mmfactory.train.loop import train_stage
 from tests.helpers import TINY_LM, sag_world
 
 SAG_DATA = sag_world(12, 2, 2, style_scorer_texts=24, style_scorer={"max_features": 128}, max_length=96)
-SHORT = {"draft_max_new_tokens": 12, "article_max_new_tokens": 12}
+SHORT = {"generation": {"draft_max_new_tokens": 12, "article_max_new_tokens": 12}}
 ONE_PROCESS = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
 
 
@@ -176,13 +176,16 @@ def test_self_improvement_samples_are_prepared_once_and_read_by_later_rounds(tmp
     stage.data = {**stage.data, **sag_world(12, 2, 2, 2, style_scorer_texts=24, max_length=96)}
     stage.options = {
         **stage.options,
-        "candidates": 2,
+        "sampling": {"candidates": 2},
         "filter": {"min_style_score": 0.0, "min_fact_recall": 0.0},
     }
     task = _prepared(stage, ctx)
     folder = ctx.stage_dir / "self_improve"
     key = recorded_fingerprint(folder)
     assert key["artifact"] == "self_improve" and key["candidates"] == 2 and key["seed"] == 0
+    # articles as long as the generation group says, sampled as the sampling group says (its defaults)
+    sampling = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.0, "top_k": None, "top_p": 0.95}
+    assert key["sampling"] == {**sampling, "batch_size": 32}
     kept = [json.loads(line) for line in (folder / "kept.jsonl").read_text().splitlines()]
     assert task.round_stats["kept"] == len(kept) and task.round_stats["candidates"] == 2 * 2 * 2
     assert len(task.conversations("train")) == 24 + len(kept)
@@ -195,7 +198,7 @@ def test_self_improvement_samples_are_prepared_once_and_read_by_later_rounds(tmp
     (tmp_path / "round" / "final").mkdir()
     later, later_ctx = _sft_stage(tmp_path, name="later", earlier=["round"])
     later.task, later.data = "sag_self_improve", stage.data
-    later.options = {**stage.options, "candidates": 3, "previous_rounds": ["round"]}
+    later.options = {**stage.options, "sampling": {"candidates": 3}, "previous_rounds": ["round"]}
     monkeypatch.undo()
     later_task = _prepared(later, later_ctx)
     assert len(later_task.conversations("train")) == 24 + later_task.round_stats["kept"] + len(kept)

@@ -29,7 +29,7 @@ from tests.helpers import TINY_LM, world_data
 from tests.models.test_mllm import TINY_VISION, tiny_mllm
 
 DATA = world_data(["vqa", "captions"], 6, 2, image_size=16)
-EVAL = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0}
+EVAL = {"eval": {"vqa": 0, "pope": 0, "captions": 0}}
 ONE_PROCESS = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # for task.prepare
 
 
@@ -156,7 +156,7 @@ def test_a_teacher_that_sees_other_image_tokens_is_refused(tmp_path):
 
 
 def test_upcycling_at_stage_start_keeps_the_outputs_and_counts_the_aux_loss_once(tmp_path, teacher_dir):
-    dense = mimic(tmp_path, teacher_dir, mode="kd_lm", moe_aux_weight=0.0)
+    dense = mimic(tmp_path, teacher_dir, mode="kd_lm", moe={"aux_weight": 0.0})
     sparse = mimic(
         tmp_path, teacher_dir, mode="kd_lm", upcycle={"num_experts": 4, "top_k": 2, "layers": "sparse"}
     )
@@ -213,7 +213,7 @@ def test_a_stored_top_k_supports_only_forward_kl(tmp_path, teacher_dir):
 def test_distillation_refuses_a_per_sample_loss_reduction_it_would_ignore(tmp_path, teacher_dir):
     with pytest.raises(ConfigError, match="loss_reduction: the mimic loss averages over tokens"):
         mimic(tmp_path, teacher_dir, loss_reduction="sample")
-    with pytest.raises(ConfigError, match="loss_reduction: preference losses are per pair"):
+    with pytest.raises(ConfigError, match="loss_reduction: unknown key"):  # preference losses are per pair
         preference(tmp_path, teacher_dir, loss_reduction="sample")
 
 
@@ -232,7 +232,7 @@ def preference(tmp_path, teacher_dir, **options):
 
 @pytest.mark.parametrize("loss", ["sigmoid", "kto_pair"])
 def test_preference_loss_uses_the_teacher_as_reference(tmp_path, teacher_dir, loss):
-    task = preference(tmp_path, teacher_dir, loss=loss, beta=0.2)
+    task = preference(tmp_path, teacher_dir, dpo={"loss": loss, "beta": 0.2})
     pairs = task.train_dataset()
     batch = task.collate(pairs[:3])
     out = task(batch)
@@ -255,7 +255,7 @@ def test_preference_adds_the_moe_aux_of_chosen_and_rejected(tmp_path, teacher_di
     pref = build_task(
         stage(
             "mllm_preference_distill",
-            {"teacher": str(teacher_dir), "moe_aux_weight": 0.5},
+            {"teacher": str(teacher_dir), "moe": {"aux_weight": 0.5}},
             world_data(["preference"], 4, 0, image_size=16),
             model={},
             init_from=str(tmp_path / "moe"),
@@ -270,7 +270,7 @@ def test_preference_adds_the_moe_aux_of_chosen_and_rejected(tmp_path, teacher_di
         pref.model(batch["input_ids"][half], batch["pixel_values"][half], batch["attention_mask"][half])
         aux.append(moe_aux_losses(pref.model.language_model, batch["attention_mask"][half])["load_balancing"])
     torch.testing.assert_close(out["load_balancing"], (aux[0] + aux[1]).detach())
-    pref.options.moe_aux_weight = 0.0
+    pref.options.moe.aux_weight = 0.0
     torch.testing.assert_close(pref(batch)["loss"] + 0.5 * (aux[0] + aux[1]), out["loss"])
 
 

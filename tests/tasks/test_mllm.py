@@ -226,7 +226,7 @@ def tiny_stage(**overrides) -> StageConfig:
         "task": "mllm_sft",
         "model": {"vision": {"tiny": TINY_VISION}, "lm": {"tiny": dict(TINY_LM)}},
         "data": world_data(["vqa"], 8, 4, image_size=16),
-        "options": {"eval_vqa": 2, "eval_pope": 2, "eval_captions": 2, "max_new_tokens": 3},
+        "options": {"eval": {"vqa": 2, "pope": 2, "captions": 2, "max_new_tokens": 3}},
         **overrides,
     }
     return from_dict(StageConfig, raw, "stage")
@@ -256,7 +256,7 @@ def test_loss_on_kept_logits_equals_the_full_causal_lm_loss_in_value_and_gradien
 
 def test_sample_reduction_averages_each_samples_mean_token_loss(tmp_path):
     torch.manual_seed(0)
-    options = {"eval_vqa": 0, "eval_pope": 0, "eval_captions": 0, "loss_reduction": "sample"}
+    options = {"eval": {"vqa": 0, "pope": 0, "captions": 0}, "loss_reduction": "sample"}
     data = world_data(["vqa", "llava"], 8, 4, image_size=16)
     task = build_task(tiny_stage(options=options, data=data), 0, StageContext(tmp_path, tmp_path / "s"))
     dataset = task.train_dataset()

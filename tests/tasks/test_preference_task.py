@@ -9,13 +9,14 @@ import torch
 from accelerate.utils import set_seed
 from PIL import Image
 
+from mmfactory.cli import main
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
 from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.runner import _make_accelerator
 from mmfactory.tasks import build_task
 from mmfactory.tasks.base import StageContext
 from mmfactory.train.loop import train_stage
-from tests.helpers import TINY_LM, world_data
+from tests.helpers import TINY_LM, world_data, write_recipe
 
 
 def _stage(tmp_path, options=None, model=None, data=None, **train) -> tuple[StageConfig, StageContext]:
@@ -53,7 +54,7 @@ def _naive_logps(model, input_ids, labels) -> torch.Tensor:
 @pytest.mark.parametrize(("loss", "sft_weight"), [("sigmoid", 0.0), ("kto_pair", 0.0), ("sigmoid", 0.5)])
 def test_dpo_loss_and_gradient_match_naive(tmp_path, loss, sft_weight):
     set_seed(0)
-    stage, ctx = _stage(tmp_path, options={"loss": loss, "beta": 0.5, "sft_weight": sft_weight})
+    stage, ctx = _stage(tmp_path, options={"dpo": {"loss": loss, "beta": 0.5, "sft_weight": sft_weight}})
     task = build_task(stage, 0, ctx).double()  # float64: the comparison is exact up to summation order
     with torch.no_grad():  # move the policy away from the reference so the log-ratios are not zero
         for p in task.model.parameters():
@@ -141,8 +142,8 @@ def test_jsonl_pairs_and_refusals(tmp_path):
     assert len(task.train_dataset()) == 3 and task.eval_dataset() is None
     assert task.data_report()["train/bad_malformed_json"] == 1
 
-    with pytest.raises(ConfigError, match="label_smoothing"):
-        build_task(_stage(tmp_path, options={"loss": "kto_pair", "label_smoothing": 0.1})[0], 0, ctx)
+    with pytest.raises(ConfigError, match="options.dpo.label_smoothing: only the sigmoid loss"):
+        build_task(_stage(tmp_path, options={"dpo": {"loss": "kto_pair", "label_smoothing": 0.1}})[0], 0, ctx)
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     refused = [
@@ -178,3 +179,29 @@ def test_kto_pair_reference_point_detachment_is_a_recipe_option():
     assert not torch.allclose(grads[True], grads[False])  # the reference points carry gradient when attached
     with pytest.raises(ConfigError, match="detach_reference_point: only the kto_pair loss"):
         DPOOptions(loss="sigmoid", detach_reference_point=False).validate()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dpo": {"betta": 0.5}}, "stages[0].options.dpo.betta: unknown key (did you mean 'beta'?)"),
+        ({"beta": 0.5}, "stages[0].options.beta: unknown key (did you mean 'dpo.beta'?)"),  # the old flat key
+        (
+            {"dpo": {"beta": 0.5}, "sft_weight": 1.0},
+            "stages[0].options.sft_weight: unknown key (did you mean 'dpo.sft_weight'?)",
+        ),
+        ({"dpo": {"beta": 0.0}}, "stages[0].options.dpo.beta: must be > 0, got 0.0"),
+    ],
+)
+def test_dpo_options_are_a_group_and_bad_keys_stop_the_run_before_training(
+    tmp_path, capsys, options, message
+):
+    """causal_lm_dpo's options are ``dpo`` (the loss) and ``lora``: a misspelt key in the group, a flat loss
+    key of the old schema and an out-of-range value are each refused before anything trains."""
+    stage = _stage(tmp_path)[0]
+    dpo = {"name": "dpo", "task": "causal_lm_dpo", "model": stage.model, "data": stage.data}
+    recipe = {"name": "test/dpo", "stages": [{**dpo, "options": options, "train": {"max_steps": 2}}]}
+    out = tmp_path / "run"
+    assert main(["run", str(write_recipe(recipe, tmp_path / "r.yaml")), "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "dpo" / "metrics.jsonl").exists() and not (out / "dpo" / "DONE").exists()

@@ -83,30 +83,68 @@ class SAGDataConfig:
 
 
 @dataclass
-class SAGOptions:
-    """NoteBench systems to evaluate after training, generation lengths (greedy decoding), and LoRA."""
+class SAGGenerationOptions:
+    """Lengths and batch size of the SAG pipeline's greedy generation: the frozen LLM's drafts and the
+    articles NoteBench scores (the LLM's, the stylist's); self-improvement samples articles of the same
+    length in batches of the same size."""
 
-    systems: list[System] = field(default_factory=lambda: ["llm+stylist"])
     draft_max_new_tokens: int = 64
     article_max_new_tokens: int = 96
-    generation_batch_size: int = 32
-    lora: LoraOptions | None = None  # the stylist's LoRA adapters (as ``causal_lm_sft``'s ``options.lora``)
+    batch_size: int = 32
 
-    def generation(self, what: Literal["draft", "article"]) -> GenerationConfig:
+    def validate(self) -> None:
+        for name in ("draft_max_new_tokens", "article_max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def greedy(self, what: Literal["draft", "article"]) -> GenerationConfig:
+        """Greedy decoding of a draft or an article."""
         tokens = self.draft_max_new_tokens if what == "draft" else self.article_max_new_tokens
-        return GenerationConfig(max_new_tokens=tokens, batch_size=self.generation_batch_size)
+        return GenerationConfig(max_new_tokens=tokens, batch_size=self.batch_size)
 
 
 @dataclass
-class SelfImproveOptions(SAGOptions):
-    """One self-improvement round: ``candidates`` samples per input, filtered (style + facts).
-
-    ``previous_rounds``: earlier self-improvement stages whose kept samples also join the data.
-    """
+class SAGSamplingOptions:
+    """How one self-improvement round samples the stylist: ``candidates`` articles per input, at
+    ``temperature`` with nucleus (``top_p``) and top-k filtering (null: off)."""
 
     candidates: int = 4
     temperature: float = 1.0
     top_p: float | None = 0.95
     top_k: int | None = None
+
+    def validate(self) -> None:
+        if self.candidates < 1:
+            raise ConfigError(f"candidates: must be >= 1, got {self.candidates}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0 to sample, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1] (null: off), got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k: must be >= 1 (null: off), got {self.top_k}")
+
+
+@dataclass
+class SAGOptions:
+    """A stylist S-SFT stage: the NoteBench systems evaluated after training, the generation settings
+    (``generation``), and LoRA on the stylist (as ``causal_lm_sft``'s ``options.lora``)."""
+
+    systems: list[System] = field(default_factory=lambda: ["llm+stylist"])
+    generation: SAGGenerationOptions = field(default_factory=SAGGenerationOptions)
+    lora: LoraOptions | None = None
+
+
+@dataclass
+class SelfImproveOptions:
+    """One self-improvement round: the S-SFT stage's groups (``systems``, ``generation``, ``lora``), how
+    the stylist samples new inputs (``sampling``) and which samples are kept (``filter``: style + facts).
+
+    ``previous_rounds``: earlier self-improvement stages whose kept samples also join the data.
+    """
+
+    systems: list[System] = field(default_factory=lambda: ["llm+stylist"])
+    generation: SAGGenerationOptions = field(default_factory=SAGGenerationOptions)
+    lora: LoraOptions | None = None
+    sampling: SAGSamplingOptions = field(default_factory=SAGSamplingOptions)
     filter: FilterConfig = field(default_factory=FilterConfig)
     previous_rounds: list[str] = field(default_factory=list)

@@ -36,10 +36,10 @@ from mmfactory.data.chat import resolve_template
 from mmfactory.data.sources import read_sources
 from mmfactory.examples import Example, write_examples
 from mmfactory.models.lm import load_causal_lm, locate_gguf
-from mmfactory.sag.config import BENCHMARKS, DrafterConfig, SAGDataConfig, SAGOptions, Split
+from mmfactory.sag.config import BENCHMARKS, DrafterConfig, SAGDataConfig, SAGGenerationOptions, Split
 from mmfactory.sag.data import fill
 from mmfactory.sag.notebench import comparison_table, load_claim_checker, notebench_scores, rows_from_metrics
-from mmfactory.sag.pipeline import ChatLM, stylist_prompts, write_drafts
+from mmfactory.sag.pipeline import ChatLM, System, stylist_prompts, write_drafts
 from mmfactory.sag.self_improve import ClaimsFn, claim_verdicts
 from mmfactory.sag.style import StyleScorer
 
@@ -79,18 +79,21 @@ def load_drafter(cfg: DrafterConfig, ctx: StageContext) -> ChatLM:
 
 
 class SAGStage:
-    """Articles, the frozen drafter, drafts, the style scorer and NoteBench of one SAG stage."""
+    """Articles, the frozen drafter, drafts, the style scorer and NoteBench of one SAG stage: ``systems``
+    are NoteBench's, ``generation`` how drafts and articles are generated (the stage's option groups)."""
 
     def __init__(
         self,
         cfg: SAGDataConfig,
-        options: SAGOptions,
+        systems: list[System],
+        generation: SAGGenerationOptions,
         ctx: StageContext,
         drafter_cfg: DrafterConfig | None,
         needs_drafter: bool,
         device: Callable[[], torch.device] = lambda: torch.device("cpu"),
     ):
-        self.cfg, self.options, self.ctx, self.drafter_cfg = cfg, options, ctx, drafter_cfg
+        self.cfg, self.ctx, self.drafter_cfg = cfg, ctx, drafter_cfg
+        self.systems, self.generation = systems, generation
         self.device = device
         self.counts: Counter = Counter()
         if needs_drafter and drafter_cfg is None:
@@ -167,8 +170,8 @@ class SAGStage:
             "drafter": to_dict(self.drafter_cfg),
             "weights": self.drafter_fingerprint(),
             "template": prompts.draft if source == "facts" else prompts.neutralize,
-            "max_new_tokens": self.options.draft_max_new_tokens,
-            "batch_size": self.options.generation_batch_size,
+            "max_new_tokens": self.generation.draft_max_new_tokens,
+            "batch_size": self.generation.batch_size,
             "ids": [a["id"] for a in articles],
             "inputs": [a.get("input") for a in articles],
         }
@@ -193,7 +196,7 @@ class SAGStage:
                 if earlier is not None:
                     shutil.copyfile(earlier / DRAFTS_FILE, folder / DRAFTS_FILE)
                 else:
-                    generation = self.options.generation("draft")
+                    generation = self.generation.greedy("draft")
                     drafts = write_drafts(self.drafter(), articles, self.cfg.prompts, source, generation)
                     records = [
                         {**article_record(a), "draft": d} for a, d in zip(articles, drafts, strict=True)
@@ -259,7 +262,7 @@ class SAGStage:
     def benchmark(self, stylist: ChatLM | None) -> dict[str, float]:
         """NoteBench of every configured system on each benchmark split (main process only): predictions and
         ``metrics.json`` go to the stage's ``notebench/``, the comparison table to ``<run>/notebench.md``."""
-        splits, systems = self.benchmark_splits(), self.options.systems
+        splits, systems = self.benchmark_splits(), self.systems
         if not splits or not systems:
             return {}
         metrics: dict[str, float] = {}
@@ -284,9 +287,9 @@ class SAGStage:
         articles, suffix = self.articles(split), BENCHMARKS[split]
         if any(not a["facts"] for a in articles):
             raise ConfigError(f"data.{split}: NoteBench checks facts, and some benchmark articles have none")
-        prompts, generation = self.cfg.prompts, self.options.generation("article")
+        prompts, generation = self.cfg.prompts, self.generation.greedy("article")
         metrics: dict[str, float] = {}
-        for system in self.options.systems:
+        for system in self.systems:
             drafts = None
             if system == "llm_alone":
                 predictions = self.drafter().reply([fill(prompts.llm_style, a) for a in articles], generation)

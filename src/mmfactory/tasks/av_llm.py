@@ -9,8 +9,8 @@ One task serves every stage; the stage's ``trainable`` patterns and data make th
 * joint instruction tuning on the mixture (``data.train`` sources with ``weight`` s, the data layer's
   mixture), projectors and LM: ``["model.projector.*", "model.audio_projector.*", "model.language_model.*"]``.
 
-The loss is :class:`~mmfactory.tasks.mllm.MultimodalSFTTask`'s (next-token cross-entropy on assistant
-replies, per token or per sample). ``evaluate()`` runs the held-out world benchmarks of
+The loss is the multimodal SFT one (:func:`~mmfactory.tasks.mllm.reply_loss`: next-token cross-entropy
+on assistant replies, per token or per sample). ``evaluate()`` runs the held-out world benchmarks of
 :func:`~mmfactory.data.world_source.world_av_benchmarks` with the streams the model was trained on
 (``options.streams``): video QA, audio QA, audio-visual QA, a zero-shot question kind, audio and video
 captioning.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from mmfactory.config import ConfigError, StageConfig
@@ -39,7 +40,14 @@ from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import DTYPES
 from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import StageContext, TrainingTask
-from mmfactory.tasks.mllm import MultimodalSFTTask
+from mmfactory.tasks.mllm import (
+    LossReduction,
+    reply_loss,
+    reply_loss_weight,
+    resolve_parts,
+    response_logits,
+    vision_lr_scale,
+)
 
 
 def _default_train() -> list[SourceConfig]:
@@ -85,27 +93,20 @@ BENCHMARK_SIZES = {
 
 
 @dataclass
-class AVOptions:
-    """The loss reduction and the end-of-stage benchmarks (``benchmarks``: name -> size, see
-    :func:`~mmfactory.data.world_source.world_av_benchmarks`; ``{}`` turns them off). ``streams``: the
-    streams the model knows; benchmarks are asked with those alone (a video-only model answers
-    audio-visual questions from the video)."""
+class AVEvalOptions:
+    """The ``eval:`` group: the world's held-out benchmarks (``benchmarks``: name -> size, see
+    :func:`~mmfactory.data.world_source.world_av_benchmarks`; ``{}`` turns them off), answered greedily."""
 
-    loss_reduction: Literal["token", "sample"] = "sample"
-    vision_lr_scale: float = 1.0
-    streams: list[Literal["video", "audio"]] = field(default_factory=lambda: ["video", "audio"])
     benchmarks: dict[str, int] = field(default_factory=lambda: dict(BENCHMARK_SIZES))
-    benchmark_seed: int = 0
-    benchmark_frame_size: int = 32  # pixels of the world's video frames
+    seed: int = 0
+    frame_size: int = 32  # pixels of the world's video frames
     # a model that knows both streams is also asked the audio-visual questions with each stream alone
     single_stream_probes: bool = True
     max_new_tokens: int = 16
     caption_max_new_tokens: int = 40
-    eval_batch_size: int = 32
+    batch_size: int = 32
 
     def validate(self) -> None:
-        if not self.streams:
-            raise ConfigError("streams: name video, audio or both")
         unknown = set(self.benchmarks) - set(BENCHMARK_SIZES)
         if unknown:
             raise ConfigError(
@@ -113,11 +114,29 @@ class AVOptions:
             )
         if any(n < 0 for n in self.benchmarks.values()):
             raise ConfigError(f"benchmarks: sizes must be >= 0, got {self.benchmarks}")
+        for name in ("max_new_tokens", "caption_max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-class AudioVisualSFTTask(MultimodalSFTTask):
-    """Reuses :class:`MultimodalSFTTask`'s loss, loss weight and learning-rate scaling; builds an
-    :class:`AudioVisualLM` and reads ``av-chat`` samples."""
+@dataclass
+class AVOptions:
+    """The loss reduction, the vision tower's lr scale, the streams the model knows (benchmarks are asked
+    with those alone: a video-only model answers audio-visual questions from the video) and ``eval:``."""
+
+    loss_reduction: LossReduction = "sample"
+    vision_lr_scale: float = 1.0
+    streams: list[Literal["video", "audio"]] = field(default_factory=lambda: ["video", "audio"])
+    eval: AVEvalOptions = field(default_factory=AVEvalOptions)
+
+    def validate(self) -> None:
+        if not self.streams:
+            raise ConfigError("streams: name video, audio or both")
+
+
+class AudioVisualSFTTask(TrainingTask):
+    """Builds an :class:`AudioVisualLM`, reads ``av-chat`` samples; the loss, its weight and the vision
+    lr scale are the multimodal SFT ones (:func:`~mmfactory.tasks.mllm.reply_loss`)."""
 
     model_config = AudioVisualLMSpec
     data_config = AVDataConfig
@@ -132,7 +151,7 @@ class AudioVisualSFTTask(MultimodalSFTTask):
         data_cfg: AVDataConfig,
         options: AVOptions,
     ):
-        TrainingTask.__init__(self, stage, ctx, model_cfg, data_cfg, options)
+        super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.loss_unit = "samples" if options.loss_reduction == "sample" else "tokens"
         init_dir = ctx.resolve_init(stage.init_from)
         if init_dir is not None:
@@ -146,7 +165,7 @@ class AudioVisualSFTTask(MultimodalSFTTask):
             extractor = WhisperFeatureExtractor.from_json_file(str(init_dir / AUDIO_PREPROCESSOR_FILE))
         else:
             self.model, tokenizer, image_processor, extractor = build_audio_visual_lm(
-                self._resolve_parts(model_cfg)
+                resolve_parts(model_cfg, ctx)
             )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -183,18 +202,39 @@ class AudioVisualSFTTask(MultimodalSFTTask):
             )
         return self._datasets[split]
 
-    def train_lengths(self) -> list[int] | None:
-        return None
+    def train_dataset(self) -> AVChatDataset:
+        return self._dataset("train")
+
+    def eval_dataset(self) -> AVChatDataset | None:
+        return self._dataset("eval") or None
+
+    def collate(self, samples: list) -> dict[str, torch.Tensor]:
+        return self.processor.collate(samples, self.data_cfg.pad_to_multiple_of)
+
+    def data_report(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    # -- math ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = response_logits(self.model, batch)
+        return {"loss": reply_loss(logits, batch["labels"], self.options.loss_reduction)}
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return reply_loss_weight(batch["labels"], self.options.loss_reduction)
+
+    def lr_scale(self, name: str) -> float:
+        return vision_lr_scale(name, self.options.vision_lr_scale)
 
     # -- evaluation and output -------------------------------------------------------------------------
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        o = self.options
-        cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
+        o, streams = self.options.eval, self.options.streams
+        cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
         benchmarks = world_av_benchmarks(
             o.benchmarks,
-            o.streams,
-            o.benchmark_seed,
-            frame_size=o.benchmark_frame_size,
+            streams,
+            o.seed,
+            frame_size=o.frame_size,
             single_stream_probes=o.single_stream_probes,
         )
         examples: dict[str, list[Example]] = {}

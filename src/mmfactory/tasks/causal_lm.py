@@ -63,10 +63,28 @@ class ChatDataConfig:
 
 
 @dataclass
-class SFTOptions:
-    eval_generate: int = 64  # eval conversations whose last reply is generated greedily (exact match)
+class ChatEvalOptions:
+    """What a chat LM's evaluation measures: ``eval_exact_match``, the share of the first ``generate`` eval
+    conversations (those ending with an assistant turn) whose last reply, generated greedily from the turns
+    before it (at most ``max_new_tokens``), equals the reference reply. ``generate: 0`` skips it."""
+
+    generate: int = 64
     max_new_tokens: int = 48
-    lora: LoraOptions | None = None  # adapters only train; final/ holds them merged, and alone in adapter/
+
+    def validate(self) -> None:
+        if self.generate < 0:
+            raise ConfigError(f"generate: must be >= 0 (0: no generation), got {self.generate}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SFTOptions:
+    """``causal_lm_sft``: the evaluation (``eval``) and LoRA (``lora``: adapters only train; final/ holds
+    them merged, and alone in adapter/)."""
+
+    eval: ChatEvalOptions = field(default_factory=ChatEvalOptions)
+    lora: LoraOptions | None = None
 
 
 class CausalLMSFTTask(TrainingTask):
@@ -155,7 +173,7 @@ class CausalLMSFTTask(TrainingTask):
     def evaluate(self) -> dict[str, float]:
         """Greedy replies to held-out conversations: exact-match rate of the last assistant turn."""
         convs = [c for c in self.conversations("eval") if c and c[-1]["role"] == "assistant"]
-        convs = convs[: self.options.eval_generate]
+        convs = convs[: self.options.eval.generate]
         if not convs:
             return {}
         replies = generate_replies(
@@ -163,7 +181,7 @@ class CausalLMSFTTask(TrainingTask):
             self.tokenizer,
             self.template,
             [c[:-1] for c in convs],
-            GenerationConfig(max_new_tokens=self.options.max_new_tokens),
+            GenerationConfig(max_new_tokens=self.options.eval.max_new_tokens),
         )
         hits = sum(reply == c[-1]["content"].strip() for reply, c in zip(replies, convs, strict=True))
         return {"eval_exact_match": hits / len(convs)}

@@ -8,7 +8,7 @@ Two tasks, both with a frozen teacher (a saved :class:`~mmfactory.models.mllm.Mu
   ``options.upcycle`` turns the student's LM into a sparse MoE as the stage starts (dense-to-sparse mimic).
   Loss, with ``D`` the divergence over response tokens (forward KL at temperature 1 by default):
   ``kd_only``: ``kd_weight * D``; ``kd_lm``: ``kd_weight * D + lm_weight * CE``; both plus, once,
-  ``moe_aux_weight * load_balancing + router_z_weight * router_z``. The teacher signal is chosen once
+  ``moe.aux_weight * load_balancing + moe.router_z_weight * router_z``. The teacher signal is chosen once
   (:mod:`mmfactory.llava_mod.teacher`): the teacher online, or with ``options.teacher_topk: K`` its top-K
   log-probs, computed by the stage's prepare step into the artifact ``teacher_topk/`` and read while
   training, which never loads the teacher then (forward KL only).
@@ -25,6 +25,7 @@ Evaluation is :mod:`mmfactory.eval.mllm` (VQA, POPE, captions with CHAIR, parame
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,13 +35,13 @@ from torch.utils.data import Dataset
 
 from mmfactory.artifacts import prepare_artifact, recorded_fingerprint
 from mmfactory.config import ConfigError, to_dict
-from mmfactory.data.chat import IGNORE_INDEX, TemplateName
+from mmfactory.data.chat import IGNORE_INDEX
 from mmfactory.data.multimodal import MultimodalSample
 from mmfactory.data.preference import preference_pairs
-from mmfactory.data.sources import SourceConfig, check_fraction, read_sources
+from mmfactory.data.sources import read_sources
 from mmfactory.data.world_source import world_object_mentions
+from mmfactory.llava_mod.config import MoELossOptions, MultimodalPreferenceDataConfig, UpcycleOptions
 from mmfactory.llava_mod.on_policy import (
-    OnPolicySampling,
     pairs_fingerprint,
     read_pairs,
     sample_pairs,
@@ -59,46 +60,26 @@ from mmfactory.llava_mod.teacher import (
 from mmfactory.losses.moe_aux import moe_aux_losses
 from mmfactory.losses.preference import sequence_logprobs
 from mmfactory.models.components.moe import upcycle
-from mmfactory.models.mllm import MultimodalLM
-from mmfactory.tasks.mllm import MultimodalSFTOptions, MultimodalSFTTask
+from mmfactory.models.lora import LoraOptions
+from mmfactory.models.mllm import MultimodalLM, MultimodalLMSpec
+from mmfactory.tasks.base import TrainingTask
+from mmfactory.tasks.mllm import (
+    LossReduction,
+    MLLMEvalOptions,
+    MultimodalSFTTask,
+    load_multimodal_lm,
+    response_logits,
+    run_benchmarks,
+    save_multimodal_lm,
+    vision_lr_scale,
+)
 from mmfactory.tasks.preference import DPOOptions, preference_objective
 
-LAYER_SELECTIONS = ("sparse", "first_half", "second_half", "dense")
-
 
 @dataclass
-class UpcycleOptions:
-    """Sparse upcycling of the student's LM (:func:`~mmfactory.models.components.moe.upcycle`); LLaVA-MoD's
-    defaults: 4 experts, top-2, MoE in every other layer from 0, dropless (``capacity_factor: null``)."""
-
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | list[int] = "sparse"  # sparse | first_half | second_half | dense | explicit indices
-    normalize_topk: bool = True
-    capacity_factor: float | None = None
-    min_capacity: int = 4
-    router_jitter: float = 0.0
-    capacity_renormalize: bool = True  # DeepSpeed renormalises a token's surviving gates after drops
-    router_fp32: bool = True  # DeepSpeed keeps the gate in float32
-
-    def validate(self) -> None:
-        if isinstance(self.layers, str) and self.layers not in LAYER_SELECTIONS:
-            raise ConfigError(f"layers: expected one of {list(LAYER_SELECTIONS)} or layer indices")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ConfigError(f"top_k: must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-
-
-@dataclass
-class MoELossWeights:
-    """Weights of the router losses (summed over MoE layers); LLaVA-MoD uses 0.01 load balancing."""
-
-    moe_aux_weight: float = 0.01
-    router_z_weight: float = 0.0
-
-
-@dataclass
-class MimicDistillOptions(MoELossWeights, MultimodalSFTOptions):
-    """The mimic loss (module docstring), the teacher, upcycling, precomputed teacher top-k."""
+class MimicDistillOptions:
+    """The mimic loss (module docstring), the teacher, upcycling and the precomputed teacher top-k; the
+    groups ``moe:`` (router losses), ``lora:`` and ``eval:`` (benchmarks, as ``mllm_sft``'s)."""
 
     teacher: str | None = None  # an earlier stage or a folder with a saved MultimodalLM
     mode: Literal["kd_only", "kd_lm"] = "kd_lm"
@@ -112,6 +93,11 @@ class MimicDistillOptions(MoELossWeights, MultimodalSFTOptions):
     teacher_topk: int | None = None  # K: distil from the teacher's top-K log-probs stored on disk
     teacher_topk_dir: str | None = None  # folder, or earlier stage (its teacher_topk/); default: this stage's
     teacher_topk_batch_size: int = 32
+    moe: MoELossOptions = field(default_factory=MoELossOptions)
+    lora: LoraOptions | None = None
+    loss_reduction: LossReduction = "token"  # the mimic loss averages over response tokens: token only
+    vision_lr_scale: float = 1.0
+    eval: MLLMEvalOptions = field(default_factory=MLLMEvalOptions)
 
     def validate(self) -> None:
         if self.teacher is None:
@@ -127,50 +113,20 @@ class MimicDistillOptions(MoELossWeights, MultimodalSFTOptions):
 
 
 @dataclass
-class PreferenceDistillOptions(MoELossWeights, DPOOptions, MultimodalSFTOptions):
-    """DPO / KTO-pair (:class:`~mmfactory.tasks.preference.DPOOptions`) against the teacher, MoE router
-    losses, and the end-of-stage benchmarks."""
+class PreferenceDistillOptions:
+    """The reference teacher and the groups ``dpo:`` (DPO / KTO-pair,
+    :class:`~mmfactory.tasks.preference.DPOOptions`), ``moe:`` (router losses), ``lora:`` and ``eval:``."""
 
     teacher: str | None = None
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+    moe: MoELossOptions = field(default_factory=MoELossOptions)
+    lora: LoraOptions | None = None
+    vision_lr_scale: float = 1.0
+    eval: MLLMEvalOptions = field(default_factory=MLLMEvalOptions)
 
     def validate(self) -> None:
-        DPOOptions.validate(self)
         if self.teacher is None:
             raise ConfigError("teacher: name the reference teacher (an earlier stage or a folder)")
-        if self.loss_reduction != "token":
-            raise ConfigError("loss_reduction: preference losses are per pair; remove the setting")
-
-
-@dataclass
-class MultimodalPreferenceDataConfig:
-    """Image preference pairs from any ``preference`` sources (:mod:`mmfactory.data.sources`): the world
-    (``kind: preference``: faithful vs hallucinated detailed descriptions — a wrong attribute or an extra
-    object — and correct vs wrong short answers) or preference JSONL with images (the prompt holding
-    ``<image>``). With ``on_policy`` set the training pairs are sampled instead (:class:`OnPolicySampling`)
-    from the ``prompts`` sources; evaluation still reads the ``eval`` pairs."""
-
-    train: list[SourceConfig] = field(
-        default_factory=lambda: [SourceConfig("world", kind="preference", size=2000)]
-    )
-    eval: list[SourceConfig] = field(
-        default_factory=lambda: [SourceConfig("world", kind="preference", split="val", size=100)]
-    )
-    on_policy: OnPolicySampling | None = None
-    prompts: list[SourceConfig] = field(default_factory=list)  # image-chat prompts for on_policy
-    max_bad_fraction: float | None = None
-    max_length: int = 192
-    template: TemplateName = "chatml"
-    pad_square: bool = True
-    pad_to_multiple_of: int | None = None
-
-    def validate(self) -> None:
-        check_fraction(self.max_bad_fraction)
-        if self.on_policy is not None and not self.prompts:
-            raise ConfigError("prompts: on_policy sampling needs image-chat prompt sources")
-        if self.on_policy is None and self.prompts:
-            raise ConfigError("prompts: only read with on_policy sampling; set on_policy or drop prompts")
-        if self.on_policy is None and not self.train:
-            raise ConfigError("train: at least one source is required")
 
 
 class MimicDistillTask(MultimodalSFTTask):
@@ -190,7 +146,7 @@ class MimicDistillTask(MultimodalSFTTask):
         chats = super().collate
         if options.teacher_topk is None:
             self.teacher = load_teacher(self.teacher_dir, self.model, self.processor)
-            self.signal = OnlineTeacher(self.teacher, self.response_logits, chats, divergence)
+            self.signal = OnlineTeacher(self.teacher, response_logits, chats, divergence)
         else:
             self.teacher = None  # never in memory while training
             self.signal = self._stored_topk(options.teacher_topk, chats, divergence)
@@ -205,7 +161,7 @@ class MimicDistillTask(MultimodalSFTTask):
         else:
             folder = self.ctx.artifact("teacher_topk") if where is None else Path(where)
             fix = None if where is None else f"delete {folder}, or point options.teacher_topk_dir elsewhere"
-            build = TopKBuild(self.frozen_teacher, self.response_logits, self.options.teacher_topk_batch_size)
+            build = TopKBuild(self.frozen_teacher, response_logits, self.options.teacher_topk_batch_size)
         teacher = self.ctx.fingerprint(self.options.teacher, "options.teacher")
         key = topk_fingerprint(teacher, k, to_dict(self.data_cfg), vocab_digest(self.processor.tokenizer))
         return StoredTopK(k, folder, key, build, chats, divergence, fix)
@@ -242,13 +198,11 @@ class MimicDistillTask(MultimodalSFTTask):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o = self.options
         targets = batch["labels"][:, 1:]
-        student_logits = self.response_logits(self.model, batch)  # [N, V]
+        student_logits = response_logits(self.model, batch)  # [N, V]
         kd = self.distillation_loss(batch, student_logits)
         ce = torch.nn.functional.cross_entropy(student_logits.float(), targets[targets != IGNORE_INDEX])
         aux = moe_aux_losses(self.model.language_model, batch["attention_mask"])
-        loss = (
-            o.kd_weight * kd + o.moe_aux_weight * aux["load_balancing"] + o.router_z_weight * aux["router_z"]
-        )
+        loss = o.kd_weight * kd + o.moe.loss(aux)
         if o.mode == "kd_lm":
             loss = loss + o.lm_weight * ce
         return {
@@ -259,10 +213,12 @@ class MimicDistillTask(MultimodalSFTTask):
         }
 
 
-class PreferenceDistillTask(MultimodalSFTTask):
+class PreferenceDistillTask(TrainingTask):
     """``mllm_preference_distill`` (module docstring). Batches hold the ``B`` chosen rows then the ``B``
-    rejected rows (``[2B, T]``) and each pair's image twice (``pixel_values [2B, 3, S, S]``)."""
+    rejected rows (``[2B, T]``) and each pair's image twice (``pixel_values [2B, 3, S, S]``). The policy is
+    loaded, benchmarked and saved as ``mllm_sft``'s (:func:`~mmfactory.tasks.mllm.load_multimodal_lm`)."""
 
+    model_config = MultimodalLMSpec
     sample_kind = "preference"
     extra_sources = {"prompts": "image-chat"}
     data_config = MultimodalPreferenceDataConfig
@@ -271,9 +227,11 @@ class PreferenceDistillTask(MultimodalSFTTask):
 
     def __init__(self, stage, ctx, model_cfg, data_cfg, options: PreferenceDistillOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
+        self.model, self.processor = load_multimodal_lm(stage, ctx, model_cfg, data_cfg, options.lora)
         self.teacher = load_teacher(
             ctx.resolve_init(options.teacher, "options.teacher"), self.model, self.processor
         )
+        self.counts: Counter[str] = Counter()
         self._pairs: dict[str, list[tuple[MultimodalSample, MultimodalSample]]] = {}
         self._prompt_data = None
 
@@ -291,7 +249,7 @@ class PreferenceDistillTask(MultimodalSFTTask):
             return
         prompts = self._prompts()
         conversations, truths = single_turn(prompts)
-        model_cfg, batch_size = self.model_cfg, self.options.eval_batch_size
+        model_cfg, batch_size = self.model_cfg, self.options.eval.batch_size
         starts = [self.stage.init_from, model_cfg.vision.path, model_cfg.lm.path]
         key = pairs_fingerprint(
             {ref: self.ctx.fingerprint(ref) for ref in starts if ref is not None},
@@ -371,7 +329,8 @@ class PreferenceDistillTask(MultimodalSFTTask):
         return self._tokenized("eval") or None
 
     def collate(self, samples: list[tuple[MultimodalSample, MultimodalSample]]) -> dict[str, torch.Tensor]:
-        return super().collate([s[0] for s in samples] + [s[1] for s in samples])
+        rows = [s[0] for s in samples] + [s[1] for s in samples]
+        return self.processor.collate(rows, self.data_cfg.pad_to_multiple_of)
 
     def data_report(self) -> dict[str, int]:
         return dict(self.counts)
@@ -384,12 +343,20 @@ class PreferenceDistillTask(MultimodalSFTTask):
         aux = moe_aux_losses(self.model.language_model, batch["attention_mask"], groups=2)
         with torch.no_grad():
             reference_logps = sequence_logprobs(self.teacher(*inputs).logits, batch["labels"])[0]
-        result = preference_objective(o, policy_logps, reference_logps, num_tokens)
-        result["loss"] = (
-            result["loss"] + o.moe_aux_weight * aux["load_balancing"] + o.router_z_weight * aux["router_z"]
-        )
+        result = preference_objective(o.dpo, policy_logps, reference_logps, num_tokens)
+        result["loss"] = result["loss"] + o.moe.loss(aux)
         result["load_balancing"] = aux["load_balancing"].detach()
         return result
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
+
+    def lr_scale(self, name: str) -> float:
+        return vision_lr_scale(name, self.options.vision_lr_scale)
+
+    # -- evaluation and output -------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return run_benchmarks(self.model, self.processor, self.options.eval, self.ctx.stage_dir)
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.model = save_multimodal_lm(self.model, self.processor, self.options.lora, out_dir)

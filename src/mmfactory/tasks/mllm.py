@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,42 +87,205 @@ class WorldBenchmarkConfig:
 
     def validate(self) -> None:
         if not self.caption_details:
-            raise ConfigError("world_benchmarks.caption_details: name brief, detailed or both")
+            raise ConfigError("caption_details: name brief, detailed or both")
+
+
+@dataclass
+class MLLMEvalOptions:
+    """The ``eval:`` group: end-of-stage generation benchmarks of a multimodal LM (counts of 0 turn one off).
+
+    Benchmarks come from the world's held-out ``test`` split (``world``; null turns it off) and from files:
+    VQA and POPE JSONL (``pope_files`` maps a split name to its file). Replies are greedy, ``batch_size``
+    prompts at a time.
+    """
+
+    world: WorldBenchmarkConfig | None = field(default_factory=WorldBenchmarkConfig)
+    vqa: int = 200
+    pope: int = 100  # probes per POPE split
+    captions: int = 100
+    mme: int = 0  # MME-style yes/no questions (two per image; acc and acc+)
+    mmbench: int = 0  # MMBench-style four-option questions, each asked in every rotation
+    vqa_file: str | None = None
+    pope_files: dict[str, str] = field(default_factory=dict)
+    max_new_tokens: int = 16
+    caption_max_new_tokens: int = 32
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        counts = {"vqa": self.vqa, "pope": self.pope, "captions": self.captions}
+        counts.update(mme=self.mme, mmbench=self.mmbench)
+        for name, count in counts.items():
+            if count < 0:
+                raise ConfigError(f"{name}: a count must be >= 0 (0 turns the benchmark off), got {count}")
+        if self.mme % 2:
+            raise ConfigError(f"mme: MME asks two questions per image; give an even count, got {self.mme}")
+        for name in ("max_new_tokens", "caption_max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def benchmarks(self) -> Benchmarks:
+        """The world's held-out test split, then the VQA / POPE files in place of its VQA / POPE."""
+        if self.world is not None:
+            w = self.world
+            bench = world_benchmarks(
+                self.vqa,
+                self.pope,
+                self.captions,
+                w.seed,
+                image_size=w.image_size,
+                caption_details=w.caption_details,
+                mme=self.mme,
+                mmbench=self.mmbench,
+            )
+        else:
+            bench = Benchmarks()
+        if self.vqa_file is not None:
+            from mmfactory.data.readers import read_vqa
+
+            vqa = read_vqa(self.vqa_file)
+            bench.vqa = [vqa[i] for i in range(min(self.vqa, len(vqa)))]
+        if self.pope_files:
+            from mmfactory.data.readers import read_pope
+
+            bench.pope = {}
+            for split, path in self.pope_files.items():
+                probes = read_pope(path)
+                bench.pope[split] = [probes[i] for i in range(min(self.pope, len(probes)))]
+        return bench
+
+
+LossReduction = Literal["token", "sample"]
 
 
 @dataclass
 class MultimodalSFTOptions:
-    """LoRA and the end-of-stage generation benchmarks (counts of 0 turn one off).
-
-    Benchmarks come from the world's held-out ``test`` split (``world_benchmarks``; null turns it off)
-    and from files: VQA and POPE JSONL (``eval_pope_files`` maps a split name to its file).
-    """
+    """LoRA, the loss reduction, the vision tower's lr scale and the ``eval:`` benchmarks."""
 
     lora: LoraOptions | None = None
     # How labelled tokens are averaged: "token" (LLaVA, transformers: every response token of the batch
     # weighs the same, so long captions dominate one-word answers) or "sample" (each sample's mean token
     # loss, averaged over samples: a yes/no answer weighs as much as a caption).
-    loss_reduction: Literal["token", "sample"] = "token"
-    world_benchmarks: WorldBenchmarkConfig | None = field(default_factory=WorldBenchmarkConfig)
+    loss_reduction: LossReduction = "token"
     # Multiplier of the stage's lr for the vision tower when ``trainable`` includes it (LLaVA-NeXT-style
     # tower tuning uses about 1/10 of the LM's lr; LLaVA-1.5 keeps the tower frozen).
     vision_lr_scale: float = 1.0
-    eval_vqa: int = 200
-    eval_pope: int = 100  # probes per POPE split
-    eval_captions: int = 100
-    eval_mme: int = 0  # MME-style yes/no questions (two per image; acc and acc+)
-    eval_mmbench: int = 0  # MMBench-style four-option questions, each asked in every rotation
-    eval_vqa_file: str | None = None
-    eval_pope_files: dict[str, str] = field(default_factory=dict)
-    max_new_tokens: int = 16
-    caption_max_new_tokens: int = 32
-    eval_batch_size: int = 32
+    eval: MLLMEvalOptions = field(default_factory=MLLMEvalOptions)
 
-    def validate(self) -> None:
-        if self.eval_mme % 2:
-            raise ConfigError(
-                f"eval_mme: MME asks two questions per image; give an even count, got {self.eval_mme}"
-            )
+
+# -- the parts every multimodal-LM task composes ---------------------------------------------------------
+def resolve_parts(spec: MultimodalLMSpec, ctx: StageContext) -> MultimodalLMSpec:
+    """``vision.path`` / ``lm.path`` (and ``audio.path`` where the spec has one) naming an earlier stage ->
+    that stage's ``final/`` folder."""
+    parts = [name for name in ("vision", "audio", "lm") if getattr(spec, name, None) is not None]
+    resolved = {
+        name: replace(part, path=str(ctx.resolve_init(part.path, f"model.{name}.path")))
+        for name in parts
+        if (part := getattr(spec, name)).path is not None and part.path in ctx.stage_outputs
+    }
+    return replace(spec, **resolved)
+
+
+def load_multimodal_lm(
+    stage: StageConfig,
+    ctx: StageContext,
+    spec: MultimodalLMSpec,
+    data_cfg: MultimodalDataConfig | Any,
+    lora: LoraOptions | None,
+) -> tuple[MultimodalLM, MultimodalProcessor]:
+    """The stage's trainable model and its processor: ``init_from`` an earlier stage or a folder (with
+    HyperLLaVA's experts added when ``spec.hyper`` asks), else built from parts; LoRA on the LM last.
+    ``data_cfg`` gives the chat template and ``pad_square``."""
+    init_dir = ctx.resolve_init(stage.init_from)
+    if init_dir is not None:
+        if spec.has_parts:
+            raise ConfigError("model: init_from provides the whole model; remove model.vision / model.lm")
+        model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[spec.lm.dtype])
+        if spec.hyper is not None:
+            add_hyper_experts(model, spec.hyper)
+        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+        image_processor = load_image_processor(init_dir, model.config.vision_config.image_size)
+    else:
+        model, tokenizer, image_processor = build_multimodal_lm(resolve_parts(spec, ctx))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    processor = MultimodalProcessor(
+        tokenizer,
+        image_processor,
+        model.config.num_image_tokens,
+        data_cfg.template,
+        model.config.image_token,
+        data_cfg.pad_square,
+    )
+    if lora is not None:
+        model.language_model = add_lora(model.language_model, lora)
+    return model, processor
+
+
+def response_logits(model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[N, V]`` logits of ``model`` at the ``N`` positions whose next token is labelled, in row-major
+    order (no vocabulary projection of prompt and image positions)."""
+    # [B, T]: position t predicts token t + 1
+    keep = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
+    guidance = prompt_mask(batch["labels"], batch["attention_mask"], IGNORE_INDEX)  # HyperLLaVA's
+    media = {name: batch[name] for name in model.media_inputs if name in batch}  # video, audio, ...
+    return model(
+        batch["input_ids"],
+        batch.get("pixel_values"),
+        batch["attention_mask"],
+        guidance_mask=guidance,
+        logits_to_keep=keep,
+        **media,
+    ).logits
+
+
+def reply_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: LossReduction) -> torch.Tensor:
+    """Next-token cross-entropy of :func:`response_logits` ``[N, V]`` against ``labels [B, T]``, averaged
+    over labelled tokens (``token``, as :func:`mmfactory.losses.lm.causal_lm_loss`) or per sample first."""
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    logits = logits.float()
+    if reduction == "sample":
+        token_losses = F.cross_entropy(logits, targets[labelled], reduction="none")
+        rows = labelled.nonzero()[:, 0]
+        return sample_mean_loss(token_losses, rows, len(targets))
+    total = F.cross_entropy(logits, targets[labelled], reduction="sum")
+    return total / labelled.sum().clamp(min=1)
+
+
+def reply_loss_weight(labels: torch.Tensor, reduction: LossReduction) -> int:
+    """What :func:`reply_loss` averages over: labelled tokens, or samples with a labelled token."""
+    labelled = labels[:, 1:] != IGNORE_INDEX
+    return int(labelled.any(dim=1).sum()) if reduction == "sample" else int(labelled.sum())
+
+
+def vision_lr_scale(name: str, scale: float) -> float:
+    """``scale`` for the vision tower's parameters, 1 for the rest."""
+    return scale if name.startswith("model.vision_tower.") else 1.0
+
+
+@torch.no_grad()
+def run_benchmarks(
+    model: MultimodalLM, processor: MultimodalProcessor, opts: MLLMEvalOptions, stage_dir: Path
+) -> dict[str, float]:
+    """:func:`~mmfactory.eval.mllm.evaluate_mllm` on ``opts``' benchmarks; shown examples to ``stage_dir``."""
+    cfg = GenerationConfig(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size)
+    examples: dict[str, list[Example]] = {}
+    metrics = evaluate_mllm(model, processor, opts.benchmarks(), cfg, opts.caption_max_new_tokens, examples)
+    for group, shown in examples.items():  # evaluate() runs on the main process only
+        write_examples(stage_dir, group, shown)
+    return metrics
+
+
+def save_multimodal_lm(
+    model: MultimodalLM, processor, lora: LoraOptions | None, out_dir: Path
+) -> MultimodalLM:
+    """A plain model in ``out_dir`` (LoRA merged in, the LM's adapters alone in ``adapter/``) and its
+    processor files; returns the merged model (the stage is over)."""
+    if lora is not None:
+        model.language_model = save_and_merge(model.language_model, out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return model
 
 
 class MultimodalSFTTask(TrainingTask):
@@ -143,40 +306,9 @@ class MultimodalSFTTask(TrainingTask):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         if options.loss_reduction == "sample":
             self.loss_unit = "samples"
-        init_dir = ctx.resolve_init(stage.init_from)
-        if init_dir is not None:
-            if model_cfg.has_parts:
-                raise ConfigError("model: init_from provides the whole model; remove model.vision / model.lm")
-            self.model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
-            if model_cfg.hyper is not None:
-                add_hyper_experts(self.model, model_cfg.hyper)
-            tokenizer = AutoTokenizer.from_pretrained(init_dir)
-            image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
-        else:
-            self.model, tokenizer, image_processor = build_multimodal_lm(self._resolve_parts(model_cfg))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.processor = MultimodalProcessor(
-            tokenizer,
-            image_processor,
-            self.model.config.num_image_tokens,
-            data_cfg.template,
-            self.model.config.image_token,
-            data_cfg.pad_square,
-        )
-        if options.lora is not None:
-            self.model.language_model = add_lora(self.model.language_model, options.lora)
+        self.model, self.processor = load_multimodal_lm(stage, ctx, model_cfg, data_cfg, options.lora)
         self.counts: Counter[str] = Counter()
         self._datasets: dict[str, MultimodalChatDataset | None] = {}
-
-    def _resolve_parts(self, spec: MultimodalLMSpec) -> MultimodalLMSpec:
-        """``vision.path`` / ``lm.path`` naming an earlier stage -> that stage's ``final/`` folder."""
-        resolved = {
-            name: replace(part, path=str(self.ctx.resolve_init(part.path, f"model.{name}.path")))
-            for name, part in (("vision", spec.vision), ("lm", spec.lm))
-            if part.path is not None and part.path in self.ctx.stage_outputs
-        }
-        return replace(spec, **resolved)
 
     # -- data ----------------------------------------------------------------------------------------
     def _dataset(self, split: str) -> MultimodalChatDataset | TrainStream | None:
@@ -235,92 +367,21 @@ class MultimodalSFTTask(TrainingTask):
         return dict(self.counts)
 
     # -- math ----------------------------------------------------------------------------------------
-    def response_logits(self, model: MultimodalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N, V]`` logits of ``model`` at the ``N`` positions whose next token is labelled, in row-major
-        order (no vocabulary projection of prompt and image positions)."""
-        # [B, T]: position t predicts token t + 1
-        keep = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
-        guidance = prompt_mask(batch["labels"], batch["attention_mask"], IGNORE_INDEX)  # HyperLLaVA's
-        media = {name: batch[name] for name in model.media_inputs if name in batch}  # video, audio, ...
-        return model(
-            batch["input_ids"],
-            batch.get("pixel_values"),
-            batch["attention_mask"],
-            guidance_mask=guidance,
-            logits_to_keep=keep,
-            **media,
-        ).logits
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Mean next-token cross-entropy over labelled tokens, as :func:`mmfactory.losses.lm.causal_lm_loss`,
-        on :meth:`response_logits`."""
-        targets = batch["labels"][:, 1:]
-        labelled = targets != IGNORE_INDEX
-        logits = self.response_logits(self.model, batch).float()
-        if self.options.loss_reduction == "sample":
-            token_losses = F.cross_entropy(logits, targets[labelled], reduction="none")
-            rows = labelled.nonzero()[:, 0]
-            return {"loss": sample_mean_loss(token_losses, rows, len(targets))}
-        total = F.cross_entropy(logits, targets[labelled], reduction="sum")
-        return {"loss": total / labelled.sum().clamp(min=1)}
+        """:func:`reply_loss` of :func:`response_logits`."""
+        logits = response_logits(self.model, batch)
+        return {"loss": reply_loss(logits, batch["labels"], self.options.loss_reduction)}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled tokens, or labelled samples under ``loss_reduction: sample``."""
-        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
-        if self.options.loss_reduction == "sample":
-            return int(labelled.any(dim=1).sum())
-        return int(labelled.sum())
+        return reply_loss_weight(batch["labels"], self.options.loss_reduction)
 
     def lr_scale(self, name: str) -> float:
-        return self.options.vision_lr_scale if name.startswith("model.vision_tower.") else 1.0
+        return vision_lr_scale(name, self.options.vision_lr_scale)
 
     # -- evaluation and output -------------------------------------------------------------------------
-    def benchmarks(self) -> Benchmarks:
-        """The world's held-out test split, or the VQA / POPE files named in the options."""
-        o = self.options
-        if o.world_benchmarks is not None:
-            w = o.world_benchmarks
-            bench = world_benchmarks(
-                o.eval_vqa,
-                o.eval_pope,
-                o.eval_captions,
-                w.seed,
-                image_size=w.image_size,
-                caption_details=w.caption_details,
-                mme=o.eval_mme,
-                mmbench=o.eval_mmbench,
-            )
-        else:
-            bench = Benchmarks()
-        if o.eval_vqa_file is not None:
-            from mmfactory.data.readers import read_vqa
-
-            vqa = read_vqa(o.eval_vqa_file)
-            bench.vqa = [vqa[i] for i in range(min(o.eval_vqa, len(vqa)))]
-        if o.eval_pope_files:
-            from mmfactory.data.readers import read_pope
-
-            bench.pope = {}
-            for split, path in o.eval_pope_files.items():
-                probes = read_pope(path)
-                bench.pope[split] = [probes[i] for i in range(min(o.eval_pope, len(probes)))]
-        return bench
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        o = self.options
-        cfg = GenerationConfig(max_new_tokens=o.max_new_tokens, batch_size=o.eval_batch_size)
-        examples: dict[str, list[Example]] = {}
-        bench = self.benchmarks()
-        metrics = evaluate_mllm(self.model, self.processor, bench, cfg, o.caption_max_new_tokens, examples)
-        for group, shown in examples.items():  # evaluate() runs on the main process only
-            write_examples(self.ctx.stage_dir, group, shown)
-        return metrics
+        return run_benchmarks(self.model, self.processor, self.options.eval, self.ctx.stage_dir)
 
     def save_pretrained(self, out_dir: Path) -> None:
-        """A plain MultimodalLM (LoRA merged in, the LM's adapters alone in ``adapter/``; the stage is over)
-        and its processor files."""
-        if self.options.lora is not None:
-            self.model.language_model = save_and_merge(self.model.language_model, out_dir)
-        self.model.save_pretrained(out_dir)
-        self.processor.save_pretrained(out_dir)
+        self.model = save_multimodal_lm(self.model, self.processor, self.options.lora, out_dir)

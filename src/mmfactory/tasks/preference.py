@@ -79,8 +79,9 @@ class PreferenceDataConfig:
 
 @dataclass
 class DPOOptions:
-    """``loss``: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``kto_pair`` (LLaVA-MoD's scripts).
+    """The preference loss, an option group (``options.dpo`` of ``causal_lm_dpo``, ``sag_cdpo``, ...).
 
+    ``loss``: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``kto_pair`` (LLaVA-MoD's scripts).
     ``sft_weight`` adds that times the NLL of the chosen replies, averaged over their tokens in the
     micro-batch (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): it keeps DPO from lowering the likelihood
     of the chosen replies along with that of the rejected ones.
@@ -93,9 +94,6 @@ class DPOOptions:
     # kto_pair only: no gradient through the reference points (the KTO paper and TRL; LLaVA-MoD's
     # scripts use TRL's kto_pair, which does not detach them: false)
     detach_reference_point: bool = True
-    # LoRA on the policy (causal-LM DPO): only adapters train; without model.reference the reference is the
-    # policy with its adapters off (no second copy, as TRL does); final/ holds them merged, and in adapter/
-    lora: LoraOptions | None = None
 
     def validate(self) -> None:
         if self.loss != "sigmoid" and self.label_smoothing:
@@ -104,6 +102,16 @@ class DPOOptions:
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if self.loss != "kto_pair" and not self.detach_reference_point:
             raise ConfigError("detach_reference_point: only the kto_pair loss has reference points")
+
+
+@dataclass
+class CausalLMDPOOptions:
+    """``causal_lm_dpo``: the loss (``dpo``) and LoRA on the policy (``lora``: only adapters train; without
+    ``model.reference`` the reference is the policy with its adapters off, no second copy, as TRL does;
+    final/ holds them merged, and alone in adapter/)."""
+
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+    lora: LoraOptions | None = None
 
 
 @dataclass
@@ -170,11 +178,11 @@ class CausalLMDPOTask(TrainingTask):
 
     model_config = DPOModelConfig
     data_config = PreferenceDataConfig
-    options_config = DPOOptions
+    options_config = CausalLMDPOOptions
     loss_unit = "pairs"
     sample_kind = "preference"
 
-    def __init__(self, stage, ctx, model_cfg: DPOModelConfig, data_cfg, options: DPOOptions):
+    def __init__(self, stage, ctx, model_cfg: DPOModelConfig, data_cfg, options: CausalLMDPOOptions):
         super().__init__(stage, ctx, model_cfg, data_cfg, options)
         self.model, self.tokenizer = load_causal_lm(model_cfg, ctx.resolve_init(stage.init_from))
         if options.lora is not None:
@@ -265,7 +273,7 @@ class CausalLMDPOTask(TrainingTask):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_logps, num_tokens = sequence_logps(self.model, batch)
-        return preference_objective(self.options, policy_logps, self.reference_logps(batch), num_tokens)
+        return preference_objective(self.options.dpo, policy_logps, self.reference_logps(batch), num_tokens)
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2

@@ -22,7 +22,7 @@ comparison table of every SAG stage so far.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,10 +35,12 @@ from mmfactory.data.chat import resolve_template
 from mmfactory.data.sources import SourceConfig
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
+from mmfactory.models.lora import LoraOptions
 from mmfactory.sag.config import (
     BENCHMARKS,
     DrafterConfig,
     SAGDataConfig,
+    SAGGenerationOptions,
     SAGOptions,
     SelfImproveOptions,
     Split,
@@ -67,8 +69,14 @@ class SAGDPOModelConfig(DPOModelConfig):
 
 
 @dataclass
-class SAGDPOOptions(SAGOptions, DPOOptions):
-    """C-DPO: the DPO options and the NoteBench ones."""
+class SAGDPOOptions:
+    """C-DPO: the S-SFT stage's groups (``systems``, ``generation``, ``lora``) and the preference loss
+    (``dpo``)."""
+
+    systems: list[System] = field(default_factory=lambda: ["llm+stylist"])
+    generation: SAGGenerationOptions = field(default_factory=SAGGenerationOptions)
+    lora: LoraOptions | None = None
+    dpo: DPOOptions = field(default_factory=DPOOptions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +92,15 @@ class _SAGTask:
         cfg, options = self.data_cfg, self.options
         llm_drafts = cfg.stylist_input == "draft" and cfg.draft_source != "given"
         needs_drafter = llm_drafts or any(s in ("llm_alone", "llm+stylist") for s in options.systems)
-        self.sag = SAGStage(cfg, options, self.ctx, self.model_cfg.drafter, needs_drafter, self._device)
+        self.sag = SAGStage(
+            cfg,
+            options.systems,
+            options.generation,
+            self.ctx,
+            self.model_cfg.drafter,
+            needs_drafter,
+            self._device,
+        )
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -193,14 +209,15 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
         return splits + (["train"] if self.sag.scorer_needs_drafts() else [])
 
     def sampling(self) -> GenerationConfig:
-        opts = self.options
+        """Articles of ``generation``'s length and batch size, sampled as ``sampling`` says."""
+        generation, sampling = self.options.generation, self.options.sampling
         return GenerationConfig(
-            max_new_tokens=opts.article_max_new_tokens,
+            max_new_tokens=generation.article_max_new_tokens,
             do_sample=True,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=opts.top_k,
-            batch_size=opts.generation_batch_size,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            batch_size=generation.batch_size,
         )
 
     def round_fingerprint(self, prompts: list[str]) -> dict[str, Any]:
@@ -213,7 +230,7 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
             "stylist": {start: self.ctx.fingerprint(start)} if start is not None else {},
             "model": to_dict(self.model_cfg),
             "seed": self.stage.train.seed,
-            "candidates": self.options.candidates,
+            "candidates": self.options.sampling.candidates,
             "sampling": to_dict(self.sampling()),
             "filter": to_dict(self.options.filter),
             "data": to_dict(self.data_cfg),
@@ -229,7 +246,7 @@ class SAGSelfImproveTask(SAGStylistSFTTask):
         prompts = self.sag.stylist_prompts("self_improve", self.data_cfg.stylist_input)
 
         def build(folder: Path, bar) -> None:
-            args = (opts.candidates, self.sampling(), self.stage.train.seed, self.sag.scorer())
+            args = (opts.sampling.candidates, self.sampling(), self.stage.train.seed, self.sag.scorer())
             kept, stats = sample_round(self.stylist(), prompts, inputs, *args, opts.filter, self.sag.claims)
             write_round(folder, kept, stats)
             bar.update(len(prompts))
@@ -285,7 +302,7 @@ def notebench_file(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     needs_drafter = any(system != "stylist_alone" for system in systems)
     ctx = StageContext(output, output)
-    sag = SAGStage(data, SAGOptions(systems=systems), ctx, drafter, needs_drafter, lambda: device)
+    sag = SAGStage(data, systems, SAGGenerationOptions(), ctx, drafter, needs_drafter, lambda: device)
     if stylist_dir is None and any(system != "llm_alone" for system in systems):
         raise ValueError(f"systems {systems} need a stylist: pass stylist_dir")
     splits: list[Split] = ["benchmark"] if "llm+stylist" in systems else []
