@@ -87,6 +87,22 @@ def test_no_two_modules_import_each_other_at_module_level():
             names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             targets |= {m for m in names if m and m in modules and m != name}
         edges[name] = targets
+    assert _cycles(edges) == set()
+
+
+def test_tasks_leave_processes_to_the_loop_and_the_losses_that_gather():
+    """Tasks never talk to the process group: the loop and accelerate do, and a loss that gathers owns its
+    collective (``losses/contrastive.py``)."""
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted((PACKAGE / "tasks").glob("*.py"))
+        if "torch.distributed" in path.read_text()
+    ]
+    assert offenders == []
+
+
+def _cycles(edges: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """The sets of modules on a cycle of ``edges`` (each cycle once, sorted)."""
 
     def cycle_from(start: str) -> list[str] | None:
         stack, seen = [(start, [start])], set()
@@ -100,16 +116,18 @@ def test_no_two_modules_import_each_other_at_module_level():
                     stack.append((nxt, [*path, nxt]))
         return None
 
-    cycles = {tuple(sorted(c)) for name in modules if (c := cycle_from(name))}
-    assert cycles == set()
+    return {tuple(sorted(c)) for name in edges if (c := cycle_from(name))}
 
 
-def test_tasks_leave_processes_to_the_loop_and_the_losses_that_gather():
-    """Tasks never talk to the process group: the loop and accelerate do, and a loss that gathers owns its
-    collective (``losses/contrastive.py``)."""
-    offenders = [
-        str(path.relative_to(PACKAGE))
-        for path in sorted((PACKAGE / "tasks").glob("*.py"))
-        if "torch.distributed" in path.read_text()
-    ]
-    assert offenders == []
+def test_no_import_cycle_even_through_imports_inside_functions_or_the_format_table():
+    """Lazy imports and the format table's ``"module:function"`` readers count too: the readers import
+    the source types from ``data.source_config``, never the module that dispatches to them."""
+    from mmfactory.data.source_config import FORMATS
+
+    modules = _modules()
+    edges = {
+        name: {m for _, m in _runtime_imports(ast.parse(path.read_text())) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    edges["mmfactory.data.sources"] |= {f.reader.split(":")[0] for f in FORMATS.values()}
+    assert _cycles(edges) == set()

@@ -17,7 +17,8 @@ from mmfactory.artifacts import ArtifactMismatch
 from mmfactory.cli import main
 from mmfactory.config import load_recipe
 from mmfactory.data.policy import BadSampleError
-from mmfactory.data.sources import FORMATS, Format, SourceConfig, read_sources
+from mmfactory.data.source_config import FORMATS, Format, SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.tasks import TASKS, build_task
 from mmfactory.tasks.base import StageContext
 

@@ -15,7 +15,8 @@ from mmfactory.config import ConfigError, from_dict
 from mmfactory.data.av import check_av_media
 from mmfactory.data.policy import BadReason, BadSampleError
 from mmfactory.data.readers.av_formats import VIDEO_FRAMES
-from mmfactory.data.sources import SourceConfig, check_kinds, check_source_paths, read_sources
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import check_kinds, check_source_paths, read_sources
 
 PCM16_STEP = 1 / 32767 + 1e-6
 CAPS_HEADER = "audiocap_id,youtube_id,start_time,caption\n"

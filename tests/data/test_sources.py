@@ -10,7 +10,9 @@ import pytest
 
 from mmfactory.config import ConfigError, from_dict
 from mmfactory.data.policy import BadSampleError, DataError
-from mmfactory.data.sources import SourceConfig, mix, read_sources
+from mmfactory.data.samples import mix
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import read_sources
 
 TURNS = [("What colour is the circle?", "red"), ("And the square?", "blue")]
 

@@ -11,7 +11,8 @@ from mmfactory.config import ConfigError, from_dict
 from mmfactory.data.images import FittedImages
 from mmfactory.data.policy import BadSampleError
 from mmfactory.data.preference import preference_pairs
-from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.data.video_text import video_clip
 from tests.data.test_images import idx_bytes, write_pair
 

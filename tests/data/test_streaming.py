@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from mmfactory.config import ConfigError, from_dict
 from mmfactory.data.policy import BadSampleError
-from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.data.streaming import StreamBatches
 from tests.helpers import run_and_kill, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP

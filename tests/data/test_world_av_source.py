@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mmfactory.data.av import modality
-from mmfactory.data.sources import AV_WORLD_KINDS, SourceConfig, read_sources
+from mmfactory.data.source_config import AV_WORLD_KINDS, SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.world import World
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mmfactory.cli import main
 from mmfactory.config import ConfigError
-from mmfactory.data.sources import SourceConfig
+from mmfactory.data.source_config import SourceConfig
 from mmfactory.data.world_source import world_pool_samples, world_web_pool
 from tests.helpers import world_data, write_recipe
 from tests.test_image_text_contrastive import TINY_CLIP, clip_stage

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mmfactory.config import ConfigError, StageConfig, TrainConfig
-from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.eval.flops import count_flops
 from mmfactory.losses.contrastive import clip_loss
 from mmfactory.tasks import build_task

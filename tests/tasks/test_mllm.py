@@ -23,7 +23,8 @@ from mmfactory.data.multimodal import (
     MultimodalProcessor,
     pad_to_square,
 )
-from mmfactory.data.sources import SourceConfig, read_sources
+from mmfactory.data.source_config import SourceConfig
+from mmfactory.data.sources import read_sources
 from mmfactory.data.world_source import world_benchmarks, world_conversations
 from mmfactory.eval.mllm import caption_tokens, evaluate_mllm
 from mmfactory.losses.lm import causal_lm_loss

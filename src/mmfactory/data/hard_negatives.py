@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmfactory.data.sources import SourceConfig
+from mmfactory.data.source_config import SourceConfig
 from mmfactory.data.world_source import world_shape_twin
 
 

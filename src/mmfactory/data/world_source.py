@@ -34,8 +34,8 @@ from mmfactory.data.benchmarks import AVBenchmark, Benchmarks, ZeroShotBenchmark
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.multimodal import IMAGE_TOKEN, ImageConversations
 from mmfactory.data.policy import BadSampleCounter
-from mmfactory.data.samples import Samples, selected
-from mmfactory.data.sources import AV_WORLD_KINDS, SampleKind, SourceConfig, mix
+from mmfactory.data.samples import Samples, mix, selected
+from mmfactory.data.source_config import AV_WORLD_KINDS, SampleKind, SourceConfig
 
 DEFAULT_SIZE = 2000
 

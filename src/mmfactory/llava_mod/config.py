@@ -9,7 +9,7 @@ import torch
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TemplateName
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.llava_mod.on_policy import OnPolicySampling
 
 LAYER_SELECTIONS = ("sparse", "first_half", "second_half", "dense")

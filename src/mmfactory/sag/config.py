@@ -8,7 +8,7 @@ from typing import Literal
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TemplateName
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig
 from mmfactory.models.lora import LoraOptions

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.augment import AugmentedImages, ImageAugment
 from mmfactory.data.images import FittedImages, align_classes
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.examples import Example, write_examples
 from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,

@@ -30,7 +30,7 @@ from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.av import AUDIO_PREPROCESSOR_FILE, AVChatDataset, AVProcessor
 from mmfactory.data.chat import TemplateName
 from mmfactory.data.multimodal import MultimodalProcessor
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream
 from mmfactory.data.world_source import world_av_benchmarks
 from mmfactory.eval.av import evaluate_av

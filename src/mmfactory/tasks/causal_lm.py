@@ -23,7 +23,7 @@ from mmfactory.data.chat import (
     resolve_template,
     tokenize_chat,
 )
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies

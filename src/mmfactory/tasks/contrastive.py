@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.media import FrameSampling
 from mmfactory.data.samples import Samples
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.video_text import video_clip
 from mmfactory.eval.flops import count_flops
 from mmfactory.eval.metrics import text_video_retrieval

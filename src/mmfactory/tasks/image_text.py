@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from mmfactory.config import ConfigError
 from mmfactory.data.hard_negatives import with_shape_twins
 from mmfactory.data.image_text import ImageCaptionDataset, ImageCaptions, _stream_item
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.streaming import ImageTextStream, TrainStream
 from mmfactory.data.world_source import world_scene_layout, world_scene_vocabulary, world_zero_shot
 from mmfactory.eval.metrics import text_video_retrieval

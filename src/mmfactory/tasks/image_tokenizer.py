@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.images import fit_image
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream
 from mmfactory.mars.evaluate import (
     save_grid,

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import IGNORE_INDEX, TemplateName, collate_chats, resolve_template, tokenize_chat
 from mmfactory.data.image_text import ImageCaptions
-from mmfactory.data.sources import SourceConfig
+from mmfactory.data.source_config import SourceConfig
 from mmfactory.eval.flops import stage_training_tflops
 from mmfactory.mars.evaluate import (
     GenerationEval,

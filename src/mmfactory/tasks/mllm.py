@@ -36,7 +36,7 @@ from mmfactory.data.multimodal import (
     MultimodalSample,
     fit_conversation,
 )
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
 from mmfactory.eval.mllm import evaluate_mllm

@@ -32,7 +32,7 @@ from mmfactory.data.chat import (
     tokenize_chat,
 )
 from mmfactory.data.preference import preference_pairs
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.losses.preference import dpo_loss, kto_pair_loss, sequence_logprobs
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.models.lora import LoraOptions, add_lora, save_and_merge

@@ -34,7 +34,7 @@ from torch import Tensor
 from mmfactory.config import ConfigError
 from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
-from mmfactory.data.sources import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_fraction
 from mmfactory.losses.reward import bradley_terry_loss
 from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip
 from mmfactory.models.hub import resolve_model_folder

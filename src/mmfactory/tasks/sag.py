@@ -32,7 +32,7 @@ import torch
 from mmfactory.artifacts import fingerprint_digest, prepare_artifact
 from mmfactory.config import ConfigError, to_dict
 from mmfactory.data.chat import resolve_template
-from mmfactory.data.sources import SourceConfig
+from mmfactory.data.source_config import SourceConfig
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig, load_causal_lm
 from mmfactory.models.lora import LoraOptions

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
-from mmfactory.data.sources import SourceConfig
+from mmfactory.data.source_config import SourceConfig
 from mmfactory.data.world_source import world_scene_layout, world_scene_vocabulary
 from mmfactory.mars.evaluate import (
     consistency_metrics,

@@ -37,7 +37,7 @@ from mmfactory.data.readers.records import (
     require,
     require_text,
 )
-from mmfactory.data.sources import SampleKind, SourceConfig
+from mmfactory.data.source_config import SampleKind, SourceConfig
 
 SHAREGPT_ROLES = {
     "human": "user",

@@ -35,7 +35,7 @@ from mmfactory.data.readers.conversations import (
     openai_messages,
     sharegpt_messages,
 )
-from mmfactory.data.sources import SampleKind, SourceConfig
+from mmfactory.data.source_config import SampleKind, SourceConfig
 from mmfactory.data.streaming import SampleStream, stream_settings
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
