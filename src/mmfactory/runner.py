@@ -99,6 +99,22 @@ def _done_summary(stage_dir: Path, is_main: bool) -> dict | None:
         return None
 
 
+# Engines whose processes hold shards of the weights: the loop saves, resumes and evaluates one process's
+# full copy, so under them checkpoints and final/ would be wrong. Refused until supported (issue 14).
+SHARDED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_engine() -> None:
+    """Refuse a launch that asks for a sharded engine (accelerate's launcher sets these variables)."""
+    for variable, engine in SHARDED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"{engine} is not supported yet: its processes hold shards of the weights, and checkpoints "
+                f"and final/ would hold one process's part ({variable} is set by the launch config); launch "
+                "with DDP: accelerate launch --config_file configs/accelerate/ddp.yaml (docs/distributed.md)"
+            )
+
+
 def _make_accelerator(stage: StageConfig) -> Accelerator:
     # Each stage may pick its own precision; accelerate keeps one global state, so reset it per stage.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -162,7 +178,9 @@ def run_stage(
 def preflight(recipe: Recipe) -> None:
     """The checks :func:`run_recipe` makes before anything trains: every stage's task schemas, its data
     sources' paths, its trackers, and that each reference (``init_from``, ``options.teacher``, a
-    ``keep_uids`` selection) names an earlier stage, a folder or a hub id. Raises :class:`ConfigError`."""
+    ``keep_uids`` selection) names an earlier stage, a folder or a hub id; and that the launch asks for no
+    sharded engine (:func:`check_engine`). Raises :class:`ConfigError`."""
+    check_engine()
     for i, stage in enumerate(recipe.stages):
         _, _, data_cfg, options = validate_stage(stage, i)
         check_source_paths(data_cfg, f"stages[{i}].data")
