@@ -172,6 +172,8 @@ def run_stage(
         write_atomic(stage_dir / "DONE", json.dumps(done, indent=1))
         summary.update(fingerprint=done["fingerprint"])
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # all name the stage by the fingerprint main wrote
+        summary.update(fingerprint=json.loads((stage_dir / "DONE").read_text())["fingerprint"])
     return summary
 
 

@@ -61,7 +61,7 @@ def _launcher(name: str, port: int) -> list[str]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher, port", [("torchrun", 29531), ("accelerate-ddp-config", 29533)])
+@pytest.mark.parametrize("launcher, port", [("torchrun", 29531), ("accelerate-ddp-config", 29535)])
 def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, launcher, port):
     one = _train_in_process(tmp_path, "one", batch_size=8)
     path = write_recipe(tiny_sft_recipe(max_steps=4, batch_size=4), tmp_path / "two.yaml")

@@ -41,7 +41,9 @@ class CausalLMConfig:
     the GGUF file, found without importing it) and ``tiny`` (keyword arguments of an HF config, including
     ``model_type``; ``vocab_size`` and special-token ids are taken from the tokenizer) — or neither when
     the stage has ``init_from``. ``tokenizer`` is a local folder; by default the model's own, or for
-    ``tiny`` models the built-in world tokenizer.
+    ``tiny`` models the built-in world tokenizer. ``attn_implementation`` picks the attention kernels
+    (transformers' ``attn_implementation``: ``sdpa``, ``eager``, ``flash_attention_2``, which needs the
+    ``flash_attn`` package and a CUDA GPU); null leaves transformers' default.
     """
 
     path: str | None = None
@@ -50,8 +52,10 @@ class CausalLMConfig:
     tiny: dict[str, Any] | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
     def validate(self) -> None:
+        check_attention(self)
         if self.path is not None and self.tiny is not None:
             raise ConfigError("path: set either path or tiny, not both")
         if self.tiny is not None and "model_type" not in self.tiny:
@@ -60,6 +64,28 @@ class CausalLMConfig:
             check_config_keys(self.tiny, "tiny")
         if self.gguf_package is not None and (self.gguf_file is None or self.path is not None):
             raise ConfigError("gguf_package: name the file inside it with gguf_file, and leave path unset")
+
+
+def check_attention(cfg: CausalLMConfig) -> None:
+    """Refuse ``attn_implementation: flash_attention_2`` where it cannot run (no ``flash_attn`` package, no
+    CUDA), in one line naming the fix; at validation (so before any stage trains) and again at build."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        missing = "the flash_attn package, which is not installed"
+    elif not torch.cuda.is_available():
+        missing = "a CUDA GPU, and torch sees none"
+    else:
+        return
+    raise ConfigError(
+        f"attn_implementation: flash_attention_2 needs {missing}; run on a CUDA machine with flash-attn "
+        "installed (pip install flash-attn), or set attn_implementation: sdpa"
+    )
+
+
+def attention_kwargs(cfg: CausalLMConfig) -> dict[str, str]:
+    """``attn_implementation`` for ``from_pretrained`` / ``from_config``; nothing when it is null."""
+    return {} if cfg.attn_implementation is None else {"attn_implementation": cfg.attn_implementation}
 
 
 def check_config_keys(kwargs: dict[str, Any], where: str) -> None:
@@ -134,6 +160,7 @@ def load_causal_lm(
     model_path = resolve_model_folder(source, "model path") if source is not None else None
     if model_path is None and cfg.tiny is None:
         raise ConfigError("model: set model.path, model.tiny or the stage's init_from")
+    check_attention(cfg)
     tokenizer = load_tokenizer(cfg, model_path)
     dtype = DTYPES[cfg.dtype]
     if model_path is not None:
@@ -141,7 +168,7 @@ def load_causal_lm(
         # GGUF weights are unpacked into plain tensors, so the model trains and saves like any other
         quantization = GgufConfig(gguf_file=gguf, dequantize=True) if gguf is not None else None
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf, quantization_config=quantization, dtype=dtype
+            folder, gguf_file=gguf, quantization_config=quantization, dtype=dtype, **attention_kwargs(cfg)
         )
     else:
         kwargs = dict(cfg.tiny)
@@ -154,7 +181,7 @@ def load_causal_lm(
             bos_token_id=tokenizer.bos_token_id,
             **kwargs,
         )
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attention_kwargs(cfg))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer

@@ -407,6 +407,12 @@ def load_multimodal_parts(
         image_token=spec.image_token,
         image_token_id=add_placeholder_token(tokenizer, language_model, spec.image_token),
         hyper=None if spec.hyper is None else to_dict(spec.hyper),
+        # a config's attn_implementation is set on its sub-configs too, which are the parts' own: keep
+        # theirs (the LM's is spec.lm.attn_implementation's) rather than reset them to the default
+        attn_implementation={
+            "vision_config": tower.config._attn_implementation,
+            "text_config": language_model.config._attn_implementation,
+        },
         **config_kwargs,
     )
     return tower, language_model.to(dtype), tokenizer, config

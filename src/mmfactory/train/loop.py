@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.streaming import TrainStream
@@ -88,6 +90,45 @@ def _gather_rng(accelerator: Accelerator) -> list[tuple[dict, dict]]:
     return out
 
 
+def enable_gradient_checkpointing(task: nn.Module, stage: StageConfig) -> list[str]:
+    """Turn on activation checkpointing (non-reentrant) in every outermost Hugging Face model of ``task``
+    that supports it, and return them as ``"path (class)"``. A model nested in one that was switched on
+    (the LM inside a :class:`~mmfactory.models.mllm.MultimodalLM`) is covered by it; one inside a model
+    without support (or inside a plain module, such as PEFT's wrapper) is looked for. Refuses with a
+    :class:`ConfigError` naming ``stages.NAME.train.gradient_checkpointing`` when no model supports it, or
+    when one refuses it (HyperLLaVA's language experts), so a stage never trains silently without it.
+
+    Layers checkpoint only in training mode with gradients on, so evaluation and generation (eval mode, no
+    grad) keep their KV cache; transformers drops the cache of a checkpointed forward itself.
+    """
+    where = f"stages.{stage.name}.train.gradient_checkpointing"
+    enabled: list[str] = []
+    unsupported: list[str] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            try:
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            except ValueError as err:
+                message = " ".join(str(err).split())
+                raise ConfigError(f"{where}: {path} ({type(module).__name__}): {message}") from None
+            enabled.append(f"{path} ({type(module).__name__})")
+            return
+        if isinstance(module, PreTrainedModel):
+            unsupported.append(type(module).__name__)
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", task)
+    if not enabled:
+        models = f" (not {', '.join(sorted(set(unsupported)))})" if unsupported else ""
+        raise ConfigError(
+            f"{where}: no model of task {stage.task} supports activation checkpointing{models}; "
+            "set it to false"
+        )
+    return enabled
+
+
 @torch.no_grad()
 def evaluate_loss(task: TrainingTask, accelerator: Accelerator, batch_size: int) -> dict:
     """Item-weighted mean of the task's loss and metrics over its eval set, sharded across processes.
@@ -130,6 +171,9 @@ def train_stage(
     """
     cfg = stage.train
     is_main = accelerator.is_main_process
+    if cfg.gradient_checkpointing:  # first: a refusal comes before any data is read; before accelerate wraps
+        checkpointed = enable_gradient_checkpointing(task, stage)
+        accelerator.print(f"[{stage.name}] gradient checkpointing: {', '.join(checkpointed)}")
     dataset = task.train_dataset()
     world, rank = accelerator.num_processes, accelerator.process_index
     if isinstance(dataset, TrainStream):  # a streaming source: batched per process (mmfactory.data.streaming)
