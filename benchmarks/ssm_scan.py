@@ -5,8 +5,9 @@
     python benchmarks/ssm_scan.py --device cuda --lengths 196 576 2304
 
 Rows:
-- ``MambaMixer`` vs ``transformers.models.mamba.modeling_mamba.MambaMixer`` (same weights and input) without
-  mamba-ssm / causal-conv1d installed, i.e. transformers' sequential torch fallback;
+- ``MambaMixer`` vs ``transformers.models.mamba.modeling_mamba.MambaMixer`` (same weights and input): on CUDA
+  with mamba-ssm and causal-conv1d installed it runs their fused kernels (the row says so), else
+  transformers' sequential torch fallback;
 - ``selective_scan`` vs ``selective_scan_ref`` (our step-by-step reference under autograd);
 - ``selective_scan`` vs a log-space chunked scan under autograd (``cumsum(delta * A)`` inside chunks of 32,
   the usual pure-PyTorch Mamba-1 recipe; it can overflow, see ``ssm/scan.py``), to justify the design.
@@ -27,6 +28,7 @@ from torch import Tensor
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 from transformers.utils import logging as hf_logging
+from transformers.utils.import_utils import is_causal_conv1d_available, is_mamba_ssm_available
 
 from mmfactory.models.components.ssm import MambaMixer, selective_scan, selective_scan_ref
 
@@ -107,6 +109,8 @@ def main() -> None:
     inner = args.expand * args.d_model
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    kernels = is_mamba_ssm_available() and is_causal_conv1d_available() and device.type == "cuda"
+    peer_path = "mamba-ssm kernels" if kernels else "torch fallback"
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} thread(s), batch {args.batch},")
     print(f"d {args.d_model}, N {args.d_state}, expand {args.expand}; median seconds of forward + backward\n")
     print("| ours vs peer | L | ours (s) | peer (s) | speed-up |")
@@ -116,7 +120,7 @@ def main() -> None:
         torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-5)
         ours_s = median_seconds(forward_backward(ours, hidden_states=x), args.repeats)
         peer_s = median_seconds(forward_backward(peer, hidden_states=x), args.peer_repeats)
-        print_row("MambaMixer vs transformers MambaMixer", length, ours_s, peer_s)
+        print_row(f"MambaMixer vs transformers MambaMixer ({peer_path})", length, ours_s, peer_s)
 
         scan_inputs = {
             "u": torch.randn(args.batch, inner, length, device=device),
