@@ -250,8 +250,8 @@ class TrainConfig:
     # group_by_modality_length): fewer pad tokens, and every step still trains on the same samples.
     group_by_length: bool = False
     find_unused_parameters: bool = False  # DDP: needed when some trainable parameters may get no gradient
-    # Activation checkpointing of every Hugging Face model in the task that supports it: each decoder /
-    # encoder layer's activations are recomputed in the backward pass instead of kept (less memory, more time).
+    # Activation checkpointing of every Hugging Face model in the task that supports it: each layer's
+    # activations are recomputed in the backward pass instead of kept (less memory, more time).
     gradient_checkpointing: bool = False
     # An exponential moving average of the trainable weights (timm's ModelEma), updated after every step;
     # the stage then also reports its evaluation with the averaged weights as ema_* (null: none).

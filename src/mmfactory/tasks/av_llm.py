@@ -42,6 +42,7 @@ from mmfactory.models.vision import load_image_processor
 from mmfactory.tasks.base import StageContext, TrainingTask
 from mmfactory.tasks.mllm import (
     LossReduction,
+    lm_attention,
     reply_loss,
     reply_loss_weight,
     resolve_parts,
@@ -159,7 +160,8 @@ class AudioVisualSFTTask(TrainingTask):
                 raise ConfigError(
                     "model: init_from provides the whole model; remove model.vision / model.audio / model.lm"
                 )
-            self.model = AudioVisualLM.from_pretrained(init_dir, dtype=DTYPES[model_cfg.lm.dtype])
+            dtype = DTYPES[model_cfg.lm.dtype]
+            self.model = AudioVisualLM.from_pretrained(init_dir, dtype=dtype, **lm_attention(model_cfg))
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
             image_processor = load_image_processor(init_dir, self.model.config.vision_config.image_size)
             extractor = WhisperFeatureExtractor.from_json_file(str(init_dir / AUDIO_PREPROCESSOR_FILE))

@@ -185,6 +185,13 @@ def resolve_parts(spec: MultimodalLMSpec, ctx: StageContext) -> MultimodalLMSpec
     return replace(spec, **resolved)
 
 
+def lm_attention(spec: MultimodalLMSpec) -> dict[str, Any]:
+    """``from_pretrained`` keywords giving a saved model's LM the spec's ``lm.attn_implementation`` (a saved
+    model does not record it; null: transformers' default)."""
+    impl = spec.lm.attn_implementation
+    return {} if impl is None else {"attn_implementation": {"text_config": impl}}
+
+
 def load_multimodal_lm(
     stage: StageConfig,
     ctx: StageContext,
@@ -199,7 +206,7 @@ def load_multimodal_lm(
     if init_dir is not None:
         if spec.has_parts:
             raise ConfigError("model: init_from provides the whole model; remove model.vision / model.lm")
-        model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[spec.lm.dtype])
+        model = MultimodalLM.from_pretrained(init_dir, dtype=DTYPES[spec.lm.dtype], **lm_attention(spec))
         if spec.hyper is not None:
             add_hyper_experts(model, spec.hyper)
         tokenizer = AutoTokenizer.from_pretrained(init_dir)

@@ -90,6 +90,9 @@ def _gather_rng(accelerator: Accelerator) -> list[tuple[dict, dict]]:
     return out
 
 
+NON_REENTRANT = {"use_reentrant": False}  # no input gradients needed, so frozen embeddings are fine
+
+
 def enable_gradient_checkpointing(task: nn.Module, stage: StageConfig) -> list[str]:
     """Turn on activation checkpointing (non-reentrant) in every outermost Hugging Face model of ``task``
     that supports it, and return them as ``"path (class)"``. A model nested in one that was switched on
@@ -108,7 +111,7 @@ def enable_gradient_checkpointing(task: nn.Module, stage: StageConfig) -> list[s
     def visit(path: str, module: nn.Module) -> None:
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
             try:
-                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
             except ValueError as err:
                 message = " ".join(str(err).split())
                 raise ConfigError(f"{where}: {path} ({type(module).__name__}): {message}") from None
@@ -121,10 +124,10 @@ def enable_gradient_checkpointing(task: nn.Module, stage: StageConfig) -> list[s
 
     visit("", task)
     if not enabled:
-        models = f" (not {', '.join(sorted(set(unsupported)))})" if unsupported else ""
+        models = ", ".join(sorted(set(unsupported))) or "none"
         raise ConfigError(
-            f"{where}: no model of task {stage.task} supports activation checkpointing{models}; "
-            "set it to false"
+            f"{where}: no model of task {stage.task} supports activation checkpointing (its Hugging Face "
+            f"models: {models}); set it to false"
         )
     return enabled
 
