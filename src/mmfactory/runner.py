@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from mmfactory.artifacts import recorded_fingerprint
 from mmfactory.atomic import write_atomic
@@ -99,20 +99,25 @@ def _done_summary(stage_dir: Path, is_main: bool) -> dict | None:
         return None
 
 
-# Engines whose processes hold shards of the weights: the loop saves, resumes and evaluates one process's
-# full copy, so under them checkpoints and final/ would be wrong. Refused until supported (issue 14).
-SHARDED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() in ("1", "true", "yes")
 
 
 def check_engine() -> None:
-    """Refuse a launch that asks for a sharded engine (accelerate's launcher sets these variables)."""
-    for variable, engine in SHARDED_ENGINES.items():
-        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
-            raise ConfigError(
-                f"{engine} is not supported yet: its processes hold shards of the weights, and checkpoints "
-                f"and final/ would hold one process's part ({variable} is set by the launch config); launch "
-                "with DDP: accelerate launch --config_file configs/accelerate/ddp.yaml (docs/distributed.md)"
-            )
+    """Refuse a launch whose accelerate config asks for an engine the loop does not support: DeepSpeed (its
+    processes hold shards the loop cannot save yet) and FSDP version 1 (FSDP2, ``fully_shard``, is supported).
+    accelerate's launcher names the engine in these variables."""
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(
+            "DeepSpeed is not supported yet: its processes hold shards of the weights that the loop cannot "
+            "save (ACCELERATE_USE_DEEPSPEED is set by the launch config); launch with FSDP2 or DDP: "
+            "configs/accelerate/fsdp.yaml or ddp.yaml (docs/distributed.md)"
+        )
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config's fsdp_config "
+            "(FSDP2, fully_shard), as configs/accelerate/fsdp.yaml does (docs/distributed.md)"
+        )
 
 
 def _make_accelerator(stage: StageConfig) -> Accelerator:
@@ -121,6 +126,12 @@ def _make_accelerator(stage: StageConfig) -> Accelerator:
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=stage.train.find_unused_parameters)]
     # accelerate only treats torchrun-launched processes as multi-process CPU (gloo) when told `cpu`.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    if cpu and _flag("ACCELERATE_USE_FSDP"):
+        # accelerate switches FSDP on for GPU-like states only, and `cpu` would silently make it DDP: start
+        # the gloo state, then label it GPU-like so that the Accelerator reads the FSDP plugin (CPU tests).
+        PartialState(cpu=True)
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        cpu = False
     return Accelerator(cpu=cpu, mixed_precision=stage.train.precision, kwargs_handlers=handlers)
 
 
@@ -151,13 +162,20 @@ def run_stage(
     task = build_task(stage, index, ctx).to(accelerator.device)
     task.prepare(accelerator)  # model-made data (teacher top-k, sampled pairs...): the main process writes
     if task.trains:
-        summary = train_stage(task, stage, stage_dir, accelerator, trackers)
+        summary, trained = train_stage(
+            task, stage, stage_dir, accelerator, trackers, rebuild=lambda: build_task(stage, index, ctx)
+        )
     else:
         start = time.perf_counter()
         metrics = task.run(accelerator)
         accelerator.wait_for_everyone()
         summary = {"steps": 0, "time_s": round(time.perf_counter() - start, 2), "metrics": metrics}
+        trained = task
+    # the task that read the training data, and under FSDP the copy that read the eval data at the end
     data_report = task.data_report()
+    if trained is not task:
+        data_report.update(trained.data_report())
+    task = trained
     if data_report:
         summary["data"] = data_report
     if accelerator.is_main_process:

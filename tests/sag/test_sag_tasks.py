@@ -59,7 +59,7 @@ def test_drafter_stays_frozen_while_the_stylist_trains(tmp_path):
     trained = {id(p) for p in task.parameters()}
     assert not any(id(p) in trained for p in drafter.parameters())  # not even a submodule of the task
 
-    summary = train_stage(task, stage, ctx.stage_dir, accelerator)
+    summary, _ = train_stage(task, stage, ctx.stage_dir, accelerator)
 
     assert task.sag.drafter().model is drafter and not drafter.training
     for name, value in drafter.state_dict().items():

@@ -100,7 +100,7 @@ def test_dpo_stage_trains_policy_and_keeps_reference_bit_identical(tmp_path):
     reference_before = {k: v.clone() for k, v in task.reference.state_dict().items()}
     policy_before = {k: v.clone() for k, v in task.model.state_dict().items()}
 
-    summary = train_stage(task, stage, ctx.stage_dir, accelerator)
+    summary, _ = train_stage(task, stage, ctx.stage_dir, accelerator)
 
     assert summary["metrics"]["train_first_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == ref
     assert summary["metrics"]["train_loss"] < summary["metrics"]["train_first_loss"] - 0.05

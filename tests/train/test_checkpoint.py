@@ -31,7 +31,9 @@ def test_round_trip_restores_everything_and_continues_identically(tmp_path):
     model, opt, sched = _setup()
     _train(model, opt, sched, 3)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    path = ckpt.save_checkpoint(tmp_path, 3, named, opt, sched, [ckpt.rng_state()], extra={"note": 1})
+    path = ckpt.save_checkpoint(
+        tmp_path, 3, named, opt.state_dict(), sched, [ckpt.rng_state()], extra={"note": 1}
+    )
     random.random(), np.random.rand()  # noqa: B018 - advance every RNG
     _train(model, opt, sched, 4)
     expected = [p.detach().clone() for p in model.parameters()]
@@ -51,7 +53,7 @@ def test_round_trip_restores_everything_and_continues_identically(tmp_path):
 def test_partial_writes_are_ignored_and_cleaned(tmp_path):
     model, opt, sched = _setup()
     named = dict(model.named_parameters())
-    ckpt.save_checkpoint(tmp_path, 2, named, opt, sched, [ckpt.rng_state()])
+    ckpt.save_checkpoint(tmp_path, 2, named, opt.state_dict(), sched, [ckpt.rng_state()])
     half = ckpt.atomic_dir(tmp_path / "step-4")  # a crash while writing step 4
     (half / "trainable.safetensors").write_bytes(b"partial")
     (tmp_path / "step-6").mkdir()  # a folder without state.json is not a checkpoint
@@ -84,7 +86,13 @@ def test_persistent_buffers_round_trip_and_non_persistent_ones_are_left_out(tmp_
     buffers = ckpt.persistent_buffers(model)
     assert set(buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     path = ckpt.save_checkpoint(
-        tmp_path, 1, dict(model.named_parameters()), opt, sched, [ckpt.rng_state()], buffers=buffers
+        tmp_path,
+        1,
+        dict(model.named_parameters()),
+        opt.state_dict(),
+        sched,
+        [ckpt.rng_state()],
+        buffers=buffers,
     )
     fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
     ckpt.load_checkpoint(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), sched, rank=0)

@@ -74,14 +74,21 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, launcher, po
 
 
 @pytest.mark.parametrize(
-    "variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+    "variables, message",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+    ],
 )
-def test_a_sharded_engine_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys, variable, engine):
-    """Until the loop saves and evaluates sharded weights (issue 14), a launch asking for FSDP or DeepSpeed
-    stops in one line instead of writing one process's shards as the model."""
-    monkeypatch.setenv(variable, "true")
+def test_an_unsupported_engine_is_refused_before_anything_trains(
+    tmp_path, monkeypatch, capsys, variables, message
+):
+    """DeepSpeed (its shards are not saved yet) and FSDP1 stop in one line instead of training into a
+    final/ that would hold one process's shards; FSDP2 trains (tests/train/test_fsdp.py)."""
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
     path = write_recipe(tiny_sft_recipe(max_steps=2), tmp_path / "r.yaml")
     assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{engine} is not supported yet" in err and "ddp.yaml" in err
+    assert len(err.splitlines()) == 1 and message in err and "configs/accelerate/" in err
     assert not (tmp_path / "run" / "sft").exists()

@@ -54,7 +54,7 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     stage = _stage(max_steps=40, eval_every=20, log_every=10)
     stage.optimizer.lr = 0.3
     stage.schedule.kind = "constant"
-    summary = train_stage(task, stage, tmp_path, Accelerator(cpu=True))
+    summary, _ = train_stage(task, stage, tmp_path, Accelerator(cpu=True))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 10, 20, 30, 40]
@@ -79,7 +79,7 @@ def test_weight_ema_follows_the_live_weights_and_reports_its_own_evaluation(tmp_
     )
     stage = _stage(max_steps=12, ema_decay=0.8)
     stage.optimizer.lr = 0.3
-    summary = train_stage(task, stage, tmp_path, Accelerator(cpu=True))
+    summary, _ = train_stage(task, stage, tmp_path, Accelerator(cpu=True))
     live = seen[1:] + [task.linear.weight.item()]  # after steps 1..12
     shadow = seen[0]
     for weight in live:

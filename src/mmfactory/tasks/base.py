@@ -98,6 +98,16 @@ class TrainingTask(nn.Module):
     sample_kind: ClassVar[str | None] = None
     extra_sources: ClassVar[dict[str, str]] = {}
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes of the task's Hugging Face models (their own ``_no_split_modules``): under FSDP
+        with ``TRANSFORMER_BASED_WRAP``, accelerate shards each such layer as a unit."""
+        names: dict[str, None] = {}
+        for module in self.modules():
+            if module is not self:
+                names.update(dict.fromkeys(getattr(module, "_no_split_modules", None) or ()))
+        return list(names)
+
     def __init__(self, stage: StageConfig, ctx: StageContext, model_cfg: Any, data_cfg: Any, options: Any):
         super().__init__()
         self.stage = stage

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmfactory.atomic import atomic_dir, commit_dir, file_sha256
+from mmfactory.train.sharded import load_full_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -61,7 +62,8 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer ``state_dict`` into a flat tensor dict and JSON-able metadata."""
+    """Split an optimizer ``state_dict`` (its state keyed by parameter index, or by parameter name as
+    :mod:`mmfactory.train.sharded` gathers it) into a flat tensor dict and JSON-able metadata."""
     tensors, scalars = {}, {}
     for index, state in state_dict["state"].items():
         for key, value in state.items():
@@ -72,13 +74,17 @@ def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
 
 
+def _index(index: str) -> int | str:
+    return int(index) if index.isdigit() else index
+
+
 def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        index, key = name.rsplit(".", 1)  # a parameter name holds dots; a state key ("exp_avg") none
+        state.setdefault(_index(index), {})[key] = tensor
     for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        state.setdefault(_index(index), {}).update(values)
     groups = meta["param_groups"]
     for group in groups:  # JSON turns tuples into lists; torch expects betas as a tuple
         if "betas" in group:
@@ -122,19 +128,20 @@ def save_checkpoint(
     directory: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rng_per_rank: list[tuple[dict[str, torch.Tensor], dict]],
     extra: dict | None = None,
     buffers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``directory/step-{step}`` atomically and return it."""
+    """Write ``directory/step-{step}`` atomically and return it (``optimizer_state``: the optimizer's
+    ``state_dict()``, or the full one :mod:`mmfactory.train.sharded` gathers)."""
     final = directory / f"step-{step}"
     tmp = atomic_dir(final)
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     if buffers:
         save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()}, tmp / "buffers.safetensors")
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict())
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", opt_meta)
     for rank, (tensors, meta) in enumerate(rng_per_rank):
@@ -178,9 +185,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int,
+    sharded: bool = False,
 ) -> dict:
     """Restore trainable parameters, persistent buffers, optimizer, scheduler and this rank's RNG; returns
-    ``state.json``."""
+    ``state.json``. ``sharded``: ``module`` is FSDP2-sharded; each process keeps its shard of the saved
+    full state (:func:`mmfactory.train.sharded.load_full_state`)."""
     saved = load_file(path / "trainable.safetensors")
     params = dict(module.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -196,13 +205,17 @@ def load_checkpoint(
     )
     if saved_buffers and set(saved_buffers) != set(buffers):
         raise RuntimeError(f"{path}: checkpoint buffers do not match the model's; was the model changed?")
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer_state = optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta)
     with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
         for name, tensor in saved_buffers.items():
             buffers[name].copy_(tensor)
-    meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_flat(load_file(path / "optimizer.safetensors"), meta))
+        if sharded:
+            load_full_state(module, optimizer, saved, optimizer_state)
+        else:
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+            optimizer.load_state_dict(optimizer_state)
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     rng_file = path / f"rng-{rank}.safetensors"

@@ -4,8 +4,9 @@ It never names a method. A :class:`~mmfactory.tasks.base.TrainingTask` supplies 
 evaluation; the loop does sampling, gradient accumulation (weighted so 1x8 == 8x1), clipping, schedules,
 mixed precision, NaN/inf guarding, periodic evaluation, atomic checkpoints with exact resume, metrics
 (``metrics.jsonl``, tensorboard and whatever else ``train.report_to`` names: :mod:`mmfactory.train.trackers`)
-and a progress bar. DDP / FSDP / DeepSpeed come from accelerate's own launch configuration, never from task
-code.
+and a progress bar. DDP and FSDP2 come from accelerate's launch configuration, never from task code; what
+FSDP2 changes (gathered checkpoints, an unsharded copy to evaluate and save) is in
+:mod:`mmfactory.train.sharded`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.streaming import TrainStream
 from mmfactory.tasks.base import TrainingTask
 from mmfactory.train import checkpoint as ckpt
+from mmfactory.train import sharded
 from mmfactory.train.ema import WeightEMA
 from mmfactory.train.optim import build_optimizer, build_scheduler, select_trainable
 from mmfactory.train.sampler import StepSampler
@@ -61,8 +63,10 @@ def _input_tokens(batch: Any) -> int:
     return 0
 
 
-def _check_finite(parameters: list[torch.Tensor], stage: str, step: int) -> None:
-    bad = sum(int(not torch.isfinite(p).all()) for p in parameters)
+def _check_finite(parameters: list[torch.Tensor], stage: str, step: int, accelerator: Accelerator) -> None:
+    """Every process checks its part (its shards under FSDP); all stop together if any part is not finite."""
+    local_bad = sum(int(not torch.isfinite(sharded.local(p)).all()) for p in parameters)
+    bad = int(accelerator.reduce(torch.tensor(local_bad, device=accelerator.device), "sum").item())
     if bad:
         raise NonFiniteLossError(
             f"[{stage}] {bad} trainable tensors hold inf or NaN after step {step}; nothing was saved "
@@ -136,20 +140,24 @@ def enable_gradient_checkpointing(task: nn.Module, stage: StageConfig) -> list[s
 def evaluate_loss(task: TrainingTask, accelerator: Accelerator, batch_size: int) -> dict:
     """Item-weighted mean of the task's loss and metrics over its eval set, sharded across processes.
 
-    Calls the unwrapped task (accelerate patches its autocast onto it), so processes with unequal shares
-    of the eval set never wait on each other inside a DDP forward.
+    Calls the unwrapped task (accelerate patches its autocast onto it). Every process runs the same number
+    of batches, one that has run out repeating its first with weight 0: under FSDP every forward gathers
+    shards from all processes, so none may skip one.
     """
     dataset = task.eval_dataset()
     if dataset is None:
         return {}
     was_training = task.training
     task.eval()
-    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    world = accelerator.num_processes
+    indices = list(range(accelerator.process_index, len(dataset), world))
+    batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     sums: dict[str, torch.Tensor] = {}
     weight = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for lo in range(0, len(indices), batch_size):
-        batch = task.collate([dataset[i] for i in indices[lo : lo + batch_size]])
-        w = task.loss_weight(batch)
+    for b in range(batches):
+        chunk = indices[b * batch_size : (b + 1) * batch_size]
+        batch = task.collate([dataset[i] for i in chunk or indices[:1] or [0]])
+        w = task.loss_weight(batch) if chunk else 0
         out = task(_to_device(batch, accelerator.device))
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value.detach().double() * w
@@ -165,15 +173,21 @@ def train_stage(
     stage_dir: Path,
     accelerator: Accelerator,
     trackers: Sequence[GeneralTracker] = (),
-) -> dict:
+    rebuild: Callable[[], TrainingTask] | None = None,
+) -> tuple[dict, TrainingTask]:
     """Train ``task`` as ``stage`` says, writing checkpoints and metrics into ``stage_dir``.
 
     Resumes from the newest complete ``step-N/`` checkpoint in ``stage_dir`` if there is one. Metrics go
     where ``train.report_to`` says and to the custom ``trackers``. Returns the stage summary
-    ``{"steps", "time_s", "metrics"}``.
+    ``{"steps", "time_s", "metrics"}`` and the trained task to save: ``task`` itself, or under FSDP an
+    unsharded copy that ``rebuild`` builds and the gathered weights fill (:mod:`mmfactory.train.sharded`).
     """
     cfg = stage.train
     is_main = accelerator.is_main_process
+    fsdp = sharded.is_sharded(accelerator)
+    if fsdp and (cfg.ema_decay is not None or rebuild is None):
+        what = "train.ema_decay" if rebuild is not None else "a task without a rebuild"
+        raise ConfigError(f"stages.{stage.name}: FSDP does not support {what} yet; launch with DDP")
     if cfg.gradient_checkpointing:  # first: a refusal comes before any data is read; before accelerate wraps
         checkpointed = enable_gradient_checkpointing(task, stage)
         accelerator.print(f"[{stage.name}] gradient checkpointing: {', '.join(checkpointed)}")
@@ -201,7 +215,6 @@ def train_stage(
         steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)
     select_trainable(task, stage.trainable, stage.frozen)
-    trainable = [p for p in task.parameters() if p.requires_grad]
     ema = None
     if cfg.ema_decay is not None:  # its shadow weights are buffers of the task: checkpointed, resumed
         ema = WeightEMA({n: p for n, p in task.named_parameters() if p.requires_grad}, cfg.ema_decay)
@@ -209,6 +222,9 @@ def train_stage(
     optimizer = build_optimizer(task, stage.optimizer)
     scheduler = build_scheduler(optimizer, total_steps, stage.schedule)
     model, optimizer = accelerator.prepare(task, optimizer)
+    trainable = [p for p in task.parameters() if p.requires_grad]  # FSDP swapped them for sharded ones
+    if fsdp:
+        accelerator.print(f"[{stage.name}] FSDP2: the {accelerator.num_processes} processes hold shards")
 
     if is_main:
         ckpt.remove_partial(stage_dir)
@@ -219,7 +235,7 @@ def train_stage(
         if problem is not None:
             accelerator.print(f"[{stage.name}] warning: checkpoint {path} is damaged ({problem}); skipped")
             continue
-        state = ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index)
+        state = ckpt.load_checkpoint(path, task, optimizer, scheduler, accelerator.process_index, fsdp)
         start_step, first_loss = step, state.get("first_loss")
         accelerator.print(f"[{stage.name}] resumed from {path} (step {step}/{total_steps})")
         break
@@ -314,16 +330,20 @@ def train_stage(
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
             log.log(done, evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size))
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
-            _check_finite(trainable, stage.name, done)  # nothing non-finite is ever saved
+            _check_finite(trainable, stage.name, done, accelerator)  # nothing non-finite is ever saved
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
             rng = _gather_rng(accelerator)
-            if is_main:
+            if fsdp:  # the full trainable weights and optimizer state, gathered on the main process
+                named, optimizer_state = sharded.full_training_state(task, optimizer.optimizer)
+            elif is_main:
                 named = {n: p for n, p in task.named_parameters() if p.requires_grad}
+                optimizer_state = optimizer.state_dict()
+            if is_main:
                 ckpt.save_checkpoint(
                     stage_dir,
                     done,
                     named,
-                    optimizer,
+                    optimizer_state,
                     scheduler,
                     rng,
                     extra={"first_loss": first_loss},
@@ -337,6 +357,8 @@ def train_stage(
 
     metrics = {f"train_{k}": v for k, v in last.items() if k != "lr"}
     metrics["trainable_params_m"] = sum(p.numel() for p in trainable) / 1e6
+    if fsdp:  # from here on, an unsharded copy on every process: evaluated and saved as one process's
+        task = _unsharded(task, rebuild, accelerator)
     if first_loss is not None:
         metrics["train_first_loss"] = first_loss
     final_eval = evaluate_loss(task, accelerator, cfg.eval_batch_size or cfg.batch_size)
@@ -360,4 +382,17 @@ def train_stage(
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
     log.log(total_steps, {k: v for k, v in metrics.items() if isinstance(v, int | float)})
     log.close()
-    return {"steps": total_steps, "time_s": round(train_time, 2), "metrics": metrics}
+    return {"steps": total_steps, "time_s": round(train_time, 2), "metrics": metrics}, task
+
+
+def _unsharded(
+    task: TrainingTask, rebuild: Callable[[], TrainingTask], accelerator: Accelerator
+) -> TrainingTask:
+    """A new task from ``rebuild`` holding ``task``'s trained weights, gathered in full on every process;
+    its prepare step reads back the artifacts the stage prepared."""
+    weights = sharded.full_model_state(task)
+    copy = rebuild()
+    copy.load_state_dict(weights)
+    copy.to(accelerator.device)
+    copy.prepare(accelerator)
+    return copy
