@@ -1,16 +1,23 @@
-"""Memory switches: peak memory and step time of a ~100M-parameter LM SFT stage with and without
-``train.gradient_checkpointing``, same run (issue 14).
+"""Memory: peak memory and step time of a ~100M-parameter LM SFT stage with and without
+``train.gradient_checkpointing``, or (``--fsdp``) on one process and sharded over two with FSDP2, same run
+(issue 14).
 
     .venv/bin/python benchmarks/memory.py --threads 1                          # 104M params, 4 x 512 tokens
     .venv/bin/python benchmarks/memory.py --threads 1 --hidden 256 --layers 4 --steps 3   # a quick look
     .venv/bin/python benchmarks/memory.py --device cuda --batch 8 --seq-len 2048
+    .venv/bin/python benchmarks/memory.py --threads 1 --fsdp    # 1 process vs FSDP2 on 2 (gloo on the CPU)
 
 Each setting is a whole ``causal_lm_sft`` stage run by the real runner and training loop (what ``mmfactory
 run`` does) in a subprocess of its own: a Qwen2 from ``tiny`` (``--hidden`` x ``--layers``, FFN
 ``--ffn-mult`` x hidden, the world tokenizer's vocabulary, untied embeddings) on world chats, every batch
 padded to ``--seq-len`` tokens (``data.pad_to_multiple_of``: padding costs the compute and the activation
 memory of real tokens), AdamW, fp32, no evaluation or generation. The peer is the same stage without
-checkpointing; ``--attn`` picks ``model.attn_implementation`` for both.
+checkpointing; ``--attn`` picks ``model.attn_implementation`` for both. With ``--fsdp`` the peer is the
+stage on one process and the other setting the same stage launched with configs/accelerate/fsdp.yaml on 2
+processes, each with the same micro-batch (so the per-process activations are alike and the shards of
+weights, gradients and AdamW state make the difference); the main process reports (the loop logs there;
+every process holds an equal shard). There, memory is the peak RSS *during training* (``VmHWM`` at the
+last step's log), which leaves out the unsharded copy FSDP gathers afterwards to evaluate and save.
 
 Memory, per subprocess: on the CPU its peak resident set size (``getrusage``'s ``ru_maxrss``; each child
 reads its own, ``RUSAGE_SELF`` at exit, because the parent's ``RUSAGE_CHILDREN`` is the maximum over every
@@ -30,8 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-SETTINGS = {"no checkpointing (peer)": False, "gradient checkpointing": True}
 
 
 def recipe(args: argparse.Namespace, checkpointing: bool) -> dict:
@@ -74,12 +79,21 @@ def ffn_size(args: argparse.Namespace) -> int:
     return round(args.ffn_mult * args.hidden)
 
 
-def rss_mib() -> float:
-    """This process's resident set size now (Linux)."""
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mib() -> float:
+    """This process's resident set size now (Linux)."""
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux)."""
+    return _status_mib("VmHWM")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -102,7 +116,7 @@ def child(args: argparse.Namespace) -> None:
         def __init__(self):
             super().__init__()
             self.times: list[float] = []
-            self.start_rss = self.start_cuda = float("nan")
+            self.start_rss = self.start_cuda = self.train_peak = float("nan")
 
         @property
         def tracker(self):
@@ -118,20 +132,24 @@ def child(args: argparse.Namespace) -> None:
         def log(self, values, step=None, **kwargs):
             if "loss" in values:
                 self.times.append(time.perf_counter())
+                self.train_peak = peak_rss_mib()
 
         def finish(self):
             pass
 
     clock = StepClock()
-    with tempfile.TemporaryDirectory() as out:
-        results = run_recipe(recipe_from_dict(recipe(args, args.checkpointing)), Path(out), trackers=[clock])
+    results = run_recipe(recipe_from_dict(recipe(args, args.checkpointing)), Path(args.out), trackers=[clock])
     intervals = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    if not clock.times:  # a process other than the main one: the loop logs on the main process only
+        return
     metrics = results["metrics"]
     report = {
         "params_m": metrics["sft/trainable_params_m"],
         "step_s": statistics.median(intervals),
         "steps_timed": len(intervals),
-        "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_peak_mib": (
+            clock.train_peak if args.fsdp else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
         "rss_start_mib": clock.start_rss,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
         "cuda_start_mib": clock.start_cuda,
@@ -153,8 +171,10 @@ def main() -> None:
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fsdp", action="store_true", help="1 process vs FSDP2 on 2 (no checkpointing)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)  # the run folder every process of a setting shares
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps: at least 2 (the first step is not timed)")
@@ -166,15 +186,17 @@ def main() -> None:
 
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     rows = {}
-    for name, checkpointing in SETTINGS.items():
-        cmd = [sys.executable, __file__, "--child", *sys.argv[1:]] + ["--checkpointing"] * checkpointing
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for name, cmd in settings(args).items():
+        with tempfile.TemporaryDirectory() as out:
+            proc = subprocess.run([*cmd, "--out", out], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{name}: the stage failed\n{proc.stderr[-3000:]}")
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-        rows[name] = json.loads(line[len("RESULT ") :])
+        reports = [
+            json.loads(x[len("RESULT ") :]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")
+        ]
+        rows[name] = max(reports, key=lambda r: r["rss_peak_mib"])  # the process that needed the most
 
-    peer = rows["no checkpointing (peer)"]
+    peer = rows[next(iter(rows))]
     print(
         f"torch {torch.__version__}, {args.device}, {args.threads or torch.get_num_threads()} thread(s), "
         "fp32, "
@@ -194,11 +216,27 @@ def main() -> None:
             f"| {name} | {row['step_s']:.2f} | {row['step_s'] / peer['step_s']:.2f}x | {row[peak_key]:.0f} | "
             f"{row[start_key]:.0f} | {adds:.0f} | {adds / peer_adds:.2f}x |"
         )
-    gc = rows["gradient checkpointing"]
+    other = rows[list(rows)[1]]
     print(
-        f"\npeak memory {gc[peak_key] / peer[peak_key]:.2f}x the peer's, step time "
-        f"{gc['step_s'] / peer['step_s']:.2f}x; final train loss {gc['loss']:.6f} vs {peer['loss']:.6f}"
+        f"\npeak memory {other[peak_key] / peer[peak_key]:.2f}x the peer's, step time "
+        f"{other['step_s'] / peer['step_s']:.2f}x; final train loss {other['loss']:.6f} vs {peer['loss']:.6f}"
     )
+
+
+def settings(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The command of each setting, the peer first."""
+    child = [__file__, "--child", *sys.argv[1:]]
+    if not args.fsdp:
+        return {
+            "no checkpointing (peer)": [sys.executable, *child],
+            "gradient checkpointing": [sys.executable, *child, "--checkpointing"],
+        }
+    config = Path(__file__).resolve().parents[1] / "configs/accelerate/fsdp.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return {
+        "1 process (peer)": [sys.executable, *child],
+        "FSDP2, 2 processes": [*launch, "--num_processes", "2", "--main_process_port", "29571", *child],
+    }
 
 
 if __name__ == "__main__":
