@@ -92,3 +92,39 @@ def test_an_unsupported_engine_is_refused_before_anything_trains(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "configs/accelerate/" in err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+@pytest.mark.distributed
+def test_the_two_machine_config_trains_as_one_process(tmp_path):
+    """configs/accelerate/ddp-2nodes.yaml, as two machines of one process each on this machine (two
+    launchers, machine ranks 0 and 1, the main one at 127.0.0.1), trains as one process on their batch."""
+    one = _train_in_process(tmp_path, "one", batch_size=8)
+    path = write_recipe(tiny_sft_recipe(max_steps=4, batch_size=4), tmp_path / "two.yaml")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    config = REPO / "configs/accelerate/ddp-2nodes.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(
+            [
+                accelerate,
+                "launch",
+                "--config_file",
+                str(config),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+            ]
+            + ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", "29539"]
+            + ["-m", "mmfactory.cli", "run", str(path), "--output", str(tmp_path / "two")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for machine in machines:
+        out, err = machine.communicate(timeout=300)
+        assert machine.returncode == 0, err[-3000:]
+    _assert_close(one, _final(tmp_path / "two"), atol=2e-5)
