@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard`` through accelerate, the shipped configs/accelerate/fsdp.yaml) on 2 gloo processes:
-the shards train as one process does, a run killed mid-stage resumes exactly, ``final/`` holds the full
-weights and loads in one process. For an LM, a multimodal LM with a frozen tower, and a LLaVA-MoD mimic
-stage that upcycles the LM to a sparse MoE (an expert no token reaches on one process must not hang)."""
+the shards train as one process does, a run killed mid-stage resumes exactly (under DDP too, with the
+shipped ddp.yaml), ``final/`` holds the full weights and loads in one process. For an LM, a multimodal LM
+with a frozen tower, and a LLaVA-MoD mimic stage that upcycles the LM to a sparse MoE (an expert no token
+reaches on one process must not hang)."""
 
 import os
 import shutil
@@ -27,9 +28,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ATOL = 2e-5  # 4 AdamW steps: sums over 2 shards and 2 processes round differently from one process
 
 
-def _fsdp(path: Path, out: Path, port: int) -> list[str]:
+def _fsdp(path: Path, out: Path, port: int, config: str = "fsdp") -> list[str]:
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    config = REPO / "configs/accelerate/fsdp.yaml"
+    config = REPO / f"configs/accelerate/{config}.yaml"
     return [accelerate, "launch", "--config_file", str(config), "--num_processes", "2"] + [
         "--main_process_port",
         str(port),
@@ -42,10 +43,13 @@ def _fsdp(path: Path, out: Path, port: int) -> list[str]:
     ]
 
 
-def _run_fsdp(path: Path, out: Path, port: int) -> str:
-    proc = subprocess.run(_fsdp(path, out, port), env=ENV, capture_output=True, text=True, timeout=600)
+def _run_fsdp(path: Path, out: Path, port: int, config: str = "fsdp") -> str:
+    proc = subprocess.run(
+        _fsdp(path, out, port, config), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FSDP2: the 2 processes hold shards" in proc.stdout  # not silently DDP
+    sharded = "FSDP2: the 2 processes hold shards" in proc.stdout
+    assert sharded == (config == "fsdp")  # not silently DDP
     return proc.stdout
 
 
@@ -134,18 +138,19 @@ def _kill_all_when(cmd: list[str], out: Path, when: Path) -> None:
     assert not (when.parent / "DONE").exists(), "the kill came too late to test resuming"
 
 
-def test_an_fsdp_run_killed_mid_stage_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("config, port", [("fsdp", 29555), ("ddp", 29563)])
+def test_a_two_process_run_killed_mid_stage_resumes_exactly(tmp_path, config, port):
     # dropout on: the restored RNG of each process matters as much as the gathered weights and optimizer
     recipe = tiny_sft_recipe(max_steps=12, batch_size=4, save_every=3, keep_checkpoints=2, log_every=1)
     recipe["stages"][0]["model"]["tiny"]["attention_dropout"] = 0.1
     path = write_recipe(recipe, tmp_path / "r.yaml")
     reference = tmp_path / "reference"
-    _run_fsdp(path, reference, 29555)
+    _run_fsdp(path, reference, port, config)
     resumed = tmp_path / "resumed"
-    _kill_all_when(_fsdp(path, resumed, 29557), resumed, resumed / "sft" / "step-6")
+    _kill_all_when(_fsdp(path, resumed, port + 2, config), resumed, resumed / "sft" / "step-6")
     time.sleep(1)  # let the killed workers' files settle
     assert not (resumed / "sft" / "DONE").exists()
-    out = _run_fsdp(path, resumed, 29559)
+    out = _run_fsdp(path, resumed, port + 4, config)
     assert "resumed from" in out
     a, b = _weights(reference, "sft"), _weights(resumed, "sft")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
