@@ -17,7 +17,9 @@ stage on one process and the other setting the same stage launched with configs/
 processes, each with the same micro-batch (so the per-process activations are alike and the shards of
 weights, gradients and AdamW state make the difference); the main process reports (the loop logs there;
 every process holds an equal shard). There, memory is the peak RSS *during training* (``VmHWM`` at the
-last step's log), which leaves out the unsharded copy FSDP gathers afterwards to evaluate and save.
+last step's log), which leaves out the unsharded copy FSDP gathers afterwards to evaluate and save. The
+last column counts the tensor storages alive after the last step (weights and AdamW moments; a sharded
+parameter counts its shard), which the CPU allocator's caching does not blur.
 
 Memory, per subprocess: on the CPU its peak resident set size (``getrusage``'s ``ru_maxrss``; each child
 reads its own, ``RUSAGE_SELF`` at exit, because the parent's ``RUSAGE_CHILDREN`` is the maximum over every
@@ -91,6 +93,23 @@ def rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
+def live_tensor_mib() -> float:
+    """Bytes of every tensor storage alive in this process (each storage once; a sharded parameter counts
+    its local shard), in MiB: what the process holds, whatever the allocator keeps on top."""
+    import gc
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            local = obj.to_local() if isinstance(obj, DTensor) else obj
+            storage = local.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far (Linux)."""
     return _status_mib("VmHWM")
@@ -116,7 +135,7 @@ def child(args: argparse.Namespace) -> None:
         def __init__(self):
             super().__init__()
             self.times: list[float] = []
-            self.start_rss = self.start_cuda = self.train_peak = float("nan")
+            self.start_rss = self.start_cuda = self.train_peak = self.live = float("nan")
 
         @property
         def tracker(self):
@@ -133,6 +152,7 @@ def child(args: argparse.Namespace) -> None:
             if "loss" in values:
                 self.times.append(time.perf_counter())
                 self.train_peak = peak_rss_mib()
+                self.live = live_tensor_mib()  # between steps: weights, AdamW moments (gradients freed)
 
         def finish(self):
             pass
@@ -154,6 +174,7 @@ def child(args: argparse.Namespace) -> None:
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
         "cuda_start_mib": clock.start_cuda,
         "loss": metrics["sft/train_loss"],
+        "live_mib": clock.live,
     }
     print("RESULT " + json.dumps(report))
 
@@ -206,15 +227,18 @@ def main() -> None:
     )
     kind = "cuda" if args.device == "cuda" else "rss"
     memory = "CUDA peak MiB" if kind == "cuda" else "peak RSS MiB"
-    print(f"| setting | step s | step / peer | {memory} | at start MiB | training adds MiB | adds / peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| setting | step s | step / peer | {memory} | at start MiB | training adds MiB | adds / peer "
+        "| live tensors between steps MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     peak_key, start_key = f"{kind}_peak_mib", f"{kind}_start_mib"
     peer_adds = peer[peak_key] - peer[start_key]
     for name, row in rows.items():
         adds = row[peak_key] - row[start_key]
         print(
             f"| {name} | {row['step_s']:.2f} | {row['step_s'] / peer['step_s']:.2f}x | {row[peak_key]:.0f} | "
-            f"{row[start_key]:.0f} | {adds:.0f} | {adds / peer_adds:.2f}x |"
+            f"{row[start_key]:.0f} | {adds:.0f} | {adds / peer_adds:.2f}x | {row['live_mib']:.0f} |"
         )
     other = rows[list(rows)[1]]
     print(
