@@ -103,10 +103,10 @@ def _flag(variable: str) -> bool:
     return os.environ.get(variable, "false").lower() in ("1", "true", "yes")
 
 
-def check_engine() -> None:
+def check_engine(recipe: Recipe) -> None:
     """Refuse a launch whose accelerate config asks for an engine the loop does not support: DeepSpeed (its
-    processes hold shards the loop cannot save yet) and FSDP version 1 (FSDP2, ``fully_shard``, is supported).
-    accelerate's launcher names the engine in these variables."""
+    processes hold shards the loop cannot save yet) and FSDP version 1 (FSDP2, ``fully_shard``, is supported),
+    or FSDP for a stage with a weight EMA. accelerate's launcher names the engine in these variables."""
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError(
             "DeepSpeed is not supported yet: its processes hold shards of the weights that the loop cannot "
@@ -118,6 +118,13 @@ def check_engine() -> None:
             "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config's fsdp_config "
             "(FSDP2, fully_shard), as configs/accelerate/fsdp.yaml does (docs/distributed.md)"
         )
+    if _flag("ACCELERATE_USE_FSDP"):
+        for i, stage in enumerate(recipe.stages):
+            if stage.train.ema_decay is not None:
+                raise ConfigError(
+                    f"stages[{i}].train.ema_decay: a weight EMA is not supported under FSDP yet; set it to "
+                    "null for this launch, or launch with DDP (configs/accelerate/ddp.yaml)"
+                )
 
 
 def _make_accelerator(stage: StageConfig) -> Accelerator:
@@ -200,7 +207,7 @@ def preflight(recipe: Recipe) -> None:
     sources' paths, its trackers, and that each reference (``init_from``, ``options.teacher``, a
     ``keep_uids`` selection) names an earlier stage, a folder or a hub id; and that the launch asks for no
     sharded engine (:func:`check_engine`). Raises :class:`ConfigError`."""
-    check_engine()
+    check_engine(recipe)
     for i, stage in enumerate(recipe.stages):
         _, _, data_cfg, options = validate_stage(stage, i)
         check_source_paths(data_cfg, f"stages[{i}].data")

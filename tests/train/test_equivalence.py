@@ -73,24 +73,28 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, launcher, po
     _assert_close(one, _final(tmp_path / "two"), atol=2e-5)
 
 
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
 @pytest.mark.parametrize(
-    "variables, message",
+    "variables, train, message",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported yet"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "DeepSpeed is not supported yet"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {}, "FSDP version 1 is not supported"),
+        (FSDP2, {"ema_decay": 0.9}, "stages[0].train.ema_decay: a weight EMA is not supported under FSDP"),
     ],
 )
 def test_an_unsupported_engine_is_refused_before_anything_trains(
-    tmp_path, monkeypatch, capsys, variables, message
+    tmp_path, monkeypatch, capsys, variables, train, message
 ):
-    """DeepSpeed (its shards are not saved yet) and FSDP1 stop in one line instead of training into a
-    final/ that would hold one process's shards; FSDP2 trains (tests/train/test_fsdp.py)."""
+    """DeepSpeed (its shards are not saved yet), FSDP1, and FSDP2 with a weight EMA stop in one line before
+    any stage trains; FSDP2 itself trains (tests/train/test_fsdp.py)."""
     for variable, value in variables.items():
         monkeypatch.setenv(variable, value)
-    path = write_recipe(tiny_sft_recipe(max_steps=2), tmp_path / "r.yaml")
+    path = write_recipe(tiny_sft_recipe(max_steps=2, **train), tmp_path / "r.yaml")
     assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err and "configs/accelerate/" in err
+    assert len(err.splitlines()) == 1 and message in err and "configs/accelerate/" in err, err
     assert not (tmp_path / "run" / "sft").exists()
 
 
