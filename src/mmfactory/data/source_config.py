@@ -273,3 +273,10 @@ def check_fraction(max_bad_fraction: float | None) -> None:
     """Refuse a ``max_bad_fraction`` outside [0, 1) (1 or more would never stop anything)."""
     if max_bad_fraction is not None and not 0 <= max_bad_fraction < 1:
         raise ConfigError(f"max_bad_fraction: must be in [0, 1), got {max_bad_fraction}")
+
+
+def check_sources(train: list[SourceConfig], max_bad_fraction: float | None) -> None:
+    """The checks every data section shares: at least one training source, a bad-record share in [0, 1]."""
+    if not train:
+        raise ConfigError("train: at least one source is required")
+    check_fraction(max_bad_fraction)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from mmfactory.config import ConfigError
 from mmfactory.data.chat import TemplateName
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.models.generation import GenerationConfig
 from mmfactory.models.lm import CausalLMConfig
 from mmfactory.models.lora import LoraOptions
@@ -77,9 +77,7 @@ class SAGDataConfig:
     pad_to_multiple_of: int | None = None
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 @dataclass

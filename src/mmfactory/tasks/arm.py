@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.augment import AugmentedImages, ImageAugment
 from mmfactory.data.images import FittedImages, align_classes
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.examples import Example, write_examples
 from mmfactory.models.vision_mamba import (
     ARMPretrainingModel,
@@ -64,9 +64,7 @@ class ImageDataConfig:
     max_bad_fraction: float | None = None  # stop when a source has more bad records than this share
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from mmfactory.config import ConfigError, StageConfig
 from mmfactory.data.av import AUDIO_PREPROCESSOR_FILE, AVChatDataset, AVProcessor
 from mmfactory.data.chat import TemplateName
 from mmfactory.data.multimodal import MultimodalProcessor
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.streaming import SampleStream
 from mmfactory.data.world_source import world_av_benchmarks
 from mmfactory.eval.av import evaluate_av
@@ -76,9 +76,7 @@ class AVDataConfig:
     modality_tokens: bool = True
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 # items asked per benchmark; av_qa and av_which scan this many clips and ask those their question fits

@@ -23,7 +23,7 @@ from mmfactory.data.chat import (
     resolve_template,
     tokenize_chat,
 )
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.losses.lm import causal_lm_loss
 from mmfactory.models.generation import GenerationConfig, generate_replies
@@ -57,9 +57,7 @@ class ChatDataConfig:
     pad_to_multiple_of: int | None = None
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.media import FrameSampling
 from mmfactory.data.samples import Samples
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.video_text import video_clip
 from mmfactory.eval.flops import count_flops
 from mmfactory.eval.metrics import text_video_retrieval
@@ -60,9 +60,7 @@ class VideoTextDataConfig:
     max_text_length: int = 32  # tokens including [CLS] and [SEP]
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
         if self.num_frames < 1:
             raise ConfigError(f"num_frames: must be >= 1, got {self.num_frames}")
 

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from mmfactory.config import ConfigError
 from mmfactory.data.hard_negatives import with_shape_twins
 from mmfactory.data.image_text import ImageCaptionDataset, ImageCaptions, _stream_item
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.streaming import ImageTextStream, TrainStream
 from mmfactory.data.world_source import world_scene_layout, world_scene_vocabulary, world_zero_shot
 from mmfactory.eval.metrics import text_video_retrieval
@@ -105,9 +105,7 @@ class ImageTextDataConfig:
     shape_twins: float = 0.0  # fraction of each training batch made of shape-twin pairs; 0: none
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
         if self.max_text_length is not None and self.max_text_length < 2:
             raise ConfigError(f"max_text_length: must be >= 2, got {self.max_text_length}")
         if not 0.0 <= self.shape_twins <= 1.0:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from mmfactory.config import ConfigError
 from mmfactory.data.image_text import ImageCaptions
 from mmfactory.data.images import fit_image
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.streaming import SampleStream
 from mmfactory.mars.evaluate import (
     save_grid,
@@ -67,9 +67,7 @@ class ImageSourcesData:
     max_bad_fraction: float | None = None
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 class ImageSourcesTask(TrainingTask):

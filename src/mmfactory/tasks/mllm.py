@@ -36,7 +36,7 @@ from mmfactory.data.multimodal import (
     MultimodalSample,
     fit_conversation,
 )
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.data.streaming import SampleStream, TrainStream
 from mmfactory.data.world_source import world_benchmarks
 from mmfactory.eval.mllm import evaluate_mllm
@@ -70,9 +70,7 @@ class MultimodalDataConfig:
     pad_to_multiple_of: int | None = None
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
 
 
 @dataclass

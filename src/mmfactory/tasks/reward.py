@@ -34,7 +34,7 @@ from torch import Tensor
 from mmfactory.config import ConfigError
 from mmfactory.data.readers.ranking import ranking_pairs
 from mmfactory.data.samples import Samples
-from mmfactory.data.source_config import SourceConfig, check_fraction
+from mmfactory.data.source_config import SourceConfig, check_sources
 from mmfactory.losses.reward import bradley_terry_loss
 from mmfactory.models.clip import CLIPSpec, clip_pixel_values, load_clip
 from mmfactory.models.hub import resolve_model_folder
@@ -93,9 +93,7 @@ class RewardDataConfig:
     pad_square: bool = False
 
     def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("train: at least one source is required")
-        check_fraction(self.max_bad_fraction)
+        check_sources(self.train, self.max_bad_fraction)
         if self.margin < 0:
             raise ConfigError(f"margin: must be >= 0, got {self.margin}")
 
