@@ -113,18 +113,19 @@ def check_engine(recipe: Recipe) -> None:
             "save (ACCELERATE_USE_DEEPSPEED is set by the launch config); launch with FSDP2 or DDP: "
             "configs/accelerate/fsdp.yaml or ddp.yaml (docs/distributed.md)"
         )
-    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return
+    if os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(
             "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config's fsdp_config "
             "(FSDP2, fully_shard), as configs/accelerate/fsdp.yaml does (docs/distributed.md)"
         )
-    if _flag("ACCELERATE_USE_FSDP"):
-        for i, stage in enumerate(recipe.stages):
-            if stage.train.ema_decay is not None:
-                raise ConfigError(
-                    f"stages[{i}].train.ema_decay: a weight EMA is not supported under FSDP yet; set it to "
-                    "null for this launch, or launch with DDP (configs/accelerate/ddp.yaml)"
-                )
+    for i, stage in enumerate(recipe.stages):
+        if stage.train.ema_decay is not None:
+            raise ConfigError(
+                f"stages[{i}].train.ema_decay: a weight EMA is not supported under FSDP yet; set it to "
+                "null for this launch, or launch with DDP (configs/accelerate/ddp.yaml)"
+            )
 
 
 def _make_accelerator(stage: StageConfig) -> Accelerator:

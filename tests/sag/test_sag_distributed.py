@@ -44,33 +44,26 @@ def recipe(batch_size: int, stylist) -> dict:
                 "data": data,
                 "options": {"systems": ["llm_alone"], "generation": GENERATION},
             },
-            {
-                "name": "self_improve",
-                "task": "sag_self_improve",
-                "init_from": str(stylist),
-                "model": {"drafter": {"tiny": dict(TINY_LM)}},
-                "data": data,
-                "options": {
-                    "systems": [],
-                    "generation": GENERATION,
-                    "sampling": {"candidates": 2, "temperature": 1.0},
-                    "filter": {"min_style_score": 0.0, "min_fact_recall": 0.0},
-                },
-            },
-            {
-                "name": "from_s_sft",
-                "task": "sag_self_improve",
-                "init_from": "s_sft",
-                "model": {"drafter": {"tiny": dict(TINY_LM)}},
-                "data": data,
-                "options": {
-                    "systems": [],
-                    "generation": GENERATION,
-                    "sampling": {"candidates": 2, "temperature": 1.0},
-                    "filter": {"min_style_score": 0.0, "min_fact_recall": 0.0},
-                },
-            },
+            _round("self_improve", str(stylist), data),
+            _round("from_s_sft", "s_sft", data),
         ],
+    }
+
+
+def _round(name: str, start: str, data: dict) -> dict:
+    """A self-improvement stage from ``start`` that keeps every sample (the filters' thresholds at 0)."""
+    return {
+        "name": name,
+        "task": "sag_self_improve",
+        "init_from": start,
+        "model": {"drafter": {"tiny": dict(TINY_LM)}},
+        "data": data,
+        "options": {
+            "systems": [],
+            "generation": GENERATION,
+            "sampling": {"candidates": 2, "temperature": 1.0},
+            "filter": {"min_style_score": 0.0, "min_fact_recall": 0.0},
+        },
     }
 
 
